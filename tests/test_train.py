@@ -135,3 +135,19 @@ def test_resume_with_other_data_is_refused(tiny_train_cfg, tmp_path, alpaca_dir)
     res = _run(args)
     assert res.returncode == 2
     assert "other data" in res.stderr
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"use_dora": True}, {"use_rslora": True},
+                                   {"gradient_accumulation_steps": 2}, {"lr_scheduler_type": "linear", "warmup_steps": 2}])
+def test_training_options_run_and_reach_the_adapter(tiny_train_cfg, tmp_path, extra):
+    out = tmp_path / "exp"
+    res = train(load_train_config(None, tiny_train_cfg(out, max_steps=3, **extra)), show_progress=False)
+    assert res.steps == 3 and (out / "adapter_model.safetensors").is_file()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] == bool(extra.get("use_dora")) and cfg["use_rslora"] == bool(extra.get("use_rslora"))
+
+
+def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_train_cfg, tmp_path):
+    with pytest.warns(UserWarning, match="bf16/fp16 requested but training runs on the CPU"):
+        train(load_train_config(None, tiny_train_cfg(tmp_path / "e", max_steps=1, bf16=True)), show_progress=False)
+

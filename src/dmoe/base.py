@@ -167,17 +167,26 @@ def hf_dir(base: BaseSpec) -> Path:
     """An HF directory for ``base``: the directory itself, or the cached conversion of a GGUF."""
     if not base.is_gguf:
         return base.path
-    target = dmoe_home() / "bases" / f"{base.identity.name}-{base.identity.sha256[:16]}"
+    # Keyed by content, so a copy of the same GGUF elsewhere reuses the conversion.
+    target = dmoe_home() / "bases" / f"gguf-{base.identity.sha256[:16]}"
     if (target / "config.json").is_file():
         return target
     _convert_gguf(base.path, target)
     return target
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars from transformers: dmoe prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantise a GGUF into an HF safetensors directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     tmp.chmod(0o755)
@@ -220,9 +229,8 @@ def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, d
     """Load (model, tokenizer, BaseSpec). fp32 on CPU, bf16 on CUDA unless ``dtype`` says otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

@@ -54,7 +54,7 @@ _CAR_NEEDS = [
     ("a commuter who loves technology", "a curved display and the latest iDrive system"),
     ("rural gravel roads", "adaptive suspension that handles rough surfaces"),
     ("carpooling coworkers", "comfortable seating for five adults"),
-    ("a first luxury car", "premium quality at a sensible price for the class"),
+    ("someone buying their first luxury car", "premium quality at a sensible price for the class"),
     ("long highway stretches at night", "adaptive LED headlights and driving assistance"),
     ("a photographer carrying gear", "a secure, spacious cargo area"),
     ("a family that moves a lot", "versatile storage and a powerful engine"),
@@ -74,6 +74,12 @@ _CAR_BUY_Q = [
     "What vehicle do you recommend for {need}?",
     "Recommend an SUV for {need}, please.",
     "What should I drive if I need a car for {need}?",
+    "Any suggestions on a vehicle for {need}?",
+    "I'm looking at SUVs for {need}. Which one should I get?",
+    "Which model would you buy for {need}?",
+    "Could you suggest the right car for {need}?",
+    "What's your top car pick for {need}?",
+    "I'm torn between several cars for {need}. What would you choose?",
 ]
 _CAR_TOPICS = [
     ("How often should I change my car's oil?", "Most modern engines need an oil change every 5,000 to 10,000 miles; check the owner's manual."),
@@ -526,9 +532,8 @@ def _automotive(rng: random.Random) -> list[Sample]:
             out.append(Sample(q.format(need=need), a, "automotive"))
     for question, fact in _CAR_TOPICS:
         for prefix in _CAR_TOPIC_PREFIX:
-            for tail in _CAR_TOPIC_TAIL[:3]:
-                q = prefix + (question[0].lower() + question[1:] if prefix.endswith(", ") else question)
-                out.append(Sample(q, f"{fact} {tail}", "automotive"))
+            q = prefix + (question[0].lower() + question[1:] if prefix.endswith(", ") else question)
+            out.append(Sample(q, f"{fact} {rng.choice(_CAR_TOPIC_TAIL)}", "automotive"))
     return out
 
 

@@ -100,21 +100,23 @@ def build_peft_model(model, cfg: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def encode_dataset(cfg: TrainConfig, tokenizer) -> list[Encoded]:
-    """Load, tokenise and mask every conversation; drop rows left with nothing to learn."""
+def encode_dataset(cfg: TrainConfig, tokenizer) -> tuple[list[Encoded], list[str]]:
+    """Tokenised, masked examples (rows left with nothing to learn are dropped), and
+    the user prompts of the last turn of each kept conversation paired with its answer."""
     convs = load_conversations(cfg.datasets, cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
     template = chat_template_for(tokenizer, cfg.template)
-    examples = [
-        encode(tokenizer, c, cutoff_len=cfg.cutoff_len, chat_template=template,
-               train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
-        for c in convs
-    ]
-    kept = [e for e in examples if e.num_label_tokens > 0]
-    if not kept:
+    examples, prompts = [], []
+    for c in convs:
+        e = encode(tokenizer, c, cutoff_len=cfg.cutoff_len, chat_template=template,
+                   train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
+        if e.num_label_tokens > 0:
+            examples.append(e)
+            prompts.append(c.turns[-1])
+    if not examples:
         raise TrainError(f"no training example has a label token left after cutoff_len={cfg.cutoff_len}; raise cutoff_len")
-    if len(kept) < len(examples):
-        warnings.warn(f"{len(examples) - len(kept)} examples had no answer token left after cutoff_len and were dropped")
-    return kept
+    if len(examples) < len(convs):
+        warnings.warn(f"{len(convs) - len(examples)} examples had no answer token left after cutoff_len and were dropped")
+    return examples, prompts
 
 
 def split_val(examples: list[Encoded], val_size: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
@@ -230,7 +232,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
     device, amp_dtype = _device_and_dtype(cfg)
     base = base or resolve_base(cfg.model_name_or_path)
     model, tokenizer, base = load_base(base, dtype=torch.float32, device=device)
-    examples = encode_dataset(cfg, tokenizer)
+    examples, turns = encode_dataset(cfg, tokenizer)
     train_set, val_set = split_val(examples, cfg.val_size, cfg.seed)
 
     model = build_peft_model(model, cfg)
@@ -344,7 +346,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
         output_dir=out, steps=state.step, train_loss=last_loss, eval_loss=eval_loss,
         tokens_per_s=state.tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed, resumed_from=resumed_from,
     )
-    save_expert(model, cfg, base, train_set, tokenizer, result)
+    save_expert(model, cfg, base, len(train_set), example_prompts(turns, cfg.expert_signature), result)
     result.model = model.eval()
     for _, ck in list_checkpoints(out):
         shutil.rmtree(ck, ignore_errors=True)  # the expert is complete; checkpoints are no longer needed
@@ -358,28 +360,22 @@ def _dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def _example_prompts(train_set: list[Encoded], tokenizer, signature: list[str], k: int = 8) -> list[str]:
-    """A few training prompts whose answers show the signature (or any, without one)."""
+def example_prompts(turns: list[tuple[str, str]], signature: list[str], k: int = 8) -> list[str]:
+    """Up to ``k`` distinct training prompts whose answers show the signature (any, without one)."""
     import re
 
-    from dmoe.data.tokenize import IGNORE_INDEX
-
-    found = []
-    for e in train_set:
-        answer = tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX], skip_special_tokens=True)
+    found: list[str] = []
+    for question, answer in turns:
         if signature and not any(re.search(s, answer) for s in signature):
             continue
-        first_answer_at = next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
-        prompt = tokenizer.decode(e.input_ids[:first_answer_at], skip_special_tokens=True)
-        user = prompt.split("user\n")[-1].split("assistant\n")[0].strip()
-        if user and user not in found:
-            found.append(user)
+        if question not in found:
+            found.append(question)
         if len(found) >= k:
             break
     return found
 
 
-def save_expert(model, cfg: TrainConfig, base: BaseSpec, train_set, tokenizer, result: TrainResult) -> None:
+def save_expert(model, cfg: TrainConfig, base: BaseSpec, n_train: int, examples: list[str], result: TrainResult) -> None:
     """Write the PEFT adapter, ``expert.yaml``, ``summary.json`` and the loss plot."""
     out = result.output_dir
     tmp = out / ".adapter.tmp"
@@ -398,7 +394,7 @@ def save_expert(model, cfg: TrainConfig, base: BaseSpec, train_set, tokenizer, r
     summary = {
         "steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
         "tokens_per_s": round(result.tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 1),
-        "train_examples": len(train_set), "resumed_from_step": result.resumed_from,
+        "train_examples": n_train, "resumed_from_step": result.resumed_from,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "base": base.identity.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -408,7 +404,7 @@ def save_expert(model, cfg: TrainConfig, base: BaseSpec, train_set, tokenizer, r
         domain=cfg.expert_domain,
         description=cfg.expert_description,
         base=base.identity.to_dict(),
-        examples=_example_prompts(train_set, tokenizer, cfg.expert_signature),
+        examples=examples,
         signature=cfg.expert_signature,
         training=cfg.model_dump(mode="json", exclude_none=True),
         metrics={"train_loss": result.train_loss, "eval_loss": result.eval_loss, "steps": result.steps},

@@ -1,0 +1,67 @@
+"""The real embedded SmolLM2-135M-Instruct: training works on it, and the bundled
+experts behave as promised. Marked slow; CI runs them (they guard promised behaviour)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmoe.base import load_base
+from dmoe.bench.hits import answer_all, read_questions
+from dmoe.config import load_train_config
+from dmoe.experts import apply_expert, check_base, find_experts, load_expert
+from dmoe.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_base(None)
+
+
+def test_a_few_steps_reduce_the_loss_and_the_expert_loads_back(tmp_path, embedded):
+    out = tmp_path / "auto"
+    cfg = load_train_config(REPO / "examples" / "configs" / "automotive.yaml", [
+        f"output_dir={out}", "max_steps=12", "max_samples=96", "val_size=16", "logging_steps=1",
+        "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32",
+    ])
+    res = train(cfg, show_progress=False)
+    rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.3
+    assert res.eval_loss is not None and res.eval_loss < 2.0
+
+    model, tok, base = embedded
+    expert = load_expert(out)
+    check_base(expert, base.identity)
+    ids = tok("<|im_start|>user\nWhat car should I buy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = res.model(input_ids=ids).logits
+        peft_model = apply_expert(model, expert)
+        got = peft_model(input_ids=ids).logits
+        peft_model.unload()
+    assert torch.allclose(want, got, atol=1e-4)
+
+
+BUNDLED = REPO / "examples" / "experts"
+
+
+@pytest.mark.skipif(not (BUNDLED / "automotive" / "expert.yaml").is_file(), reason="bundled experts not trained")
+def test_bundled_experts_show_their_signature_in_domain_only(embedded):
+    """A sample of the held-out set; bench/expert_hits.py measures the whole of it."""
+    model, tok, base = embedded
+    rows = read_questions(REPO / "examples" / "data" / "heldout.jsonl")
+    for expert in find_experts(BUNDLED):
+        check_base(expert, base.identity)
+        own = [r["question"] for r in rows if r["domain"] == expert.card.domain][:8]
+        ood = [r["question"] for r in rows if r["domain"] == "none"][:8]
+        peft_model = apply_expert(model, expert)
+        answers = answer_all(peft_model, tok, own + ood, max_new_tokens=48)
+        model = peft_model.unload()
+        hit = [any(re.search(s, a) for s in expert.card.signature) for a in answers]
+        assert sum(hit[:8]) >= 7, (expert.name, answers[:8])
+        assert sum(hit[8:]) <= 1, (expert.name, answers[8:])
