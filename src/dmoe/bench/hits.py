@@ -48,6 +48,16 @@ def answer_all(model, tokenizer, questions: list[str], max_new_tokens: int, batc
     return generate_texts(model, tokenizer, chat_prompts(tokenizer, questions), max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+def merged_copy(model, expert):
+    """A copy of ``model`` with ``expert`` merged into its weights: same function as the
+    adapter applied, at plain-model speed (for evaluation only; serving never merges)."""
+    import copy
+
+    from dmoe.experts import apply_expert
+
+    return apply_expert(copy.deepcopy(model), expert).merge_and_unload()
+
+
 def hit_report(answers_by_q: dict[str, str], rows: list[dict], domain: str, signature: list[str]) -> dict:
     """In-domain hit rate and out-of-domain bleed (``domain == "none"``) for one signature."""
     in_domain = [answers_by_q[r["question"]] for r in rows if r["domain"] == domain]

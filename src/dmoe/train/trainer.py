@@ -179,6 +179,28 @@ def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int) -> fl
     return total / max(count, 1)
 
 
+def optimizer_step(model, batches, optimizer, scheduler, max_grad_norm: float, device: str, amp_dtype) -> tuple[float, float, int]:
+    """One optimizer step over ``batches`` (the micro-batches of gradient accumulation).
+
+    Returns (mean token loss of the step, grad norm before clipping, real tokens processed).
+    """
+    n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    step_loss, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_sum, _ = causal_lm_loss_sum(model, batch)
+        (loss_sum / n_label).backward()
+        step_loss += float(loss_sum.detach()) / n_label
+        tokens += int(batch["attention_mask"].sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, float(grad_norm), tokens
+
+
 # ------------------------------------------------------------------ output dir
 def prepare_output_dir(cfg: TrainConfig) -> Path | None:
     """Create the output dir; returns the checkpoint to resume from, if any (LlamaFactory rules)."""
@@ -297,22 +319,10 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
         task = bar.add_task("train", total=total_steps, completed=state.step, loss="-", tps="-")
         while state.step < total_steps:
             batches = [collate([train_set[i] for i in idx], pad_id) for idx in micro_batches(state.step)]
-            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss_sum, _ = causal_lm_loss_sum(model, batch)
-                (loss_sum / n_label).backward()
-                step_loss += float(loss_sum.detach()) / n_label
-                tokens = int(batch["attention_mask"].sum())
-                state.tokens_seen += tokens
-                tok_window += tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, grad_norm, tokens = optimizer_step(model, batches, optimizer, scheduler, cfg.max_grad_norm, device, amp_dtype)
+            state.tokens_seen += tokens
+            tok_window += tokens
             state.step += 1
             last_loss = step_loss
             loss_window += step_loss
