@@ -1,0 +1,135 @@
+"""Adapter residency: PEFT LoRA adapters copied into the engine's preallocated slots.
+
+Each LoRALinear of the model gets stacked buffers A (S, r_max, in), B (S, out, r_max),
+allocated once for ``max_loras`` slots. Loading an adapter validates *everything*
+first (format, base identity, module names, shapes, rank) and only then writes its
+slot, so a bad adapter changes nothing. The adapter's alpha/r (or alpha/sqrt(r) with
+rsLoRA) is folded into B, so a request's scale is only its own blend weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dmoe import DmoeError
+from dmoe.engine.model import LoRALinear, Transformer
+from dmoe.experts import ADAPTER_WEIGHTS, Expert
+
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterError(DmoeError):
+    """An adapter cannot be loaded into the engine (nothing was changed)."""
+
+
+@dataclass
+class Resident:
+    name: str
+    slot: int
+    rank: int
+    path: str
+    modules: list[str] = field(default_factory=list)
+
+
+def lora_modules(model: Transformer) -> dict[str, LoRALinear]:
+    """'layers.3.q_proj' -> its LoRALinear."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """{'layers.i.proj': (A (r, in), B (out, r))}, rank, and the scaling folded into B."""
+    cfg = expert.adapter_config()
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"expert '{expert.name}': peft_type {cfg.get('peft_type')!r} is not LoRA")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"expert '{expert.name}': DoRA adapters are not supported by the serving engine; train without use_dora")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"expert '{expert.name}': modules_to_save (full weight copies) cannot be served as LoRA")
+    r = int(cfg.get("r", 0))
+    alpha = float(cfg.get("lora_alpha", r))
+    if r <= 0:
+        raise AdapterError(f"expert '{expert.name}': adapter_config.json has no valid rank 'r'")
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    try:
+        weights = load_file(str(expert.path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"expert '{expert.name}': {ADAPTER_WEIGHTS} is not a valid safetensors file ({exc})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in weights.items():
+        m = _KEY.search(key)
+        if not m:
+            raise AdapterError(f"expert '{expert.name}': unexpected tensor {key!r} (only LoRA A/B of decoder layers can be served)")
+        pairs.setdefault(f"layers.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = t
+    out = {}
+    for mod, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"expert '{expert.name}': {mod} lacks lora_{'B' if 'A' in ab else 'A'}")
+        out[mod] = (ab["A"].float(), ab["B"].float())
+    if not out:
+        raise AdapterError(f"expert '{expert.name}': no LoRA tensors found")
+    return out, r, scaling
+
+
+class AdapterSlots:
+    """Which adapter sits in which slot, and the stacked buffers behind them."""
+
+    def __init__(self, model: Transformer, max_loras: int, max_rank: int):
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.modules = lora_modules(model)
+        p = next(model.parameters())
+        for m in self.modules.values():
+            m.A = torch.zeros(max_loras, max_rank, m.base.in_features, dtype=p.dtype, device=p.device)
+            m.B = torch.zeros(max_loras, m.base.out_features, max_rank, dtype=p.dtype, device=p.device)
+        self.resident: dict[str, Resident] = {}
+
+    def free_slots(self) -> list[int]:
+        used = {r.slot for r in self.resident.values()}
+        return [s for s in range(self.max_loras) if s not in used]
+
+    def load(self, expert: Expert, in_use: set[int] = frozenset()) -> Resident:
+        """Validate, then write ``expert`` into a free slot (replacing a same-named one not in use)."""
+        tensors, r, scaling = read_peft_adapter(expert)
+        if r > self.max_rank:
+            raise AdapterError(f"expert '{expert.name}': rank {r} exceeds the engine's max rank {self.max_rank}; restart with a larger --max-lora-rank")
+        for mod, (A, B) in tensors.items():
+            target = self.modules.get(mod)
+            if target is None:
+                raise AdapterError(f"expert '{expert.name}': module {mod} does not exist in this base model")
+            if A.shape != (r, target.base.in_features) or B.shape != (target.base.out_features, r):
+                raise AdapterError(
+                    f"expert '{expert.name}': {mod} has shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
+                    f"A({r}, {target.base.in_features}) B({target.base.out_features}, {r}): built for another base"
+                )
+        old = self.resident.get(expert.name)
+        if old is not None and old.slot in in_use:
+            raise AdapterError(f"expert '{expert.name}' is serving requests; unload it when they finish or load under another name")
+        free = self.free_slots() if old is None else [old.slot]
+        if not free:
+            raise AdapterError(f"all {self.max_loras} adapter slots are taken; unload an expert or restart with more --max-loras")
+        slot = free[0]
+        for name, m in self.modules.items():
+            m.A[slot].zero_()
+            m.B[slot].zero_()
+            if name in tensors:
+                A, B = tensors[name]
+                m.A[slot, :r].copy_(A)
+                m.B[slot, :, :r].copy_(B * scaling)
+        res = Resident(expert.name, slot, r, str(expert.path), sorted(tensors))
+        self.resident[expert.name] = res
+        return res
+
+    def unload(self, name: str, in_use: set[int] = frozenset()) -> None:
+        res = self.resident.get(name)
+        if res is None:
+            raise AdapterError(f"expert '{name}' is not loaded; loaded: {', '.join(sorted(self.resident)) or 'none'}")
+        if res.slot in in_use:
+            raise AdapterError(f"expert '{name}' is serving requests; try again when they finish")
+        del self.resident[name]

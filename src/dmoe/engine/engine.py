@@ -1,0 +1,212 @@
+"""The torch multi-LoRA engine: continuous batching, per-row adapter sets.
+
+    engine = Engine.from_base(model, tokenizer)        # an HF causal LM from dmoe.base
+    engine.load_expert(load_expert("examples/experts/cooking"))
+    outs = engine.generate([ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
+
+Each step: admit waiting requests into free KV slots (prefill, one request at a
+time), then one decode step for every running row together. A row's adapter set is
+resolved to (slot, scale) pairs when it is submitted and never changes afterwards,
+so loading, unloading or changing defaults never touches a request in flight.
+Adapters referenced by queued or running requests cannot be unloaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from dmoe import DmoeError
+from dmoe.engine.adapters import AdapterSlots, Resident
+from dmoe.engine.model import Transformer, from_hf
+from dmoe.experts import Expert
+
+
+class RequestError(DmoeError):
+    """A request cannot be served as given (unknown adapter, too long, bad parameters)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    lora: list[tuple[int, float]]  # (slot, scale), resolved at submit
+    params: SamplingParams
+    id: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    kv_slot: int = -1
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from a (V,) logits row."""
+    if p.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cut = torch.cumsum(sorted_p, 0) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    """One base model, many adapters, a continuously batched decode loop."""
+
+    def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq: int = 2048,
+                 max_loras: int = 8, max_rank: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        p = next(model.parameters())
+        model.allocate_cache(max_batch, max_seq, p.dtype, p.device)
+        self.slots = AdapterSlots(model, max_loras, max_rank)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.lock = threading.RLock()  # guards slots and queues between steps
+        self._ids = itertools.count(1)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if eos is not None else set()
+
+    @classmethod
+    def from_base(cls, hf_model, tokenizer, **kw) -> "Engine":
+        return cls(from_hf(hf_model), tokenizer, **kw)
+
+    # -------------------------------------------------------------- adapters
+    def _in_use(self) -> set[int]:
+        return {s for r in itertools.chain(self.waiting, self.running) for s, _ in r.lora}
+
+    def load_expert(self, expert: Expert) -> Resident:
+        """Load (or replace) an expert; safe while requests run: it happens between steps."""
+        with self.lock:
+            return self.slots.load(expert, self._in_use())
+
+    def unload_expert(self, name: str) -> None:
+        with self.lock:
+            self.slots.unload(name, self._in_use())
+
+    def resolve(self, adapters: list[tuple[str, float]]) -> list[tuple[int, float]]:
+        """Names -> (slot, scale); an unknown name is an error, never a silent fall-back to the base."""
+        out = []
+        for name, scale in adapters:
+            res = self.slots.resident.get(name)
+            if res is None:
+                known = ", ".join(sorted(self.slots.resident)) or "none"
+                raise RequestError(f"unknown expert '{name}'; loaded experts: {known}")
+            if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
+                raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
+            if scale != 0:
+                out.append((res.slot, float(scale)))
+        return out
+
+    # -------------------------------------------------------------- requests
+    def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
+        """Queue a request; its adapter set is fixed now."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if params.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt_ids) + params.max_tokens > self.max_seq:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_seq} tokens"
+            )
+        with self.lock:
+            req = Request(list(prompt_ids), self.resolve(adapters), params, id=next(self._ids))
+            if params.seed is not None:
+                req.generator = torch.Generator().manual_seed(params.seed)
+            self.waiting.append(req)
+            return req
+
+    def _set_lora(self, reqs: list[Request]) -> None:
+        k = max((len(r.lora) for r in reqs), default=0)
+        lora = self.model.lora
+        if k == 0:
+            lora.idx = lora.scale = None
+            return
+        idx = torch.full((len(reqs), k), -1, dtype=torch.long)
+        scale = torch.zeros((len(reqs), k))
+        for i, r in enumerate(reqs):
+            for j, (s, w) in enumerate(r.lora):
+                idx[i, j], scale[i, j] = s, w
+        lora.idx, lora.scale = idx, scale
+
+    def _finish_check(self, r: Request, tok: int) -> None:
+        r.output_ids.append(tok)
+        if tok in self.eos_ids:
+            r.finish_reason = "stop"
+        elif r.params.stop and any(s in self.tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"
+
+    def _admit(self) -> list[Request]:
+        used = {r.kv_slot for r in self.running}
+        free = [s for s in range(self.max_batch) if s not in used]
+        admitted = []
+        while self.waiting and free:
+            r = self.waiting.popleft()
+            r.kv_slot = free.pop(0)
+            self._set_lora([r])
+            n = len(r.prompt_ids)
+            logits = self.model(torch.tensor([r.prompt_ids]), torch.arange(n)[None], torch.tensor([r.kv_slot]))
+            self._finish_check(r, sample(logits[0, -1], r.params, r.generator))
+            admitted.append(r)
+            if not r.done:
+                self.running.append(r)
+        return admitted
+
+    def step(self) -> list[Request]:
+        """Admit, then decode one token for every running row. Returns the requests that advanced."""
+        with self.lock:
+            advanced = self._admit()
+            rows = [r for r in self.running if r not in advanced]
+            if rows:
+                self._set_lora(rows)
+                tokens = torch.tensor([[r.output_ids[-1]] for r in rows])
+                pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows])
+                logits = self.model(tokens, pos, torch.tensor([r.kv_slot for r in rows]))
+                for i, r in enumerate(rows):
+                    self._finish_check(r, sample(logits[i, -1], r.params, r.generator))
+                advanced += rows
+            self.running = [r for r in self.running if not r.done]
+            return advanced
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (a client went away); its KV slot is freed."""
+        with self.lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if req in self.running:
+                self.running.remove(req)
+            req.finish_reason = req.finish_reason or "cancelled"
+
+    def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
+        """Run requests to completion together; returns each one's output ids."""
+        reqs = [self.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
+        while any(not r.done for r in reqs):
+            self.step()
+        return [r.output_ids for r in reqs]
