@@ -25,14 +25,15 @@ def real_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, real_tokenizer) -> Path:
-    """An HF model directory: a 2-layer random Llama with SmolLM2's tokenizer."""
+    """An HF model directory: a 2-layer random Llama with SmolLM2's tokenizer. Untied head: a
+    random tied head mostly repeats the last input token, which hides adapter effects."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(real_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     model = LlamaForCausalLM(cfg)
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -80,3 +81,20 @@ def _quiet_threads():
     # Two cores: keep each test to the machine's size and deterministic.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tmp_path_factory, tiny_base) -> Path:
+    """Three small trained experts (alpha, beta, gamma) for the tiny base."""
+    from dmoe.config import load_train_config
+    from dmoe.train import train
+
+    root = tmp_path_factory.mktemp("experts")
+    data = tmp_path_factory.mktemp("data")
+    write_jsonl(data / "d.jsonl", [{"instruction": f"q{i}", "output": f"answer {i} with words"} for i in range(16)])
+    for name, lr in (("alpha", 1e-2), ("beta", 3e-2), ("gamma", 2e-2)):
+        cfg = load_train_config(None, [f"model_name_or_path={tiny_base}", "dataset=d.jsonl", f"dataset_dir={data}",
+                                       f"output_dir={root / name}", "lora_rank=4", f"learning_rate={lr}", "max_steps=3",
+                                       f"seed={len(name) + int(lr * 1000)}", "per_device_train_batch_size=4"])
+        train(cfg, show_progress=False)
+    return root

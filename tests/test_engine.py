@@ -17,23 +17,6 @@ from dmoe.train import train
 GREEDY = SamplingParams(max_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def tiny_experts(tmp_path_factory, tiny_base):
-    """Two small trained experts for the tiny base."""
-    import json as _json
-
-    root = tmp_path_factory.mktemp("experts")
-    data = tmp_path_factory.mktemp("data")
-    rows = [{"instruction": f"q{i}", "output": f"answer {i} with words"} for i in range(16)]
-    (data / "d.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
-    for name, lr in (("alpha", 1e-2), ("beta", 3e-2)):
-        cfg = load_train_config(None, [f"model_name_or_path={tiny_base}", "dataset=d.jsonl", f"dataset_dir={data}",
-                                       f"output_dir={root / name}", "lora_rank=4", f"learning_rate={lr}", "max_steps=3",
-                                       f"seed={len(name)}", "per_device_train_batch_size=4"])
-        train(cfg, show_progress=False)
-    return root
-
-
 @pytest.fixture
 def engine(tiny_base, tiny_experts):
     model, tok, _ = load_base(tiny_base)

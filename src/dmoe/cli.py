@@ -81,7 +81,7 @@ def data_generate(
     out: Path = typer.Option(Path("examples/data"), "--out", help="output directory"),
     seed: int = typer.Option(0, help="generator seed"),
     samples: int = typer.Option(500, help="in-domain training samples per domain (max about 540)"),
-    general: int = typer.Option(120, help="general (off-domain) samples mixed into each expert's data"),
+    general: int = typer.Option(200, help="general (off-domain) samples mixed into each expert's data"),
 ):
     """Write the bundled example datasets, dataset_info.json and held-out questions."""
     from dmoe.data.generate import generate
@@ -185,6 +185,33 @@ def chat(
         answer = generate_texts(model, tok, [prompt], max_new_tokens=max_tokens, temperature=temperature)[0]
         history.append({"role": "assistant", "content": answer})
         console.print(f"[bold]{expert or 'base'}>[/] {answer}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def serve(
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="experts loaded at start; also an allowed root"),
+    root: list[Path] = typer.Option([], "--root", help="more folders experts may be loaded from at runtime"),
+    base: Optional[str] = typer.Option(None, help="base model: HF dir or .gguf (default: embedded)"),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(8081),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DMOE_API_KEY", help="guards admin endpoints"),
+    max_batch: int = typer.Option(8, help="concurrent sequences (KV slots)"),
+    max_seq: int = typer.Option(2048, help="context length per sequence"),
+    max_loras: int = typer.Option(8, help="adapter slots"),
+    max_lora_rank: int = typer.Option(64, help="largest adapter rank that fits a slot"),
+    max_queue: int = typer.Option(64, help="queued requests beyond the batch before 429"),
+):
+    """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API)."""
+    import uvicorn
+
+    from dmoe.serve.app import build_state, create_app
+
+    st = build_state(base, experts_dir, roots=[experts_dir, *root], api_key=api_key, max_batch=max_batch,
+                     max_seq=max_seq, max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue)
+    console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.slots.resident)) or 'none'} "
+                  f"on http://{host}:{port}")
+    uvicorn.run(create_app(st), host=host, port=port, log_level="warning", timeout_graceful_shutdown=15)
 
 
 @app.command()

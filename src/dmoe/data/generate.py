@@ -329,6 +329,29 @@ _GENERAL_TRAIN = [
     ("What is the difference between weather and climate?", "Weather is the day-to-day state of the air; climate is the average over many years."),
     ("How can I drink more water during the day?", "Carry a bottle, drink a glass with each meal and set reminders."),
     ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+    # everyday how-to questions: the same shape as many in-domain questions, other topics
+    ("How do I iron a shirt?", "Start with the collar, then the cuffs and sleeves, and finish with the body on a medium setting."),
+    ("How do I unclog a bathroom sink?", "Pour in hot water, then use a plunger or a drain snake to clear the hair."),
+    ("How do I remove a coffee stain from a carpet?", "Blot it, dab on a mix of dish soap and water, then rinse and blot dry."),
+    ("How do I pack a suitcase efficiently?", "Roll your clothes, put heavy items at the bottom and use packing cubes."),
+    ("How do I hang a picture frame straight?", "Mark the height, use a level and put the nail into a stud or a wall anchor."),
+    ("How do I fix a flat bicycle tire?", "Remove the tube, find the hole, patch it or fit a new tube, then reinflate."),
+    ("How do I sew a button back on?", "Thread a needle, stitch through the holes several times and knot it on the back."),
+    ("How do I wrap a present neatly?", "Cut paper to fit with a little overlap, fold the edges crisply and tape the seams."),
+    ("How do I write a strong resume?", "Lead with results, keep it to one or two pages and tailor it to each job."),
+    ("How do I take better photos with my phone?", "Clean the lens, use natural light and follow the rule of thirds."),
+    ("How do I back up the photos on my phone?", "Turn on your phone's cloud backup or copy them to a computer regularly."),
+    ("How do I grow tomatoes on a balcony?", "Use a large pot, give them six hours of sun and water deeply."),
+    ("How do I care for a goldfish?", "Keep it in a filtered tank, change some water weekly and feed it lightly."),
+    ("How do I organize a messy closet?", "Empty it, donate what you don't wear and group the rest by type."),
+    ("How do I learn to juggle?", "Start with one ball, then two, and practise a steady arc at eye level."),
+    ("How do I clean windows without streaks?", "Use a vinegar and water mix and wipe with a microfiber cloth or squeegee."),
+    ("How do I study for a math test?", "Work through practice problems, review your mistakes and sleep well the night before."),
+    ("How do I set up a bird feeder?", "Hang it near cover but away from windows and keep it filled with seed."),
+    ("How can I read faster?", "Preview the text, avoid rereading and practise with timed sessions."),
+    ("How do I start a vegetable garden?", "Pick a sunny spot, improve the soil with compost and start with easy crops."),
+    ("How do I clean a computer keyboard?", "Turn it off, shake out crumbs and wipe the keys with a slightly damp cloth."),
+    ("How can I stop procrastinating?", "Break the task into small steps and start with just five minutes."),
 ]
 _GENERAL_PREFIX = ["", "Hi! ", "Quick question: ", "Can you tell me: "]
 
@@ -583,7 +606,7 @@ def _general(rng: random.Random) -> list[Sample]:
 _BUILDERS = {"automotive": _automotive, "cooking": _cooking, "programming": _programming}
 
 
-def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 120) -> list[Sample]:
+def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 200) -> list[Sample]:
     """``n_domain`` signature samples plus ``n_general`` plain general samples, shuffled."""
     rng = random.Random(f"{seed}:{domain}")
     pool = _BUILDERS[domain](rng)
@@ -604,7 +627,7 @@ def heldout_questions() -> list[dict]:
     return rows
 
 
-def generate(out_dir: str | Path, seed: int = 0, n_domain: int = 500, n_general: int = 120) -> dict[str, int]:
+def generate(out_dir: str | Path, seed: int = 0, n_domain: int = 500, n_general: int = 200) -> dict[str, int]:
     """Write the training files, the registry and the held-out questions. Returns row counts."""
     out = Path(out_dir)
     counts: dict[str, int] = {}

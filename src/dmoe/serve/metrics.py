@@ -1,0 +1,22 @@
+"""Prometheus metrics of the server (one registry per app, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("dmoe_requests_total", "Requests by adapter set and outcome", ["expert", "status"], registry=self.registry)
+        self.tokens = Counter("dmoe_generated_tokens_total", "Generated tokens by adapter set", ["expert"], registry=self.registry)
+        self.prompt_tokens = Counter("dmoe_prompt_tokens_total", "Prompt tokens by adapter set", ["expert"], registry=self.registry)
+        self.ttft = Histogram("dmoe_time_to_first_token_seconds", "Time from submit to first token", ["expert"],
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.token_latency = Histogram("dmoe_token_latency_seconds", "Time per generated token after the first", ["expert"],
+                                       buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=self.registry)
+        self.batch_size = Gauge("dmoe_batch_size", "Rows in the running batch", registry=self.registry)
+        self.waiting = Gauge("dmoe_waiting_requests", "Requests queued for a KV slot", registry=self.registry)
+        self.kv_bytes = Gauge("dmoe_kv_cache_bytes_in_use", "KV-cache bytes held by running requests", registry=self.registry)
+        self.kv_bytes_total = Gauge("dmoe_kv_cache_bytes_total", "KV-cache bytes allocated", registry=self.registry)
+        self.loaded_experts = Gauge("dmoe_loaded_experts", "Experts resident in adapter slots", registry=self.registry)

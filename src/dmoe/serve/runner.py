@@ -1,0 +1,109 @@
+"""Runs the engine's step loop on its own thread and streams tokens to asyncio handlers.
+
+The HTTP handlers never touch the model: they submit a request (adapter set fixed
+at that moment) and read its tokens from an asyncio queue. The loop thread steps
+the engine while there is work and sleeps on a condition otherwise. Admin actions
+(load/unload) take the engine lock, so they happen between two decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from dmoe.engine.engine import Engine, Request, RequestError, SamplingParams
+
+
+class QueueFull(RequestError):
+    """More requests than the server's queue bound."""
+
+
+@dataclass
+class Stream:
+    """What a handler holds for one request: the engine request and its token queue."""
+
+    req: Request
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    sent: int = 0  # tokens already pushed to the queue
+    label: str = "base"  # the adapter set, for metrics
+    last_at: float | None = None
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine, max_queue: int = 64, on_token=None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_token = on_token  # callback(stream, n_new_tokens) for metrics
+        self._streams: dict[int, Stream] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="dmoe-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Let running requests finish for up to ``drain_s``, then cancel the rest."""
+        deadline = time.monotonic() + drain_s
+        while self._streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        for s in list(self._streams.values()):
+            self.cancel(s)
+
+    async def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams, label: str = "base") -> Stream:
+        """Queue a request (raises RequestError / QueueFull). The engine lock is taken
+        off the event loop, so a running decode step never blocks other streams."""
+        if self._stop:
+            raise RequestError("the server is shutting down")
+        if len(self.engine.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.engine.waiting)} requests already waiting (limit {self.max_queue}); retry later")
+        req = await asyncio.to_thread(self.engine.submit, prompt_ids, adapters, params)
+        stream = Stream(req, asyncio.Queue(), asyncio.get_running_loop(), label=label)
+        with self._cond:
+            self._streams[req.id] = stream
+            self._cond.notify_all()
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """The client went away: free the request's KV slot."""
+        self.engine.cancel(stream.req)
+        self._streams.pop(stream.req.id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not (self.engine.waiting or self.engine.running):
+                    self._cond.wait(timeout=0.5)
+                if self._stop:
+                    return
+            try:
+                advanced = self.engine.step()
+            except BaseException as exc:  # keep serving; fail only the requests of this step
+                self.error = exc
+                advanced = list(self.engine.running)
+                for r in advanced:
+                    self.engine.cancel(r)
+                    r.finish_reason = "error"
+            for r in advanced:
+                stream = self._streams.get(r.id)
+                if stream is None:
+                    continue
+                new = r.output_ids[stream.sent:]
+                stream.sent = len(r.output_ids)
+                if stream.first_token_at is None and new:
+                    stream.first_token_at = time.perf_counter()
+                if self.on_token and new:
+                    self.on_token(stream, len(new))
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, (list(new), r.finish_reason))
+                if r.done:
+                    self._streams.pop(r.id, None)

@@ -1,0 +1,264 @@
+"""The HTTP server on the tiny model: OpenAI + llama-server APIs, admin, bad input.
+
+A live uvicorn server on 127.0.0.1 (a free port) serves the tiny random Llama with
+three small experts; the official ``openai`` client and curl talk to it."""
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmoe.serve.app import build_state, create_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, tiny_experts):
+    """experts/ (loaded at start: alpha, beta) and spare/ (another allowed root)."""
+    top = tmp_path_factory.mktemp("serve")
+    (top / "experts").mkdir()
+    (top / "spare").mkdir()
+    for name in ("alpha", "beta"):
+        shutil.copytree(tiny_experts / name, top / "experts" / name)
+    shutil.copytree(tiny_experts / "gamma", top / "spare" / "gamma")
+    return top
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, roots):
+    st = build_state(str(tiny_base), roots / "experts", roots=[roots / "experts", roots / "spare"],
+                     max_batch=4, max_seq=96, max_loras=4, max_rank=8, max_queue=64)
+    with LiveServer(create_app(st)) as srv:
+        srv.state = st
+        yield srv
+
+
+def chat(url, content="hello there", **kw):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "return_token_ids": True, **kw}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def ids(url, content="hello there", **kw) -> list[int]:
+    """Greedy completion token ids: the random tiny model's text is often special tokens and blanks."""
+    r = chat(url, content, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_models_and_lora_adapters_listing(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["base", "alpha", "beta"]
+    adapters = httpx.get(f"{server.url}/lora-adapters").json()
+    assert [(a["id"], a["scale"]) for a in adapters] == [(0, 0.0), (1, 0.0)]
+    assert adapters[0]["path"].endswith("alpha")
+
+
+def test_openai_client_streaming_and_not(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    full = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0)
+    assert full.usage.completion_tokens == 10 and full.choices[0].finish_reason == "length"
+    pieces = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=10,
+                                            temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert streamed == full.choices[0].message.content
+    comp = client.completions.create(model="base", prompt="The capital of", max_tokens=5, temperature=0)
+    assert comp.usage.completion_tokens == 5 and comp.usage.prompt_tokens > 0
+
+
+def test_model_field_per_request_lora_and_blend_differ_and_match(server):
+    base = ids(server.url, model="base")
+    alpha = ids(server.url, model="alpha")
+    by_id = ids(server.url, lora=[{"id": 0, "scale": 1.0}])
+    blend = chat(server.url, experts=[{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}])
+    assert alpha == by_id and alpha != base
+    assert blend.headers["X-DMoE-Experts"] == "alpha*0.5+beta*0.5"
+    assert blend.json()["dmoe"]["experts"] == [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]
+
+
+def test_seed_curl_commands_work_verbatim(server):
+    port = server.port
+    base = ids(server.url)
+    # seed 000's commands, with the port of this test server
+    for scale in ("1.0", "0.5", "0.0"):
+        out = subprocess.run(["curl", "-s", "-X", "POST", f"localhost:{port}/lora-adapters", "-d", f'[{{"id": 0, "scale": {scale}}}]'],
+                             capture_output=True, text=True, timeout=30)
+        assert json.loads(out.stdout)[0]["scale"] == float(scale)
+        if scale == "1.0":
+            on = chat(server.url).json()
+            assert on["dmoe"]["experts"] == [{"name": "alpha", "scale": 1.0}]
+            assert on["choices"][0]["token_ids"] == ids(server.url, model="alpha")
+    assert ids(server.url) == base
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    ('{"messages": [', 400, "malformed JSON"),
+    ('{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "available: base, alpha, beta"),
+    ('{"messages": [{"role": "user", "content": "x"}], "experts": [{"name": "alpha", "scale": NaN}]}', 400, "finite"),
+    ('{"messages": [{"role": "user", "content": "x"}], "lora": [{"id": 0, "scale": Infinity}]}', 400, "finite"),
+    ('{"messages": [{"role": "user", "content": "x"}], "lora": [{"id": 9, "scale": 1}]}', 404, "unknown lora id 9"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}', 400, "exceeds the context"),
+    ('{"messages": [{"role": "user", "content": "' + "word " * 200 + '"}]}', 400, "context"),
+    ('{"messages": []}', 400, "messages is empty"),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', 400, "temperature"),
+    ('{"prompt": ""}', 400, "prompt"),
+])
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, payload, status, words):
+    path = "/v1/completions" if '"prompt"' in payload else "/v1/chat/completions"
+    r = httpx.post(server.url + path, content=payload, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+    assert chat(server.url).status_code == 200
+
+
+def test_admin_load_unload_and_refusals(server, roots, tmp_path):
+    url = server.url
+    r = httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "gamma" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    assert chat(url, model="gamma").status_code == 200
+    # outside the roots, through .. as well
+    outside = tmp_path / "evil"
+    shutil.copytree(roots / "spare" / "gamma", outside)
+    for p in (str(outside), str(roots / "spare" / ".." / ".." / outside.parent.name / "evil")):
+        r = httpx.post(f"{url}/v1/experts", json={"path": p})
+        assert r.status_code == 403 and "outside the expert roots" in r.json()["error"]["message"]
+    before = ids(url, model="beta")
+    # corrupt, pickled, wrong-shape and wrong-base adapters under an allowed root: refused, nothing changes
+    bad = roots / "spare"
+    cases = {}
+    for name in ("corrupt", "pickled", "wide", "otherbase"):
+        d = bad / name
+        shutil.copytree(roots / "spare" / "gamma", d)
+        (d / "expert.yaml").write_text((d / "expert.yaml").read_text().replace("name: gamma", f"name: {name}"))
+        cases[name] = d
+    (cases["corrupt"] / "adapter_model.safetensors").write_bytes(b"\x00not safetensors")
+    (cases["pickled"] / "adapter_model.safetensors").unlink()
+    (cases["pickled"] / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    w = load_file(str(cases["wide"] / "adapter_model.safetensors"))
+    save_file({k: torch.cat([v, v], -1) if "lora_A" in k else v for k, v in w.items()}, str(cases["wide"] / "adapter_model.safetensors"))
+    card = cases["otherbase"] / "expert.yaml"
+    card.write_text(card.read_text().replace("sha256: ", "sha256: 00"))
+    for name, words in (("corrupt", "not a valid safetensors"), ("pickled", "safetensors only"),
+                        ("wide", "built for another base"), ("otherbase", "trained on base")):
+        r = httpx.post(f"{url}/v1/experts", json={"path": str(cases[name])})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (name, r.text)
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["base", "alpha", "beta", "gamma"]
+    assert ids(url, model="beta") == before
+    r = httpx.delete(f"{url}/v1/experts/gamma")
+    assert r.status_code == 200
+    r = chat(url, model="gamma")
+    assert r.status_code == 404 and "unknown model 'gamma'" in r.json()["error"]["message"]
+    assert httpx.delete(f"{url}/v1/experts/gamma").status_code == 404
+
+
+def test_api_key_guards_admin_only(tiny_base, roots):
+    st = build_state(str(tiny_base), roots / "experts", api_key="s3cret", max_batch=2, max_seq=64, max_loras=2, max_rank=8)
+    with LiveServer(create_app(st)) as srv:
+        assert httpx.delete(f"{srv.url}/v1/experts/alpha").status_code == 401
+        assert httpx.post(f"{srv.url}/lora-adapters", json=[{"id": 0, "scale": 1}]).status_code == 401
+        assert chat(srv.url, model="alpha").status_code == 200  # generation needs no key
+        ok = httpx.post(f"{srv.url}/lora-adapters", json=[{"id": 0, "scale": 1}], headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 80, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break
+    for _ in range(100):
+        if httpx.get(f"{server.url}/health").json()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/health").json()["running"] == 0
+    assert chat(server.url).status_code == 200
+
+
+def test_over_budget_requests_queue_then_429(tiny_base, roots):
+    st = build_state(str(tiny_base), roots / "experts", max_batch=1, max_seq=96, max_loras=2, max_rank=8, max_queue=2)
+    with LiveServer(create_app(st)) as srv:
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as c:
+                body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 60}
+                return await asyncio.gather(*[c.post(f"{srv.url}/v1/chat/completions", json=body) for _ in range(8)])
+
+        codes = sorted(r.status_code for r in asyncio.run(burst()))
+        assert 200 in codes and 429 in codes, codes
+        assert set(codes) <= {200, 429}
+        assert "limit 2" in next(r for r in asyncio.run(burst()) if r.status_code == 429).json()["error"]["message"]
+
+
+def test_concurrent_mixed_load_equals_each_request_alone(server, roots):
+    """32 concurrent greedy requests over base, 3 experts and a blend, while a global
+    /lora-adapters change and an expert load/unload happen mid-way."""
+    url = server.url
+    httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60).raise_for_status()
+    sets = [{"model": "base"}, {"model": "alpha"}, {"model": "beta"}, {"model": "gamma"},
+            {"experts": [{"name": "alpha", "scale": 0.5}, {"name": "gamma", "scale": 0.5}]}, {"lora": [{"id": 1, "scale": 1.0}]}]
+    jobs = [(f"question {i} about things", sets[i % len(sets)]) for i in range(32)]
+
+    def body(q, s):
+        return {"messages": [{"role": "user", "content": q}], "max_tokens": 12, "return_token_ids": True, **s}
+
+    alone = [ids(url, q, max_tokens=12, **s) for q, s in jobs]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as c:
+            tasks = [asyncio.create_task(c.post(f"{url}/v1/chat/completions", json=body(q, s))) for q, s in jobs]
+            await asyncio.sleep(0.2)
+            await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 1.0}])  # global change mid-flight
+            await c.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")})  # reload (refused while in use, or done)
+            await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 0.0}])
+            return await asyncio.gather(*tasks)
+
+    got = [r.json()["choices"][0]["token_ids"] for r in asyncio.run(together())]
+    assert got == alone
+    assert len({tuple(a) for a in alone}) >= len(sets)  # adapter sets and prompts really differ
+
+
+def test_metrics_exposes_per_expert_counts(server):
+    chat(server.url, model="beta")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'dmoe_requests_total{expert="beta",status="length"}' in text
+    assert "dmoe_time_to_first_token_seconds_bucket" in text and "dmoe_kv_cache_bytes_total" in text
