@@ -38,6 +38,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Engine:
 
     def _finish_check(self, r: Request, tok: int) -> None:
         r.output_ids.append(tok)
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not r.params.ignore_eos:
             r.finish_reason = "stop"
         elif r.params.stop and any(s in self.tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
             r.finish_reason = "stop"
