@@ -127,6 +127,11 @@ def test_seed_curl_commands_work_verbatim(server):
             assert on["dmoe"]["experts"] == [{"name": "alpha", "scale": 1.0}]
             assert on["choices"][0]["token_ids"] == ids(server.url, model="alpha")
     assert ids(server.url) == base
+    # and the README's plain `curl -d` chat request (no JSON content type) works too
+    out = subprocess.run(["curl", "-s", f"localhost:{port}/v1/chat/completions", "-d",
+                          '{"model": "beta", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}'],
+                         capture_output=True, text=True, timeout=30)
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 3
 
 
 @pytest.mark.parametrize("payload, status, words", [

@@ -155,6 +155,14 @@ def create_app(st: ServeState) -> FastAPI:
     app = FastAPI(title="dmoe", lifespan=lifespan)
     app.state.dmoe = st
 
+    @app.middleware("http")
+    async def _curl_json(request: Request, call_next):
+        # `curl -d '{...}'` labels JSON as a form; every body of this API is JSON, as in llama-server.
+        if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+        return await call_next(request)
+
     @app.exception_handler(HTTPError)
     async def _http_error(_, exc: HTTPError):
         return JSONResponse({"error": {"message": exc.message, "type": exc.code, "code": exc.status}}, status_code=exc.status)
