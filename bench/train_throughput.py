@@ -10,7 +10,9 @@ each run are warm-up and not timed. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import platform
 import random
 import time
@@ -83,12 +85,13 @@ def bench_hf_trainer(args, tmp: Path) -> dict:
 
     targs = TrainingArguments(
         output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_ratio=cfg.warmup_ratio,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, round(args.steps * cfg.warmup_ratio)),
         logging_steps=10**9, save_strategy="no", report_to=[], seed=cfg.seed, dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator, callbacks=[Timer()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its metrics; stdout is this script's JSON
+        trainer.train()
     # With dataloader_num_workers=0, step k+1's batch is collated after step k ends,
     # so the tokens counted after the warm-up mark are exactly those of the timed steps.
     n = tokens["n"] - tokens["n0"]

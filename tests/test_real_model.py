@@ -33,7 +33,7 @@ def test_a_few_steps_reduce_the_loss_and_the_expert_loads_back(tmp_path, embedde
     rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.3
-    assert res.eval_loss is not None and res.eval_loss < 2.0
+    assert res.eval_loss is not None and res.eval_loss < train_losses[0] - 0.3  # held-out rows improve too
 
     model, tok, base = embedded
     expert = load_expert(out)
