@@ -228,10 +228,12 @@ def test_over_budget_requests_queue_then_429(tiny_base, roots):
                 body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 60}
                 return await asyncio.gather(*[c.post(f"{srv.url}/v1/chat/completions", json=body) for _ in range(8)])
 
-        codes = sorted(r.status_code for r in asyncio.run(burst()))
-        assert 200 in codes and 429 in codes, codes
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        # 1 running + at most 2 queued are served; the rest are refused at once
+        assert 200 in codes and codes.count(429) >= 8 - 3 - 1, codes
         assert set(codes) <= {200, 429}
-        assert "limit 2" in next(r for r in asyncio.run(burst()) if r.status_code == 429).json()["error"]["message"]
+        assert "limit 2" in next(r for r in responses if r.status_code == 429).json()["error"]["message"]
 
 
 def test_concurrent_mixed_load_equals_each_request_alone(server, roots):

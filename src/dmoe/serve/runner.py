@@ -65,14 +65,19 @@ class EngineRunner:
         off the event loop, so a running decode step never blocks other streams."""
         if self._stop:
             raise RequestError("the server is shutting down")
-        if len(self.engine.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.engine.waiting)} requests already waiting (limit {self.max_queue}); retry later")
-        req = await asyncio.to_thread(self.engine.submit, prompt_ids, adapters, params)
+        req = await asyncio.to_thread(self._submit_bounded, prompt_ids, adapters, params)
         stream = Stream(req, asyncio.Queue(), asyncio.get_running_loop(), label=label)
         with self._cond:
             self._streams[req.id] = stream
             self._cond.notify_all()
         return stream
+
+    def _submit_bounded(self, prompt_ids, adapters, params) -> Request:
+        # Check and enqueue under one lock, so a burst cannot overshoot the bound.
+        with self.engine.lock:
+            if len(self.engine.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.engine.waiting)} requests already waiting (limit {self.max_queue}); retry later")
+            return self.engine.submit(prompt_ids, adapters, params)
 
     def cancel(self, stream: Stream) -> None:
         """The client went away: free the request's KV slot."""
