@@ -119,8 +119,6 @@ class TrainConfig(BaseModel):
             raise ValueError("dataset: give at least one dataset name")
         if self.val_size >= 1.0 and self.val_size != int(self.val_size):
             raise ValueError("val_size: a fraction in [0, 1) or a whole number of samples")
-        if self.use_dora and self.use_rslora:
-            pass  # PEFT supports both together
         return self
 
     @property

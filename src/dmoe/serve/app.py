@@ -240,8 +240,13 @@ def create_app(st: ServeState) -> FastAPI:
     def _usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _route_fields(adapters) -> dict:
-        return {"dmoe": {"experts": [{"name": n, "scale": s} for n, s in adapters]}}
+    def _final(head: dict, choice: dict, body, prompt_ids, ids, adapters, headers) -> JSONResponse:
+        """A non-streamed response: one choice, usage, and the adapter set that served it."""
+        if body.return_token_ids:
+            choice["token_ids"] = ids
+        route = {"experts": [{"name": n, "scale": s} for n, s in adapters]}
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(len(prompt_ids), len(ids)), "dmoe": route},
+                            headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -271,12 +276,8 @@ def create_app(st: ServeState) -> FastAPI:
             return StreamingResponse(_sse(stream, params, request, chunk), media_type="text/event-stream", headers=headers)
         text, finish, ids = await _run(stream, params, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        if body.return_token_ids:
-            choice["token_ids"] = ids
-        return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": _usage(len(prompt_ids), len(ids)), **_route_fields(adapters),
-        }, headers=headers)
+        head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
+        return _final(head, choice, body, prompt_ids, ids, adapters, headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -301,12 +302,8 @@ def create_app(st: ServeState) -> FastAPI:
             return StreamingResponse(_sse(stream, params, request, chunk), media_type="text/event-stream", headers=headers)
         text, finish, ids = await _run(stream, params, request)
         choice = {"index": 0, "text": text, "finish_reason": finish}
-        if body.return_token_ids:
-            choice["token_ids"] = ids
-        return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": _usage(len(prompt_ids), len(ids)), **_route_fields(adapters),
-        }, headers=headers)
+        head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        return _final(head, choice, body, prompt_ids, ids, adapters, headers)
 
     @app.get("/v1/models")
     async def models():
