@@ -82,7 +82,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         b = self.batch
-        if self.A is None or b.idx is None or not bool((b.idx >= 0).any()):
+        if self.A is None or b.idx is None:  # idx is None when no row of the step has an adapter
             return y
         return y + lora_delta(x, self.A, self.B, b.idx, b.scale).to(y.dtype)
 
@@ -143,10 +143,8 @@ class Block(nn.Module):
         span = mask.shape[-1]
         keys = k_cache[slots, :span].transpose(1, 2)  # (B, nkv, S, hd)
         vals = v_cache[slots, :span].transpose(1, 2)
-        rep = a.n_heads // a.n_kv_heads
-        keys = keys.repeat_interleave(rep, dim=1)
-        vals = vals.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)  # (B, nh, T, hd)
+        # grouped-query attention without copying K/V per head
+        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)  # (B, nh, T, hd)
         x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
