@@ -1,18 +1,15 @@
 """The torch multi-LoRA engine on a tiny random Llama: equals HF / PEFT, and a mixed
 batch equals each request run alone."""
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from dmoe.base import load_base
-from dmoe.config import load_train_config
 from dmoe.engine.adapters import AdapterError
 from dmoe.engine.engine import Engine, RequestError, SamplingParams
 from dmoe.experts import apply_expert, load_expert
-from dmoe.train import train
 
 GREEDY = SamplingParams(max_tokens=12)
 

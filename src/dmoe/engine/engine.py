@@ -30,6 +30,10 @@ class RequestError(DmoeError):
     """A request cannot be served as given (unknown adapter, too long, bad parameters)."""
 
 
+class UnknownExpertError(RequestError):
+    """The request names an expert that is not loaded."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
@@ -117,7 +121,7 @@ class Engine:
             res = self.slots.resident.get(name)
             if res is None:
                 known = ", ".join(sorted(self.slots.resident)) or "none"
-                raise RequestError(f"unknown expert '{name}'; loaded experts: {known}")
+                raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {known}")
             if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
                 raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
             if scale != 0:

@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from dmoe import DmoeError
 from dmoe.base import BaseIdentity
 from dmoe.engine.adapters import AdapterError
-from dmoe.engine.engine import Engine, RequestError, SamplingParams
+from dmoe.engine.engine import Engine, SamplingParams, UnknownExpertError
 from dmoe.experts import ExpertError, check_base, find_experts, resolve_expert
 from dmoe.serve.metrics import Metrics
 from dmoe.serve.runner import EngineRunner, QueueFull, Stream
@@ -177,7 +177,7 @@ def create_app(st: ServeState) -> FastAPI:
     def _to_http(exc: DmoeError) -> HTTPError:
         if isinstance(exc, QueueFull):
             return HTTPError(429, str(exc), "rate_limit_exceeded")
-        if "unknown expert" in str(exc):
+        if isinstance(exc, UnknownExpertError):
             return HTTPError(404, str(exc), "model_not_found")
         return HTTPError(400, str(exc))
 

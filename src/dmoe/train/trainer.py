@@ -47,7 +47,7 @@ from dmoe.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar, read_log, truncate_log
+from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar, truncate_log
 
 SUMMARY_FILE = "summary.json"
 # Test hook: SIGKILL ourselves right after this optimizer step (a real kill -9).
