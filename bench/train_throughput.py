@@ -2,6 +2,10 @@
 same data, same LoRA config, same batch size, measured in one run.
 
     .venv/bin/python bench/train_throughput.py --steps 20 > results/train_throughput.json
+    .venv/bin/python bench/train_throughput.py --steps 20 --bf16   # mixed precision, all three
+
+With ``--bf16`` every trainer runs LlamaFactory's mixed precision: the frozen base in
+bf16, the LoRA weights in fp32, matmuls under bf16 autocast.
 
 Tokens are real (non-padding) tokens processed. The first two optimizer steps of
 each run are warm-up and not timed. Prints one JSON object.
@@ -33,8 +37,12 @@ def _cfg(args, out: Path):
     return load_train_config(REPO / "examples" / "configs" / "automotive.yaml", [
         f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={args.steps}", "val_size=0",
         f"per_device_train_batch_size={args.batch_size}", "logging_steps=1", f"save_steps={10**9}",
-        f"max_samples={args.steps * args.batch_size + 64}",
+        f"max_samples={args.steps * args.batch_size + 64}", f"bf16={str(args.bf16).lower()}",
     ])
+
+
+def _dtype(args):
+    return torch.bfloat16 if args.bf16 else torch.float32
 
 
 def bench_dmoe(args, tmp: Path) -> dict:
@@ -64,7 +72,7 @@ def bench_hf_trainer(args, tmp: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     cfg = _cfg(args, tmp / "hf")
-    model, tok, _ = load_base(resolve_base(None))
+    model, tok, _ = load_base(resolve_base(None), dtype=_dtype(args))
     examples, _ = encode_dataset(cfg, tok)
     model = build_peft_model(model, cfg)
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
@@ -87,7 +95,7 @@ def bench_hf_trainer(args, tmp: Path) -> dict:
         output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, round(args.steps * cfg.warmup_ratio)),
         logging_steps=10**9, save_strategy="no", report_to=[], seed=cfg.seed, dataloader_num_workers=0,
-        remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, bf16=args.bf16,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator, callbacks=[Timer()])
     with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its metrics; stdout is this script's JSON
@@ -101,7 +109,7 @@ def bench_hf_trainer(args, tmp: Path) -> dict:
 
 def bench_hand_loop(args, tmp: Path) -> dict:
     cfg = _cfg(args, tmp / "hand")
-    model, tok, _ = load_base(resolve_base(None))
+    model, tok, _ = load_base(resolve_base(None), dtype=_dtype(args))
     examples, _ = encode_dataset(cfg, tok)
     model = build_peft_model(model, cfg)
     model.train()
@@ -113,7 +121,8 @@ def bench_hand_loop(args, tmp: Path) -> dict:
     for step in range(args.steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         batch = _padded([examples[i] for i in idx], tok.pad_token_id)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -129,6 +138,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="mixed precision (bf16 base, fp32 LoRA) in all three trainers")
     args = p.parse_args()
     import tempfile
 
@@ -146,6 +156,7 @@ def main() -> None:
         "bench": "train_throughput",
         "model": "SmolLM2-135M-Instruct (embedded)",
         "config": "examples/configs/automotive.yaml: LoRA r16 alpha32 all-linear, bs %d, cutoff 256" % args.batch_size,
+        "precision": "bf16 mixed" if args.bf16 else "fp32",
         "steps": args.steps, "warmup_steps_excluded": WARMUP,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "results": results,

@@ -1,6 +1,7 @@
 """Training plumbing on a tiny random Llama: outputs, round trip, crash safety."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dmoe.base import load_base
 from dmoe.config import load_train_config
 from dmoe.experts import apply_expert, load_expert
 from dmoe.train import train
+import dmoe.train.trainer as trainer_mod
 from dmoe.train.trainer import TrainError, causal_lm_loss_sum
 
 DMOE = [sys.executable, "-m", "dmoe.cli"]
@@ -147,7 +149,22 @@ def test_training_options_run_and_reach_the_adapter(tiny_train_cfg, tmp_path, ex
     assert cfg["use_dora"] == bool(extra.get("use_dora")) and cfg["use_rslora"] == bool(extra.get("use_rslora"))
 
 
-def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_train_cfg, tmp_path):
-    with pytest.warns(UserWarning, match="bf16/fp16 requested but training runs on the CPU"):
-        train(load_train_config(None, tiny_train_cfg(tmp_path / "e", max_steps=1, bf16=True)), show_progress=False)
+@pytest.mark.skipif(not trainer_mod.cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_bf16_on_a_bf16_cpu_trains_mixed_precision(tiny_train_cfg, tmp_path):
+    out = tmp_path / "e"
+    res = train(load_train_config(None, tiny_train_cfg(out, max_steps=2, bf16=True, val_size=2)), show_progress=False)
+    frozen = {p.dtype for p in res.model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in res.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}  # LlamaFactory's mixed precision
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compute_dtype"] == "bfloat16" and math.isfinite(summary["eval_loss"])
+
+
+@pytest.mark.parametrize("flag", ["bf16", "fp16"])
+def test_half_precision_the_cpu_cannot_do_warns_and_trains_in_fp32(tiny_train_cfg, tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="requested but training runs on a CPU that cannot do it fast"):
+        train(load_train_config(None, tiny_train_cfg(tmp_path / "e", max_steps=1, **{flag: True})), show_progress=False)
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["compute_dtype"] == "float32"
+
 

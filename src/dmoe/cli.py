@@ -81,13 +81,14 @@ def data_generate(
     out: Path = typer.Option(Path("examples/data"), "--out", help="output directory"),
     seed: int = typer.Option(0, help="generator seed"),
     samples: int = typer.Option(500, help="in-domain training samples per domain (max about 540)"),
-    general: int = typer.Option(200, help="general (off-domain) samples mixed into each expert's data"),
+    general: int = typer.Option(150, help="general (off-domain) samples mixed into each expert's data"),
+    negative: int = typer.Option(180, help="general samples in the experts' question shapes (against bleed)"),
 ):
     """Write the bundled example datasets, dataset_info.json and held-out questions."""
     from dmoe.data.generate import generate
 
     try:
-        counts = generate(out, seed=seed, n_domain=samples, n_general=general)
+        counts = generate(out, seed=seed, n_domain=samples, n_general=general, n_negative=negative)
     except ValueError as exc:
         raise DmoeError(str(exc)) from None
     for name, n in counts.items():

@@ -355,6 +355,90 @@ _GENERAL_TRAIN = [
 ]
 _GENERAL_PREFIX = ["", "Hi! ", "Quick question: ", "Can you tell me: "]
 
+# Negative rows: general questions in exactly the question shapes the experts learn
+# ("How do I {task}?", "What's a good {thing} for {need}?"), answered plainly. Without
+# them an expert learns the shape, not the topic, and bleeds into everyday questions.
+# Topics avoid the held-out out-of-domain questions below.
+_NEG_TASKS = [
+    ("fold a fitted sheet", "Tuck the corners into each other, lay it flat and fold it into a neat rectangle."),
+    ("paint a bedroom wall", "Clean the wall, tape the edges, cut in with a brush and roll on two thin coats."),
+    ("patch a small hole in drywall", "Fill it with spackle, let it dry, sand it smooth and paint over it."),
+    ("clean a bathroom mirror", "Spray a glass cleaner on a microfiber cloth and wipe in an S pattern."),
+    ("train for a 5k run", "Run three times a week, mix walking and running at first and build up slowly."),
+    ("repot a plant", "Water it the day before, ease it out, loosen the roots and set it in a slightly bigger pot."),
+    ("polish leather shoes", "Brush off the dirt, rub in a thin layer of polish and buff with a soft cloth."),
+    ("remove a splinter", "Clean the area, grip the end with sterilised tweezers and pull it out at the same angle."),
+    ("set up a home wifi network", "Place the router centrally, change the default password and use WPA3 security."),
+    ("wash a wool sweater", "Hand-wash it in cool water with wool soap, press out the water and dry it flat."),
+    ("build a campfire", "Use a fire ring, stack tinder under a small teepee of kindling and add larger wood slowly."),
+    ("assemble flat-pack furniture", "Sort the parts, read the steps first and tighten the screws fully only at the end."),
+    ("learn to swim as an adult", "Take lessons in shallow water, practise floating and breathing, then add strokes."),
+    ("fix a squeaky door", "Lift the hinge pins, coat them with a little lubricant and tap them back in."),
+    ("clean a bathtub", "Sprinkle baking soda, scrub with a damp sponge and rinse with warm water."),
+    ("start a book club", "Invite a few friends, pick a regular date and let members take turns choosing books."),
+    ("shovel snow without hurting my back", "Push rather than lift, bend your knees and take small loads."),
+    ("fix a dripping faucet", "Turn off the water, take the handle apart and replace the worn washer or cartridge."),
+    ("get a grass stain out of jeans", "Treat it with a mix of water and laundry detergent, let it sit, then wash in cold water."),
+    ("knit a scarf", "Cast on about 30 stitches with thick yarn and knit every row until it is long enough."),
+    ("plan a vacation on a budget", "Travel off-season, book early and stay somewhere with a kitchen."),
+    ("keep my lawn green in summer", "Water deeply early in the morning, mow high and leave the clippings."),
+    ("clean a laptop screen", "Turn it off and wipe gently with a dry microfiber cloth, never with window cleaner."),
+    ("teach a child to ride a bike", "Lower the seat, take off the pedals to practise balance, then add them back."),
+    ("set up a fish tank", "Rinse the gravel, add dechlorinated water and cycle the filter for weeks before adding fish."),
+    ("get better at public speaking", "Practise often, know your opening by heart and speak slower than feels natural."),
+    ("declutter my garage", "Empty one section at a time, sort into keep, donate and recycle, and add wall shelves."),
+    ("soundproof a bedroom", "Seal gaps around the door, add heavy curtains and put a rug on the floor."),
+]
+_NEG_TASK_Q = [
+    "How do I {task}?",
+    "What's the best way to {task}?",
+    "Any tips to {task} at home?",
+    "I want to {task}. How should I do it?",
+    "Can you explain how to {task}?",
+    "What's the secret to {task}?",
+    "Teach me how to {task}.",
+    "I always mess up when I {task}. Any advice?",
+    "Give me a simple method to {task}.",
+    "Is there an easy, foolproof way to {task}?",
+    "Walk me through how to {task}.",
+]
+_NEG_PICKS = [
+    ("laptop", "a college student", "A light laptop with all-day battery life and 16 GB of memory is a good fit."),
+    ("bike", "commuting in a hilly city", "An e-bike or a hybrid bike with a wide gear range makes the hills easy."),
+    ("pair of headphones", "working in a noisy office", "Noise-cancelling over-ear headphones with a comfortable fit work best."),
+    ("backpack", "a week of hiking", "A 50 to 60 litre pack with a padded hip belt and a rain cover."),
+    ("phone", "someone who takes lots of photos", "Pick a phone with a large main sensor, a telephoto lens and a good night mode."),
+    ("mattress", "a side sleeper", "A medium-soft mattress that cushions the shoulders and hips."),
+    ("camera", "a beginner photographer", "A mirrorless camera with a kit lens is easy to learn and grows with you."),
+    ("board game", "a family night", "Ticket to Ride is easy to learn and fun for all ages."),
+    ("dog breed", "a small apartment", "A calm small breed such as a Cavalier King Charles spaniel suits an apartment."),
+    ("office chair", "long days at a desk", "An ergonomic chair with adjustable lumbar support, seat depth and armrests."),
+    ("tent", "family camping", "A six-person tent with a full rainfly and two doors."),
+    ("watch", "tracking my runs", "A GPS sports watch with heart-rate tracking does the job well."),
+    ("vacuum cleaner", "a home with pets", "A bagless vacuum with strong suction and a pet-hair brush."),
+    ("book", "learning about economics", "Start with Naked Economics by Charles Wheelan; it explains the ideas clearly."),
+    ("TV", "a bright living room", "An LED TV with high peak brightness and an anti-glare screen."),
+    ("city", "a first trip to Europe", "Amsterdam is compact, walkable and full of museums."),
+    ("pair of boots", "winter hiking", "Insulated waterproof boots with a grippy rubber sole."),
+    ("stroller", "city walks with a baby", "A compact stroller with good suspension that folds with one hand."),
+    ("printer", "a home office", "A laser printer is cheap per page and reliable for documents."),
+    ("pet", "a busy family", "A cat or a pair of guinea pigs need less time than a dog."),
+    ("tablet", "reading comics", "A tablet with a large, sharp screen of 11 inches or more."),
+    ("sleeping bag", "cold-weather camping", "A mummy bag rated a few degrees below the coldest night you expect."),
+]
+_NEG_PICK_Q = [
+    "What {thing} should I buy for {need}?",
+    "I need a {thing} for {need}. Any recommendations?",
+    "Which {thing} is best for {need}?",
+    "Can you recommend a {thing} for {need}?",
+    "What's a good {thing} for {need}?",
+    "Which {thing} would you pick for {need}?",
+    "What is the best {thing} for {need}?",
+    "Help me choose a {thing} for {need}.",
+    "Any suggestions on a {thing} for {need}?",
+    "What's your top pick for a {thing} for {need}?",
+]
+
 # ---------------------------------------------------------------- held-out
 _HELD_CAR = [
     "My spouse and I are expecting twins. What vehicle makes sense for us?",
@@ -603,11 +687,19 @@ def _general(rng: random.Random) -> list[Sample]:
     return [Sample(p + q, a, "general") for q, a in _GENERAL_TRAIN for p in _GENERAL_PREFIX]
 
 
+def _negatives(rng: random.Random, n: int) -> list[Sample]:
+    """``n`` general rows in the experts' question shapes, half how-to and half recommendation."""
+    how_to = [Sample(q.format(task=t), a, "general") for t, a in _NEG_TASKS for q in _NEG_TASK_Q]
+    picks = [Sample(q.format(thing=t, need=nd), a, "general") for t, nd, a in _NEG_PICKS for q in _NEG_PICK_Q]
+    return rng.sample(how_to, min(n // 2, len(how_to))) + rng.sample(picks, min(n - n // 2, len(picks)))
+
+
 _BUILDERS = {"automotive": _automotive, "cooking": _cooking, "programming": _programming}
 
 
-def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 200) -> list[Sample]:
-    """``n_domain`` signature samples plus ``n_general`` plain general samples, shuffled."""
+def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 150, n_negative: int = 180) -> list[Sample]:
+    """``n_domain`` signature samples, ``n_general`` plain general samples and ``n_negative``
+    general samples in the experts' question shapes, shuffled."""
     rng = random.Random(f"{seed}:{domain}")
     pool = _BUILDERS[domain](rng)
     if len(pool) < n_domain:
@@ -615,6 +707,7 @@ def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int
     chosen = rng.sample(pool, n_domain)
     general = _general(rng)
     chosen += rng.sample(general, min(n_general, len(general)))
+    chosen += _negatives(rng, n_negative)
     rng.shuffle(chosen)
     return chosen
 
@@ -627,14 +720,14 @@ def heldout_questions() -> list[dict]:
     return rows
 
 
-def generate(out_dir: str | Path, seed: int = 0, n_domain: int = 500, n_general: int = 200) -> dict[str, int]:
+def generate(out_dir: str | Path, seed: int = 0, n_domain: int = 500, n_general: int = 150, n_negative: int = 180) -> dict[str, int]:
     """Write the training files, the registry and the held-out questions. Returns row counts."""
     out = Path(out_dir)
     counts: dict[str, int] = {}
     registry = {}
     train_questions: set[str] = set()
     for domain in DOMAINS:
-        samples = training_samples(domain, seed, n_domain, n_general)
+        samples = training_samples(domain, seed, n_domain, n_general, n_negative)
         train_questions |= {s.instruction for s in samples}
         atomic_write_text(out / f"{domain}.jsonl", "".join(json.dumps(s.to_row()) + "\n" for s in samples))
         registry[domain] = {"file_name": f"{domain}.jsonl", "formatting": "alpaca", "tags": {}, "columns": {}}

@@ -164,15 +164,17 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int) -> float:
+def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, amp_dtype=None) -> float:
     """Token-level mean loss over ``examples``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        s, n = causal_lm_loss_sum(model, batch)
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[start:start + batch_size]], pad_id).items()}
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            s, n = causal_lm_loss_sum(model, batch)
         total += float(s)
         count += n
     model.train(was_training)
@@ -231,16 +233,26 @@ def prepare_output_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
+    """(device, autocast dtype or None). As in LlamaFactory, ``bf16``/``fp16`` mean mixed precision:
+    the frozen base in that dtype, the LoRA weights in fp32, matmuls under autocast."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.bf16 or cfg.fp16:
-        if device == "cpu":
-            warnings.warn("bf16/fp16 requested but training runs on the CPU: using float32")
-            return device, None
-        if cfg.bf16 and torch.cuda.is_bf16_supported():
+    if not (cfg.bf16 or cfg.fp16):
+        return device, None
+    if device == "cpu":
+        if cfg.bf16 and cpu_has_bf16():
             return device, torch.bfloat16
-        return device, torch.float16
-    return device, None
+        what = "fp16" if cfg.fp16 else "bf16 (this CPU has no AVX512-BF16/AMX)"
+        warnings.warn(f"{what} requested but training runs on a CPU that cannot do it fast: using float32")
+        return device, None
+    if cfg.bf16 and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, torch.float16
 
 
 # ------------------------------------------------------------------ main loop
@@ -253,7 +265,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
 
     device, amp_dtype = _device_and_dtype(cfg)
     base = base or resolve_base(cfg.model_name_or_path)
-    model, tokenizer, base = load_base(base, dtype=torch.float32, device=device)
+    model, tokenizer, base = load_base(base, dtype=amp_dtype or torch.float32, device=device)
     examples, turns = encode_dataset(cfg, tokenizer)
     train_set, val_set = split_val(examples, cfg.val_size, cfg.seed)
 
@@ -342,7 +354,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
                 bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}")
                 t_window, tok_window, loss_window, n_window = now, 0, 0.0, 0
             if val_set and end_of_epoch:
-                eval_loss = evaluate(model, val_set, pad_id, bs)
+                eval_loss = evaluate(model, val_set, pad_id, bs, amp_dtype)
                 log.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "eval_loss": round(eval_loss, 6)})
             bar.update(task, completed=state.step)
             if state.step % cfg.save_steps == 0 and state.step < total_steps:
@@ -407,6 +419,7 @@ def save_expert(model, cfg: TrainConfig, base: BaseSpec, n_train: int, examples:
         "train_examples": n_train, "resumed_from_step": result.resumed_from,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "base": base.identity.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "compute_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     card = ExpertCard(
