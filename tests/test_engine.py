@@ -59,6 +59,54 @@ def test_mixed_batch_equals_each_request_alone(engine):
     assert len({tuple(o) for o in together}) > len(PROMPTS)  # the sets really differ
 
 
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_rows_finishing_at_different_steps_match_each_alone(engine, tiny_experts, monkeypatch, kernel):
+    """Rows leave mid-batch (KV slots are compacted), prompts of different lengths are
+    prefilled together, and both LoRA kernels give the same tokens as a lone request."""
+    import dmoe.engine.model as model_mod
+
+    monkeypatch.setattr(model_mod, "use_dense", lambda n_slots, k: kernel == "dense")
+    engine.load_expert(load_expert(tiny_experts / "gamma"))
+    sets = [[("gamma", 1.0)], [], [("alpha", 1.0)], [("beta", 0.5), ("gamma", 0.5)], [("alpha", 1.0)], [("gamma", 1.5)]]
+    jobs = [(PROMPTS[i % len(PROMPTS)], sets[i % len(sets)], SamplingParams(max_tokens=3 + (5 * i) % 11)) for i in range(14)]
+    forward, decode_slots = engine.model.forward, []
+
+    def spy(tokens, pos, slots, logits_at=None):
+        if tokens.shape[1] == 1:
+            decode_slots.append(slots.tolist())
+        return forward(tokens, pos, slots, logits_at)
+
+    engine.model.forward = spy
+    reqs = [engine.submit(p, s, sp) for p, s, sp in jobs]
+    while not all(r.done for r in reqs):
+        engine.step()
+    assert all(s == list(range(len(s))) for s in decode_slots)  # compacted: decode reads the cache in place
+    assert len({len(s) for s in decode_slots}) > 2  # rows really left mid-batch
+    alone = [engine.generate([p], [s], sp)[0] for p, s, sp in jobs]
+    assert [r.output_ids for r in reqs] == alone
+
+
+def test_a_larger_rank_grows_the_buffers_without_changing_loaded_experts(engine, tiny_experts, tmp_path):
+    import json
+    import shutil
+
+    before = engine.generate(PROMPTS, [[("alpha", 1.0)]] * len(PROMPTS), GREEDY)
+    wide = tmp_path / "alpha_wide"  # alpha zero-padded to twice the rank: the same function
+    shutil.copytree(tiny_experts / "alpha", wide)
+    w = load_file(str(wide / "adapter_model.safetensors"))
+    save_file({k: torch.cat([v, torch.zeros_like(v)], dim=0 if "lora_A" in k else 1) for k, v in w.items()},
+              str(wide / "adapter_model.safetensors"))
+    cfg = json.loads((wide / "adapter_config.json").read_text())
+    cfg["r"], cfg["lora_alpha"] = cfg["r"] * 2, cfg["lora_alpha"] * 2
+    (wide / "adapter_config.json").write_text(json.dumps(cfg))
+    (wide / "expert.yaml").write_text((wide / "expert.yaml").read_text().replace("name: alpha", "name: alpha_wide"))
+    rank = engine.slots.rank
+    engine.load_expert(load_expert(wide))
+    assert engine.slots.rank == 2 * rank
+    assert engine.generate(PROMPTS, [[("alpha", 1.0)]] * len(PROMPTS), GREEDY) == before
+    assert engine.generate(PROMPTS, [[("alpha_wide", 1.0)]] * len(PROMPTS), GREEDY) == before
+
+
 def test_load_during_generation_does_not_touch_requests_in_flight(engine, tiny_experts):
     params = SamplingParams(max_tokens=10)
     want = engine.generate([PROMPTS[0]], [[("alpha", 1.0)]], params)[0]
@@ -105,6 +153,9 @@ def test_adapter_for_another_base_changes_nothing(engine, tiny_experts, tmp_path
         engine.load_expert(load_expert(bad))
     assert "wide" not in engine.slots.resident
     assert engine.generate([PROMPTS[1]], [[("beta", 1.0)]], GREEDY) == before
+    save_file({k: v * float("nan") for k, v in w.items()}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        engine.load_expert(load_expert(bad))
     (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match="not a valid safetensors"):
         engine.load_expert(load_expert(bad))

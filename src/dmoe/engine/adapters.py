@@ -1,10 +1,14 @@
 """Adapter residency: PEFT LoRA adapters copied into the engine's preallocated slots.
 
-Each LoRALinear of the model gets stacked buffers A (S, r_max, in), B (S, out, r_max),
-allocated once for ``max_loras`` slots. Loading an adapter validates *everything*
-first (format, base identity, module names, shapes, rank) and only then writes its
-slot, so a bad adapter changes nothing. The adapter's alpha/r (or alpha/sqrt(r) with
-rsLoRA) is folded into B, so a request's scale is only its own blend weight.
+Each LoRALinear of the model gets stacked buffers A (S, r, in), B (S, r, out) for
+``max_loras`` slots, where r is the largest rank loaded so far (smaller ranks are
+zero-padded; the buffers grow, up to ``max_rank``, when a larger one arrives: padding
+every slot to the maximum allowed rank would multiply the LoRA cost for nothing).
+Loading an adapter validates *everything* first (format, base identity, module names,
+shapes, rank, finite values) and only then writes its slot, so a bad adapter changes
+nothing. The adapter's alpha/r (or alpha/sqrt(r) with rsLoRA) is folded into B, so a
+request's scale is only its own blend weight. All of this runs under the engine's
+lock, between decode steps, so no forward pass ever sees a half-written slot.
 """
 
 from __future__ import annotations
@@ -70,7 +74,10 @@ def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, tor
     for mod, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"expert '{expert.name}': {mod} lacks lora_{'B' if 'A' in ab else 'A'}")
-        out[mod] = (ab["A"].float(), ab["B"].float())
+        A, B = ab["A"].float(), ab["B"].float()
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"expert '{expert.name}': {mod} holds NaN or infinite values")
+        out[mod] = (A, B)
     if not out:
         raise AdapterError(f"expert '{expert.name}': no LoRA tensors found")
     return out, r, scaling
@@ -84,11 +91,20 @@ class AdapterSlots:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.modules = lora_modules(model)
-        p = next(model.parameters())
-        for m in self.modules.values():
-            m.A = torch.zeros(max_loras, max_rank, m.base.in_features, dtype=p.dtype, device=p.device)
-            m.B = torch.zeros(max_loras, m.base.out_features, max_rank, dtype=p.dtype, device=p.device)
+        self.rank = 0  # the buffers' rank: the largest rank loaded so far
         self.resident: dict[str, Resident] = {}
+
+    def _grow(self, rank: int) -> None:
+        """Reallocate every module's buffers at ``rank``, keeping the loaded slots."""
+        p = next(self.model.parameters())
+        for m in self.modules.values():
+            A = torch.zeros(self.max_loras, rank, m.base.in_features, dtype=p.dtype, device=p.device)
+            B = torch.zeros(self.max_loras, rank, m.base.out_features, dtype=p.dtype, device=p.device)
+            if m.A is not None:
+                A[:, :self.rank].copy_(m.A)
+                B[:, :self.rank].copy_(m.B)
+            m.A, m.B = A, B
+        self.rank = rank
 
     def free_slots(self) -> list[int]:
         used = {r.slot for r in self.resident.values()}
@@ -115,13 +131,15 @@ class AdapterSlots:
         if not free:
             raise AdapterError(f"all {self.max_loras} adapter slots are taken; unload an expert or restart with more --max-loras")
         slot = free[0]
+        if r > self.rank:
+            self._grow(r)
         for name, m in self.modules.items():
             m.A[slot].zero_()
             m.B[slot].zero_()
             if name in tensors:
                 A, B = tensors[name]
                 m.A[slot, :r].copy_(A)
-                m.B[slot, :, :r].copy_(B * scaling)
+                m.B[slot, :r].copy_((B * scaling).T)
         res = Resident(expert.name, slot, r, str(expert.path), sorted(tensors))
         self.resident[expert.name] = res
         return res
@@ -132,4 +150,7 @@ class AdapterSlots:
             raise AdapterError(f"expert '{name}' is not loaded; loaded: {', '.join(sorted(self.resident)) or 'none'}")
         if res.slot in in_use:
             raise AdapterError(f"expert '{name}' is serving requests; try again when they finish")
+        for m in self.modules.values():  # a free slot holds zeros, so the dense kernel may span it
+            m.A[res.slot].zero_()
+            m.B[res.slot].zero_()
         del self.resident[name]

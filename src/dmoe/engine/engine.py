@@ -4,8 +4,10 @@
     engine.load_expert(load_expert("examples/experts/cooking"))
     outs = engine.generate([ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
 
-Each step: admit waiting requests into free KV slots (prefill, one request at a
-time), then one decode step for every running row together. A row's adapter set is
+Each step: move running rows down into the lowest KV slots (so the decode reads the
+cache in place, without a gather), admit waiting requests into the free slots with
+one batched prefill (up to ``max_prefill_tokens`` prompt tokens), then one decode
+step for every running row together. A row's adapter set is
 resolved to (slot, scale) pairs when it is submitted and never changes afterwards,
 so loading, unloading or changing defaults never touches a request in flight.
 Adapters referenced by queued or running requests cannot be unloaded.
@@ -82,11 +84,12 @@ class Engine:
     """One base model, many adapters, a continuously batched decode loop."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq: int = 2048,
-                 max_loras: int = 8, max_rank: int = 64):
+                 max_loras: int = 8, max_rank: int = 64, max_prefill_tokens: int = 1024):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq = max_seq
+        self.max_prefill_tokens = max_prefill_tokens
         p = next(model.parameters())
         model.allocate_cache(max_batch, max_seq, p.dtype, p.device)
         self.slots = AdapterSlots(model, max_loras, max_rank)
@@ -98,8 +101,9 @@ class Engine:
         self.eos_ids = {eos} if eos is not None else set()
 
     @classmethod
-    def from_base(cls, hf_model, tokenizer, **kw) -> "Engine":
-        return cls(from_hf(hf_model), tokenizer, **kw)
+    def from_base(cls, hf_model, tokenizer, dtype: torch.dtype | None = None, **kw) -> "Engine":
+        """An engine over an HF causal LM's weights (cast to ``dtype`` if given)."""
+        return cls(from_hf(hf_model, dtype), tokenizer, **kw)
 
     # -------------------------------------------------------------- adapters
     def _in_use(self) -> set[int]:
@@ -150,14 +154,14 @@ class Engine:
         k = max((len(r.lora) for r in reqs), default=0)
         lora = self.model.lora
         if k == 0:
-            lora.idx = lora.scale = None
+            lora.clear()
             return
         idx = torch.full((len(reqs), k), -1, dtype=torch.long)
         scale = torch.zeros((len(reqs), k))
         for i, r in enumerate(reqs):
             for j, (s, w) in enumerate(r.lora):
                 idx[i, j], scale[i, j] = s, w
-        lora.idx, lora.scale = idx, scale
+        lora.set(idx, scale, next(self.model.parameters()).dtype)
 
     def _finish_check(self, r: Request, tok: int) -> None:
         r.output_ids.append(tok)
@@ -168,34 +172,56 @@ class Engine:
         elif len(r.output_ids) >= r.params.max_tokens:
             r.finish_reason = "length"
 
+    def _compact(self) -> None:
+        """Move running rows into KV slots 0..n-1, in slot order (a few MB of copies per finished row)."""
+        self.running.sort(key=lambda r: r.kv_slot)
+        kc, vc = self.model.k_cache, self.model.v_cache
+        for i, r in enumerate(self.running):
+            if r.kv_slot != i:  # slot i is free: rows before it were already moved below i
+                n = len(r.prompt_ids) + len(r.output_ids)
+                kc[:, i, :n] = kc[:, r.kv_slot, :n]
+                vc[:, i, :n] = vc[:, r.kv_slot, :n]
+                r.kv_slot = i
+
     def _admit(self) -> list[Request]:
-        used = {r.kv_slot for r in self.running}
-        free = [s for s in range(self.max_batch) if s not in used]
-        admitted = []
-        while self.waiting and free:
-            r = self.waiting.popleft()
-            r.kv_slot = free.pop(0)
-            self._set_lora([r])
-            n = len(r.prompt_ids)
-            logits = self.model(torch.tensor([r.prompt_ids]), torch.arange(n)[None], torch.tensor([r.kv_slot]))
-            self._finish_check(r, sample(logits[0, -1], r.params, r.generator))
-            admitted.append(r)
-            if not r.done:
-                self.running.append(r)
-        return admitted
+        """Prefill waiting requests into the free slots, as one right-padded batch."""
+        batch: list[Request] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.max_batch:
+            n = len(self.waiting[0].prompt_ids)
+            if batch and tokens + n > self.max_prefill_tokens:
+                break
+            batch.append(self.waiting.popleft())
+            tokens += n
+        if not batch:
+            return []
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)  # pad id 0: pad keys sit after each
+        for i, r in enumerate(batch):                              # prompt and are overwritten by decode
+            r.kv_slot = len(self.running) + i                      # before any query can see them
+            ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        self._set_lora(batch)
+        last = torch.tensor([len(r.prompt_ids) - 1 for r in batch])
+        slots = torch.tensor([r.kv_slot for r in batch])
+        logits = self.model(ids, torch.arange(width).expand(len(batch), width), slots, logits_at=last)
+        for i, r in enumerate(batch):
+            self._finish_check(r, sample(logits[i], r.params, r.generator))
+        self.running += [r for r in batch if not r.done]
+        return batch
 
     def step(self) -> list[Request]:
         """Admit, then decode one token for every running row. Returns the requests that advanced."""
         with self.lock:
+            self._compact()
+            rows = list(self.running)
             advanced = self._admit()
-            rows = [r for r in self.running if r not in advanced]
             if rows:
                 self._set_lora(rows)
                 tokens = torch.tensor([[r.output_ids[-1]] for r in rows])
                 pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows])
                 logits = self.model(tokens, pos, torch.tensor([r.kv_slot for r in rows]))
                 for i, r in enumerate(rows):
-                    self._finish_check(r, sample(logits[i, -1], r.params, r.generator))
+                    self._finish_check(r, sample(logits[i], r.params, r.generator))
                 advanced += rows
             self.running = [r for r in self.running if not r.done]
             return advanced

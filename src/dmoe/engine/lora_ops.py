@@ -1,22 +1,26 @@
-"""Batched multi-LoRA: one narrow op, with a pure-torch reference.
+"""Batched multi-LoRA: two narrow kernels and the pure-torch reference they must equal.
 
-Every row of a batch carries its own adapter set: up to K (slot, scale) pairs, where
-slot -1 means "nothing" (the bare base). Adapters live in stacked slots
+Adapters live in stacked slots, each adapter's alpha/r already folded into B:
 
-    A: (S, r, d_in)     B: (S, d_out, r)       (ranks padded with zeros to r)
+    A: (S, r, d_in)     B: (S, r, d_out)       (ranks padded with zeros to r)
 
-with each adapter's alpha/r already folded into B, so a row's scale is only the
-user's blend weight.
+A step's adapter choice comes in two equivalent forms, both built once per step:
+  * dense ``w: (N, S)``: the blend weight row n gives each slot (0 = not used);
+  * sparse ``idx, scale: (N, K)``: each row's own (slot, weight) pairs, slot -1 = none.
 
 Semantics:
-    y = x @ W.T                                     # shared base matmul
-    for b in rows, for k in range(K):
-        if idx[b, k] >= 0:
-            y[b] += scale[b, k] * (x[b] @ A[idx[b, k]].T) @ B[idx[b, k]].T
+    y = x @ W.T                                     # the shared base matmul
+    for each row n and each slot s:
+        y[n] += w[n, s] * (x[n] @ A[s].T) @ B[s]
 
-This gathers each row's (A, B) once per call (BGMV, as in Punica / S-LoRA) rather
-than looping over adapters in Python (PEFT's ``_mixed_batch_forward``, which stays
-the correctness oracle in the tests).
+Kernels:
+  * :func:`lora_delta_dense`: every slot of a (contiguous) slot range for every row, as
+    two plain matmuls over views of the stacked buffers. No copies; the cost grows with
+    the number of slots in the range. Best when a step uses few adapters (the usual case).
+  * :func:`lora_delta_gather`: each row gathers its own K slots (BGMV, as in Punica and
+    S-LoRA). The cost grows with K, but every row copies its A and B first.
+:func:`use_dense` picks one. PEFT's ``_mixed_batch_forward`` loops over adapters in
+Python; it stays the end-to-end oracle in the tests, :func:`lora_delta_loop` the local one.
 """
 
 from __future__ import annotations
@@ -24,26 +28,48 @@ from __future__ import annotations
 import torch
 
 
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Sum over each row's adapters of scale * B(A x).
+def use_dense(n_slots: int, k: int) -> bool:
+    """Dense over the slot range unless it is much wider than what a row uses."""
+    return n_slots <= 4 * max(k, 1)
 
-    x: (N, T, d_in)  A: (S, r, d_in)  B: (S, d_out, r)  idx: (N, K) long, -1 = none
-    scale: (N, K).  Returns (N, T, d_out).
+
+def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x: (N, T, d_in), A: (S, r, d_in), B: (S, r, d_out), w: (N, S) -> (N, T, d_out).
+
+    ``A`` and ``B`` must be contiguous (a slice of slots of the stacked buffers is).
     """
+    n, t, _ = x.shape
+    s, r, _ = A.shape
+    xa = x @ A.reshape(s * r, -1).T  # (N, T, S*r)
+    xa = (xa.view(n, t, s, r) * w[:, None, :, None]).view(n, t, s * r)
+    return xa @ B.reshape(s * r, -1)
+
+
+def lora_delta_gather(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: (N, T, d_in), A: (S, r, d_in), B: (S, r, d_out), idx/scale: (N, K) -> (N, T, d_out)."""
     safe = idx.clamp(min=0)
-    w = torch.where(idx >= 0, scale, torch.zeros_like(scale)).to(x.dtype)  # (N, K)
+    wk = torch.where(idx >= 0, scale, torch.zeros_like(scale)).to(x.dtype)  # (N, K)
     a = A[safe]  # (N, K, r, d_in)
-    b = B[safe]  # (N, K, d_out, r)
-    xa = torch.einsum("ntd,nkrd->ntkr", x, a) * w[:, None, :, None]  # (N, T, K, r)
-    return torch.einsum("ntkr,nkor->nto", xa, b)
+    b = B[safe]  # (N, K, r, d_out)
+    xa = torch.einsum("ntd,nkrd->ntkr", x, a) * wk[:, None, :, None]  # (N, T, K, r)
+    return torch.einsum("ntkr,nkro->nto", xa, b)
 
 
 def lora_delta_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The same as :func:`lora_delta`, row by row: the slow reference kept for tests."""
-    out = torch.zeros(x.shape[0], x.shape[1], B.shape[1], dtype=x.dtype)
+    """The semantics, row by row: the slow reference kept for tests."""
+    out = torch.zeros(x.shape[0], x.shape[1], B.shape[2], dtype=x.dtype)
     for n in range(x.shape[0]):
         for k in range(idx.shape[1]):
             s = int(idx[n, k])
             if s >= 0:
-                out[n] += float(scale[n, k]) * (x[n] @ A[s].T) @ B[s].T
+                out[n] += float(scale[n, k]) * (x[n] @ A[s].T) @ B[s]
     return out
+
+
+def dense_weights(idx: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The dense (N, hi - lo) form of (idx, scale) over the slot range [lo, hi)."""
+    w = torch.zeros(idx.shape[0], hi - lo, dtype=scale.dtype)
+    used = idx >= 0
+    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+    w.index_put_((rows[used], idx[used] - lo), scale[used], accumulate=True)
+    return w

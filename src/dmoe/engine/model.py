@@ -4,7 +4,7 @@ Differences from the HF module it loads its weights from:
   * a preallocated KV cache with one slot per running sequence; every row of a
     batch has its own positions, so rows at different lengths decode together;
   * every projection is a :class:`LoRALinear`, which adds each row's own adapter
-    deltas (``lora_ops.lora_delta``) to the shared base matmul.
+    deltas (``lora_ops``) to the shared base matmul.
 Loading, sampling and scheduling live elsewhere (``engine.py``).
 
 Supported: Llama / SmolLM / Mistral-style configs (RMSNorm, RoPE without scaling,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmoe.engine.lora_ops import lora_delta
+from dmoe.engine.lora_ops import dense_weights, lora_delta_dense, lora_delta_gather, use_dense
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -61,30 +61,53 @@ class ModelArgs:
 class LoRABatch:
     """Per-step adapter metadata shared by every LoRALinear: set once per forward.
 
-    idx: (B, K) slot per row and adapter, -1 = none; scale: (B, K).
+    ``active`` is False when no row of the step has an adapter. Otherwise the step's
+    rows use slots in [lo, hi); ``w`` (N, hi - lo) is the dense form and ``idx``,
+    ``scale`` (N, K) the sparse form of their choice (see ``lora_ops``); ``dense``
+    says which kernel runs.
     """
 
     def __init__(self):
+        self.active = False
+        self.dense = True
+        self.lo = self.hi = 0
+        self.w: torch.Tensor | None = None
         self.idx: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
+    def set(self, idx: torch.Tensor, scale: torch.Tensor, dtype) -> None:
+        """Rows' (slot, weight) pairs, idx/scale (N, K) with slot -1 = none."""
+        used = idx[idx >= 0]
+        self.active = used.numel() > 0
+        if not self.active:
+            return
+        self.lo, self.hi = int(used.min()), int(used.max()) + 1
+        self.dense = use_dense(self.hi - self.lo, idx.shape[1])
+        self.idx, self.scale = idx, scale.to(dtype)
+        self.w = dense_weights(idx, scale, self.lo, self.hi).to(dtype) if self.dense else None
+
+    def clear(self) -> None:
+        self.active = False
+
 
 class LoRALinear(nn.Module):
-    """y = x W^T (+ b) + the row's LoRA deltas from stacked slots A (S, r, in), B (S, out, r)."""
+    """y = x W^T (+ b) + each row's LoRA deltas from stacked slots A (S, r, in), B (S, r, out)."""
 
     def __init__(self, base: nn.Linear, batch: LoRABatch):
         super().__init__()
         self.base = base
         self.batch = batch
-        self.A: torch.Tensor | None = None  # set by AdapterSlots when a slot exists for this module
+        self.A: torch.Tensor | None = None  # set by AdapterSlots once an adapter is loaded
         self.B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         b = self.batch
-        if self.A is None or b.idx is None:  # idx is None when no row of the step has an adapter
+        if self.A is None or not b.active:
             return y
-        return y + lora_delta(x, self.A, self.B, b.idx, b.scale).to(y.dtype)
+        if b.dense:
+            return y.add_(lora_delta_dense(x, self.A[b.lo:b.hi], self.B[b.lo:b.hi], b.w))
+        return y.add_(lora_delta_gather(x, self.A, self.B, b.idx, b.scale))
 
 
 class RMSNorm(nn.Module):
@@ -128,7 +151,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, pos, mask):
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, pos, mask, slot_range):
         a = self.a
         B, T, _ = x.shape
         h = self.input_layernorm(x)
@@ -141,8 +164,11 @@ class Block(nn.Module):
         k_cache[rows, pos] = k.transpose(1, 2)  # cache: (slots, seq, nkv, hd)
         v_cache[rows, pos] = v.transpose(1, 2)
         span = mask.shape[-1]
-        keys = k_cache[slots, :span].transpose(1, 2)  # (B, nkv, S, hd)
-        vals = v_cache[slots, :span].transpose(1, 2)
+        if slot_range is not None:  # rows sit in consecutive slots: read the cache in place
+            lo, hi = slot_range
+            keys, vals = k_cache[lo:hi, :span].transpose(1, 2), v_cache[lo:hi, :span].transpose(1, 2)  # (B, nkv, S, hd)
+        else:
+            keys, vals = k_cache[slots, :span].transpose(1, 2), v_cache[slots, :span].transpose(1, 2)
         # grouped-query attention without copying K/V per head
         att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)  # (B, nh, T, hd)
         x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
@@ -172,18 +198,22 @@ class Transformer(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """tokens, pos: (B, T); slots: (B,). Row b attends to its slot's positions <= pos[b, t]."""
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos: (B, T); slots: (B,). Row b attends to its slot's positions <= pos[b, t].
+
+        Returns (B, V) float logits at position ``logits_at[b]`` of each row (default: the last).
+        """
+        B, T = tokens.shape
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
         span = int(pos.max()) + 1
         mask = torch.arange(span, device=tokens.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, S)
+        lo = int(slots[0])
+        slot_range = (lo, lo + B) if torch.equal(slots.cpu(), torch.arange(lo, lo + B)) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.k_cache[i], self.v_cache[i], slots, pos, mask)
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x).float()
+            x = layer(x, cos, sin, self.k_cache[i], self.v_cache[i], slots, pos, mask, slot_range)
+        x = x[:, -1] if logits_at is None else x[torch.arange(B, device=x.device), logits_at]  # (B, H)
+        return self.lm_head(self.norm(x)).float()
 
 
 def from_hf(hf_model, dtype=None) -> Transformer:
