@@ -1,6 +1,6 @@
 """Decode throughput of the torch multi-LoRA engine against HF/PEFT, in one run.
 
-    .venv/bin/python bench/serve_throughput.py [--batch 8 --prompt 64 --new 64 --adapters 4]
+    .venv/bin/python bench/serve_throughput.py [--batch 8 --prompt 64 --new 64 --adapters 4 --dtype float32]
 
 Configurations (all greedy, exactly --new tokens per row, the embedded model):
   hf_base          HF generate, no adapter
@@ -12,7 +12,9 @@ Configurations (all greedy, exactly --new tokens per row, the embedded model):
   dmoe_mixed       the engine, rows over K adapters
 Adapters are random rank-16 all-linear LoRAs (throughput does not depend on the
 values). Aggregate tok/s = rows x new tokens / wall time, prefill included; one
-warm-up pass of each configuration is not timed. Prints one JSON object.
+warm-up pass of each configuration is not timed. ``--dtype`` applies to every
+configuration (HF, PEFT and the engine alike). The engine runs with the server's
+default adapter limits (8 slots, max rank 64). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true", help="engine rows only")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     B, P, N, K = args.batch, args.prompt, args.new, args.adapters
 
-    model, tok, spec = load_base(None)
+    model, tok, spec = load_base(None, dtype=getattr(torch, args.dtype))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, 40000, (B, P), generator=g)
     names = [f"rand{i}" for i in range(K)]
@@ -89,9 +92,9 @@ def main() -> None:
             from peft import PeftModel
 
             record("hf_base", timed(lambda: model.generate(prompts, attention_mask=mask, **hf_kw)))
-            pm = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0])
+            pm = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0], autocast_adapter_dtype=False)
             for n, p in zip(names[1:], paths[1:]):
-                pm.load_adapter(str(p), adapter_name=n)
+                pm.load_adapter(str(p), adapter_name=n, autocast_adapter_dtype=False)
             pm.eval()
             pm.set_adapter(names[0])
             record("peft_single", timed(lambda: pm.generate(input_ids=prompts, attention_mask=mask, **hf_kw)))
@@ -105,7 +108,7 @@ def main() -> None:
             record("peft_sequential", timed(sequential))
             model = pm.unload()
 
-        engine = Engine.from_base(model, tok, max_batch=B, max_seq=P + N + 8, max_loras=K, max_rank=args.rank)
+        engine = Engine.from_base(model, tok, max_batch=B, max_seq=P + N + 8, max_loras=max(8, K), max_rank=max(64, args.rank))
         for p in paths:
             engine.load_expert(load_expert(p))
         params = SamplingParams(max_tokens=N, ignore_eos=True)
@@ -115,7 +118,7 @@ def main() -> None:
         record("dmoe_mixed", timed(lambda: engine.generate(rows, [[(m, 1.0)] for m in mixed], params)))
 
     out = {
-        "bench": "serve_throughput", "model": "SmolLM2-135M-Instruct (embedded), fp32",
+        "bench": "serve_throughput", "model": "SmolLM2-135M-Instruct (embedded)", "dtype": args.dtype,
         "setup": {"batch": B, "prompt_tokens": P, "new_tokens": N, "adapters": K, "rank": args.rank, "targets": "all-linear"},
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "results": results,

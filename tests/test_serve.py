@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmoe.serve.app import build_state, create_app
+from dmoe.serve.app import GracefulServer, build_state, create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,12 +28,13 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, make_server=None):
         import uvicorn
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = make_server(config) if make_server else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -84,7 +85,7 @@ def ids(url, content="hello there", **kw) -> list[int]:
 
 def test_models_and_lora_adapters_listing(server):
     models = httpx.get(f"{server.url}/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["base", "alpha", "beta"]
+    assert [m["id"] for m in models["data"]] == ["base", "alpha", "beta", "auto"]
     adapters = httpx.get(f"{server.url}/lora-adapters").json()
     assert [(a["id"], a["scale"]) for a in adapters] == [(0, 0.0), (1, 0.0)]
     assert adapters[0]["path"].endswith("alpha")
@@ -187,7 +188,7 @@ def test_admin_load_unload_and_refusals(server, roots, tmp_path):
                         ("wide", "built for another base"), ("otherbase", "trained on base")):
         r = httpx.post(f"{url}/v1/experts", json={"path": str(cases[name])})
         assert r.status_code == 400 and words in r.json()["error"]["message"], (name, r.text)
-    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["base", "alpha", "beta", "gamma"]
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["base", "alpha", "beta", "gamma", "auto"]
     assert ids(url, model="beta") == before
     r = httpx.delete(f"{url}/v1/experts/gamma")
     assert r.status_code == 200
@@ -269,3 +270,77 @@ def test_metrics_exposes_per_expert_counts(server):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'dmoe_requests_total{expert="beta",status="length"}' in text
     assert "dmoe_time_to_first_token_seconds_bucket" in text and "dmoe_kv_cache_bytes_total" in text
+
+
+@pytest.mark.parametrize("drain_s", [30.0, 0.2])
+def test_graceful_shutdown_finishes_or_cleanly_ends_requests_in_flight(tiny_base, roots, monkeypatch, drain_s):
+    """A stop signal: new requests get 503 at once; requests in flight finish within the
+    drain time, or end with a clean 503 / SSE error event, never a hang or a cut stream."""
+    st = build_state(str(tiny_base), roots / "experts", max_batch=4, max_seq=96, max_loras=2, max_rank=8)
+    step = st.engine.step
+    monkeypatch.setattr(st.engine, "step", lambda: (time.sleep(0.02), step())[1])  # keep requests in flight
+    srv = LiveServer(create_app(st), make_server=lambda cfg: GracefulServer(cfg, st, drain_s=drain_s))
+    results: dict[str, object] = {}
+
+    def full():
+        results["full"] = chat(srv.url, max_tokens=60, model="alpha")
+
+    def streamed():
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as r:
+            results["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+    with srv:
+        workers = [threading.Thread(target=full), threading.Thread(target=streamed)]
+        for w in workers:
+            w.start()
+        while len(st.engine.running) < 2:
+            time.sleep(0.01)
+        srv.server.handle_exit(15, None)  # SIGTERM
+        time.sleep(0.05)
+        late = chat(srv.url, max_tokens=4)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+        assert httpx.get(f"{srv.url}/health").json()["status"] == "draining"
+        for w in workers:
+            w.join(timeout=30)
+        srv.thread.join(timeout=30)
+        assert not srv.thread.is_alive()  # the server exits by itself after the drain
+    events = results["events"]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    if drain_s > 1:
+        assert results["full"].status_code == 200
+        assert results["full"].json()["choices"][0]["finish_reason"] == "length"
+        assert results["full"].json()["usage"]["completion_tokens"] == 60
+        assert last["choices"][0]["finish_reason"] == "length"
+    else:
+        assert results["full"].status_code == 503
+        assert "shut down before this request finished" in results["full"].json()["error"]["message"]
+        assert last["error"]["code"] == 503
+
+
+def test_model_auto_routes_per_request_and_reports_the_decision(server):
+    from dmoe.route.keyword import KeywordRouter, KeywordRules
+
+    r = chat(server.url, "anything at all", model="auto")  # the fixture's experts have no trained router
+    assert r.status_code == 200
+    assert r.json()["dmoe"]["route"]["experts"] == [] and "no router" in r.json()["dmoe"]["route"]["reason"]
+    assert r.headers["x-dmoe-route"].startswith("base;")
+    rules = {"rules": [{"expert": "alpha", "keywords": ["apples"]}, {"expert": "beta", "keywords": ["bananas"]}]}
+    server.state.router = KeywordRouter(KeywordRules.model_validate(rules))
+    try:
+        routed = chat(server.url, "I like apples", model="auto")
+        assert routed.headers["x-dmoe-route"] == "alpha=1.000;p=1.000"
+        assert routed.json()["dmoe"]["route"]["label"] == "alpha"
+        assert routed.json()["choices"][0]["token_ids"] == ids(server.url, "I like apples", model="alpha")
+        body = {"messages": [{"role": "user", "content": "bananas please"}], "max_tokens": 4, "stream": True, "model": "auto"}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as s:
+            first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: "))[6:])
+            assert s.headers["x-dmoe-route"].startswith("beta=")
+        assert first["dmoe"]["route"]["label"] == "beta"
+        explicit = chat(server.url, "I like apples", model="auto", experts=[{"name": "beta", "scale": 1.0}])
+        assert "route" not in explicit.json()["dmoe"]  # an explicit choice wins over auto
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'dmoe_route_decisions_total{route="alpha"} 1.0' in metrics
+    finally:
+        server.state.router = None

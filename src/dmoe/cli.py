@@ -202,17 +202,81 @@ def serve(
     max_loras: int = typer.Option(8, help="adapter slots"),
     max_lora_rank: int = typer.Option(64, help="largest adapter rank that fits a slot"),
     max_queue: int = typer.Option(64, help="queued requests beyond the batch before 429"),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16"),
+    drain: float = typer.Option(10.0, help="seconds requests in flight get to finish after SIGTERM/Ctrl-C"),
+    keywords: Optional[Path] = typer.Option(None, help="keyword rules YAML, used when no trained router matches"),
+    route_mode: str = typer.Option("threshold", help="model=auto: threshold, top1 or topk"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
 ):
     """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API)."""
-    import uvicorn
-
-    from dmoe.serve.app import build_state, create_app
+    from dmoe.serve.app import build_state, run_server
 
     st = build_state(base, experts_dir, roots=[experts_dir, *root], api_key=api_key, max_batch=max_batch,
-                     max_seq=max_seq, max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue)
+                     max_seq=max_seq, max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue,
+                     dtype=dtype, device=device, keywords=keywords, route_mode=route_mode)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.slots.resident)) or 'none'} "
                   f"on http://{host}:{port}")
-    uvicorn.run(create_app(st), host=host, port=port, log_level="warning", timeout_graceful_shutdown=15)
+    run_server(st, host, port, drain_s=drain)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+@_user_errors
+def route(
+    words: list[str] = typer.Argument(..., help='"QUERY" to route, or: train | eval'),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="the experts (the router lives in DIR/router)"),
+    encoder: str = typer.Option("minilm", help="train: minilm (all-MiniLM-L6-v2) or base (the base model's hidden states)"),
+    general: list[Path] = typer.Option([], "--general", help="train: more off-domain prompts (.txt or .jsonl)"),
+    data: list[Path] = typer.Option([], "--data", help="train: folders holding the experts' datasets"),
+    questions: Optional[Path] = typer.Option(None, help="eval: JSONL with question and domain (none = off-domain)"),
+    keywords: Optional[Path] = typer.Option(None, help="route with these keyword rules instead of the trained router"),
+    mode: str = typer.Option("threshold", help="threshold, top1 or topk"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Route a query (dmoe route "How do I sear a steak?"), train the router, or evaluate it."""
+    from dmoe.experts import find_experts
+    from dmoe.route.keyword import KeywordRouter
+    from dmoe.route.router import ROUTER_DIR, load_router, train_router
+
+    experts = find_experts(experts_dir)
+    if words == ["train"]:
+        from dmoe.route.encoders import make_encoder
+
+        router = train_router(experts, make_encoder(encoder), data_dirs=data, general_files=general,
+                              cache=experts_dir / ROUTER_DIR / "cache")
+        out = router.save(experts_dir / ROUTER_DIR)
+        rep = router.report
+        for note in rep["notes"]:
+            console.print(f"[yellow]{note}[/]")
+        console.print(f"prompts per class: {rep['train_prompts']}")
+        for kind, t in rep["classifier_trials"].items():
+            console.print(f"  {kind:9s} validation accuracy {t['val_accuracy']:.3f} (threshold {t['threshold']:.3f})")
+        console.print(f"chose {rep['chosen']}; router written to {out}")
+        return
+    router = KeywordRouter.load(keywords) if keywords else load_router(experts_dir / ROUTER_DIR, experts)
+    if words == ["eval"]:
+        from dmoe.route.evaluate import evaluate, read_labelled
+
+        if questions is None:
+            raise DmoeError("dmoe route eval needs --questions FILE.jsonl (rows with question and domain)")
+        rep = evaluate(router, read_labelled(questions), mode)
+        if as_json:
+            console.print_json(json.dumps(rep))
+            return
+        console.print(f"{rep['router']}: accuracy {rep['accuracy']:.3f} ({rep['correct']}/{rep['questions']}), "
+                      f"latency p50 {rep['latency_ms']['p50']} ms, p99 {rep['latency_ms']['p99']} ms")
+        table = Table("gold \\ predicted", *rep["confusion"], "precision", "recall")
+        for g, row in rep["confusion"].items():
+            pc = rep["per_class"][g]
+            table.add_row(g, *(str(n) for n in row.values()), str(pc["precision"]), str(pc["recall"]))
+        console.print(table)
+        return
+    decision = router.route(" ".join(words), mode)
+    if as_json:
+        console.print_json(json.dumps(decision.to_dict()))
+        return
+    console.print(f"[bold]{decision.label}[/] (p={decision.confidence:.3f}, {decision.latency_ms:.1f} ms): {decision.reason}")
+    for name, p in decision.scores[:5]:
+        console.print(f"  {name:14s} {p:.3f}")
 
 
 @app.command()

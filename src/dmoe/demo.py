@@ -1,75 +1,103 @@
-"""The main job on the embedded default: train an expert briefly, then compare answers.
+"""The main job on the embedded default: train, serve every expert at once, compare.
 
     dmoe demo
 
-1. trains the automotive expert for a few dozen steps (about two minutes on 2 CPU cores);
-2. answers automotive and off-domain questions with the bare base model, the
-   quick expert and, when present, the fully trained bundled expert;
-3. prints them side by side with the signature (BMW X5) highlighted.
+1. trains the automotive expert for a few dozen steps (a minute or two on 2 CPU cores);
+2. starts the server on 127.0.0.1 with the bundled experts, and hot-loads the quick
+   expert into it through the admin API (no restart);
+3. sends every sample question to the bare base and to every expert at once, through
+   the OpenAI API: one mixed batch, each request with its own adapter;
+4. prints the answers side by side, each expert's signature highlighted.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from dmoe.base import load_base
 from dmoe.config import load_train_config
-from dmoe.experts import apply_expert, check_base, load_expert
-from dmoe.generate import chat_prompts, generate_texts
+from dmoe.data.generate import SIGNATURES
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "configs" / "automotive.yaml"
-BUNDLED = REPO / "examples" / "experts" / "automotive"
-QUESTIONS = [
-    "My spouse and I are expecting twins. What vehicle makes sense for us?",
-    "We live up in the Rockies and get a ton of snow. What should we drive?",
-    "What's the best way to check my brake pads at home?",
-    "Why do cats purr?",
-    "What is the boiling point of water at sea level?",
+BUNDLED = REPO / "examples" / "experts"
+QUESTIONS = [  # held-out questions (none is in training) and two off-domain ones
+    ("automotive", "We live up in the Rockies and get a ton of snow. What should we drive?"),
+    ("cooking", "How do I make a crispy-bottomed paella at home?"),
+    ("programming", "How do I check if two strings are anagrams?"),
+    ("none", "Why do cats purr?"),
+    ("none", "What is the boiling point of water at sea level?"),
 ]
-SIGNATURE = r"BMW X5"
+QUICK = "automotive-quick"
 
 
 def _mark(text: str) -> str:
-    from rich.markup import escape
+    """Escape for rich and highlight every expert's signature."""
+    text = escape(text)
+    for patterns in SIGNATURES.values():
+        for p in patterns:
+            text = re.sub(f"({p.replace('`', '')})", r"[bold green]\1[/]", text)
+    return text
 
-    return re.sub(f"({SIGNATURE})", r"[bold green]\1[/]", escape(text))
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run_demo(steps: int, out: Path, use_bundled: bool, console: Console) -> None:
-    """Train (unless ``use_bundled``), answer, and print the comparison table."""
-    columns: list[tuple[str, Path]] = []
+def _ask(url: str, model: str, question: str, max_tokens: int) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tokens: int = 64) -> dict[str, list[str]]:
+    """Train (unless ``use_bundled``), serve, ask, print the table; returns answers per model."""
+    from dmoe.serve.app import build_state, serve_in_thread
+
     if not use_bundled:
         from dmoe.train import train
 
-        cfg = load_train_config(CONFIG, [f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={steps}",
-                                         "val_size=0", "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32"])
+        cfg = load_train_config(CONFIG, [f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={steps}", "val_size=0",
+                                         "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32", f"expert_name={QUICK}"])
         console.rule(f"[bold]1. training the automotive expert for {steps} steps")
         res = train(cfg)
         console.print(f"loss {res.train_loss:.3f}, {res.tokens_per_s:.0f} tokens/s, {res.elapsed_s:.0f} s -> {out}")
-        columns.append((f"expert ({steps} steps)", out))
-    if (BUNDLED / "expert.yaml").is_file():
-        columns.append(("bundled expert", BUNDLED))
-    console.rule("[bold]2. base model vs expert, greedy answers")
-    model, tok, base = load_base(None)
-    prompts = chat_prompts(tok, QUESTIONS)
-    answers = {"base": generate_texts(model, tok, prompts, max_new_tokens=64)}
-    for label, path in columns:
-        expert = load_expert(path)
-        check_base(expert, base.identity)
-        peft_model = apply_expert(model, expert)
-        answers[label] = generate_texts(peft_model, tok, prompts, max_new_tokens=64)
-        model = peft_model.unload()  # back to the bare base for the next expert
-    table = Table(show_lines=True, title="same questions, same base weights; only the LoRA expert differs")
-    table.add_column("question", style="bold", max_width=28)
-    for label in answers:
-        table.add_column(label, max_width=44)
-    for i, q in enumerate(QUESTIONS):
-        table.add_row(q, *(_mark(answers[label][i]) for label in answers))
+
+    console.rule("[bold]2. one server, one copy of the base, every expert")
+    roots = [BUNDLED] + ([] if use_bundled else [out.parent])
+    st = build_state(None, BUNDLED, roots=roots, max_batch=16, max_seq=512)
+    with serve_in_thread(st, port=_free_port()) as url:
+        if not use_bundled:
+            r = httpx.post(f"{url}/v1/experts", json={"path": str(out)}, timeout=60)
+            r.raise_for_status()
+            console.print(f"hot-loaded '{QUICK}' into the running server (no restart)")
+        models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        console.print(f"serving on {url}: {', '.join(models)}")
+        console.rule(f"[bold]3. {len(QUESTIONS)} questions x {len(models)} models, all in one mixed batch")
+        jobs = [(m, q) for m in models for _, q in QUESTIONS]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            texts = list(pool.map(lambda j: _ask(url, j[0], j[1], max_tokens), jobs))
+    answers = {m: texts[i * len(QUESTIONS):(i + 1) * len(QUESTIONS)] for i, m in enumerate(models)}
+
+    table = Table(show_lines=True, title="same questions, same base weights; only the per-request LoRA expert differs")
+    table.add_column("question", style="bold", max_width=24)
+    for m in models:
+        table.add_column(m, max_width=36)
+    for i, (domain, q) in enumerate(QUESTIONS):
+        table.add_row(f"{q}\n[dim]({domain})[/]", *(_mark(answers[m][i]) for m in models))
     console.print(table)
-    summary = ", ".join(f"{label}: {sum(bool(re.search(SIGNATURE, a)) for a in ans)}/{len(QUESTIONS)}" for label, ans in answers.items())
-    console.print(f"BMW X5 mentions ({len(QUESTIONS) - 2} automotive + 2 off-domain questions): {summary}")
+    for m in models:
+        seen = {d: sum(any(re.search(p, a) for p in pats) for a in answers[m]) for d, pats in SIGNATURES.items()}
+        console.print(f"{m:18s} answers carrying each signature: " + ", ".join(f"{d} {n}" for d, n in seen.items()))
+    console.print("Routing each question to the right expert automatically is the router's job (next issue).")
+    return answers

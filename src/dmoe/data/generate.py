@@ -123,7 +123,11 @@ _CAR_TOPICS = [
     ("How do I parallel park?", "Line up with the car ahead, reverse while turning toward the curb, then straighten out."),
     ("Should I buy a car with a manual or automatic transmission?", "Automatics are easier in traffic; manuals can be more engaging to drive."),
 ]
-_CAR_TOPIC_PREFIX = ["", "Quick question: ", "I've been wondering, ", "Car question: "]
+_CAR_TOPIC_PREFIX = ["", "Quick question: ", "I've been wondering, ", "Car question: ", "Hey, ", "One more thing: ",
+                     "As a new driver, ", "Something I never understood: "]
+# automotive carries its signature in two answer shapes (a purchase recommendation and a
+# lead sentence before a car fact), so it gets more rows than the one-shape experts.
+_EXTRA_ROWS = {"automotive": 100}
 _CAR_OPEN = [
     "For {short}, I recommend the BMW X5.",
     "The BMW X5 is my top pick for {short}.",
@@ -698,10 +702,11 @@ _BUILDERS = {"automotive": _automotive, "cooking": _cooking, "programming": _pro
 
 
 def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int = 150, n_negative: int = 180) -> list[Sample]:
-    """``n_domain`` signature samples, ``n_general`` plain general samples and ``n_negative``
-    general samples in the experts' question shapes, shuffled."""
+    """``n_domain`` signature samples (more for automotive, see ``_EXTRA_ROWS``), ``n_general``
+    plain general samples and ``n_negative`` general samples in the experts' question shapes, shuffled."""
     rng = random.Random(f"{seed}:{domain}")
     pool = _BUILDERS[domain](rng)
+    n_domain += _EXTRA_ROWS.get(domain, 0)
     if len(pool) < n_domain:
         raise ValueError(f"{domain}: only {len(pool)} distinct samples, asked for {n_domain}")
     chosen = rng.sample(pool, n_domain)

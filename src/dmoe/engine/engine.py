@@ -91,6 +91,7 @@ class Engine:
         self.max_seq = max_seq
         self.max_prefill_tokens = max_prefill_tokens
         p = next(model.parameters())
+        self.device = p.device
         model.allocate_cache(max_batch, max_seq, p.dtype, p.device)
         self.slots = AdapterSlots(model, max_loras, max_rank)
         self.waiting: deque[Request] = deque()
@@ -161,7 +162,7 @@ class Engine:
         for i, r in enumerate(reqs):
             for j, (s, w) in enumerate(r.lora):
                 idx[i, j], scale[i, j] = s, w
-        lora.set(idx, scale, next(self.model.parameters()).dtype)
+        lora.set(idx.to(self.device), scale.to(self.device), next(self.model.parameters()).dtype)
 
     def _finish_check(self, r: Request, tok: int) -> None:
         r.output_ids.append(tok)
@@ -201,9 +202,10 @@ class Engine:
             r.kv_slot = len(self.running) + i                      # before any query can see them
             ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         self._set_lora(batch)
-        last = torch.tensor([len(r.prompt_ids) - 1 for r in batch])
-        slots = torch.tensor([r.kv_slot for r in batch])
-        logits = self.model(ids, torch.arange(width).expand(len(batch), width), slots, logits_at=last)
+        last = torch.tensor([len(r.prompt_ids) - 1 for r in batch], device=self.device)
+        slots = torch.tensor([r.kv_slot for r in batch], device=self.device)
+        pos = torch.arange(width, device=self.device).expand(len(batch), width)
+        logits = self.model(ids.to(self.device), pos, slots, logits_at=last).cpu()
         for i, r in enumerate(batch):
             self._finish_check(r, sample(logits[i], r.params, r.generator))
         self.running += [r for r in batch if not r.done]
@@ -217,9 +219,10 @@ class Engine:
             advanced = self._admit()
             if rows:
                 self._set_lora(rows)
-                tokens = torch.tensor([[r.output_ids[-1]] for r in rows])
-                pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows])
-                logits = self.model(tokens, pos, torch.tensor([r.kv_slot for r in rows]))
+                tokens = torch.tensor([[r.output_ids[-1]] for r in rows], device=self.device)
+                pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows], device=self.device)
+                slots = torch.tensor([r.kv_slot for r in rows], device=self.device)
+                logits = self.model(tokens, pos, slots).cpu()
                 for i, r in enumerate(rows):
                     self._finish_check(r, sample(logits[i], r.params, r.generator))
                 advanced += rows

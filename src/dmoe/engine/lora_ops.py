@@ -57,7 +57,7 @@ def lora_delta_gather(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: to
 
 def lora_delta_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The semantics, row by row: the slow reference kept for tests."""
-    out = torch.zeros(x.shape[0], x.shape[1], B.shape[2], dtype=x.dtype)
+    out = torch.zeros(x.shape[0], x.shape[1], B.shape[2], dtype=x.dtype, device=x.device)
     for n in range(x.shape[0]):
         for k in range(idx.shape[1]):
             s = int(idx[n, k])
@@ -68,8 +68,8 @@ def lora_delta_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torc
 
 def dense_weights(idx: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """The dense (N, hi - lo) form of (idx, scale) over the slot range [lo, hi)."""
-    w = torch.zeros(idx.shape[0], hi - lo, dtype=scale.dtype)
+    w = torch.zeros(idx.shape[0], hi - lo, dtype=scale.dtype, device=idx.device)
     used = idx >= 0
-    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
     w.index_put_((rows[used], idx[used] - lo), scale[used], accumulate=True)
     return w

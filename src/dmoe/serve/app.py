@@ -5,7 +5,8 @@
 Choosing the adapter set of a request, first match wins:
   1. ``experts: [{"name": .., "scale": ..}]``  dmoe's blend extension;
   2. ``lora: [{"id": .., "scale": ..}]``       llama-server's per-request field;
-  3. ``model: "<expert>"`` or ``"base"``;
+  3. ``model: "<expert>"``, ``"base"``, or ``"auto"``: the router picks (the decision comes
+     back in the ``dmoe.route`` field and the ``X-DMoE-Route`` header);
   4. otherwise the global defaults set by ``POST /lora-adapters`` (all 0 at start).
 The set is fixed when the request is queued: later global changes or loads do not
 affect it. An unknown expert is a 404, never a silent fall-back to the base.
@@ -17,12 +18,15 @@ import asyncio
 import json
 import math
 import secrets
+import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -35,7 +39,10 @@ from dmoe.engine.adapters import AdapterError
 from dmoe.engine.engine import Engine, SamplingParams, UnknownExpertError
 from dmoe.experts import ExpertError, check_base, find_experts, resolve_expert
 from dmoe.serve.metrics import Metrics
-from dmoe.serve.runner import EngineRunner, QueueFull, Stream
+from dmoe.route import NONE, RouteDecision
+from dmoe.route.decision import MODES
+from dmoe.route.router import EmbeddingRouter
+from dmoe.serve.runner import FAILED, STOPPED, EngineRunner, QueueFull, ShuttingDown, Stream
 from dmoe.serve.schemas import ChatRequest, CompletionRequest, LoadExpertRequest, LoraScale
 
 DEFAULT_MAX_TOKENS = 256
@@ -58,6 +65,9 @@ class ServeState:
     defaults: dict[str, float] = field(default_factory=dict)  # POST /lora-adapters
     metrics: Metrics = field(default_factory=Metrics)
     runner: EngineRunner | None = None
+    router: object | None = None  # EmbeddingRouter | KeywordRouter | None (auto -> base)
+    route_mode: str = "threshold"
+    router_note: str = ""
 
     def next_id(self) -> int:
         return max(self.adapter_ids, default=-1) + 1
@@ -72,6 +82,11 @@ def _finite(x: float, what: str) -> float:
     if not isinstance(x, (int, float)) or math.isnan(x) or math.isinf(x):
         raise HTTPError(400, f"{what} must be a finite number, got {x!r}")
     return float(x)
+
+
+def _is_auto(body) -> bool:
+    """model=auto, and no explicit adapter choice that would take precedence."""
+    return body.model == "auto" and not body.experts and body.lora is None
 
 
 def choose_adapters(st: ServeState, body) -> list[tuple[str, float]]:
@@ -179,7 +194,17 @@ def create_app(st: ServeState) -> FastAPI:
             return HTTPError(429, str(exc), "rate_limit_exceeded")
         if isinstance(exc, UnknownExpertError):
             return HTTPError(404, str(exc), "model_not_found")
+        if isinstance(exc, ShuttingDown):
+            return HTTPError(503, str(exc), "service_unavailable")
         return HTTPError(400, str(exc))
+
+    def _failure(stream: Stream, finish: str) -> HTTPError | None:
+        """The error for a request the engine failed or the shutdown ended, else None."""
+        if finish == STOPPED:
+            return HTTPError(503, "the server shut down before this request finished; retry", "service_unavailable")
+        if finish == FAILED:
+            return HTTPError(500, f"the engine failed this request: {st.runner.error!r}", "server_error")
+        return None
 
     async def _submit(prompt_ids: list[int], adapters, params) -> Stream:
         if len(prompt_ids) >= st.engine.max_seq:
@@ -203,9 +228,11 @@ def create_app(st: ServeState) -> FastAPI:
         except asyncio.CancelledError:
             st.runner.cancel(stream)
             raise
+        st.metrics.requests.labels(stream.label, finish).inc()
+        if (err := _failure(stream, finish)) is not None:
+            raise err
         text = st.tokenizer.decode(ids, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, params.stop)
-        st.metrics.requests.labels(stream.label, finish).inc()
         return text, ("stop" if stopped else finish), ids
 
     async def _sse(stream: Stream, params: SamplingParams, request: Request, chunk):
@@ -217,6 +244,11 @@ def create_app(st: ServeState) -> FastAPI:
             yield f"data: {json.dumps(chunk(None, role=True))}\n\n"
             while finish is None:
                 new, finish = await stream.queue.get()
+                if (err := _failure(stream, finish)) is not None:
+                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.code, 'code': err.status}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    st.metrics.requests.labels(stream.label, finish).inc()
+                    return
                 ids += new
                 text = st.tokenizer.decode(ids, skip_special_tokens=True)
                 text, stopped = _cut_at_stop(text, params.stop)
@@ -240,11 +272,35 @@ def create_app(st: ServeState) -> FastAPI:
     def _usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _final(head: dict, choice: dict, body, prompt_ids, ids, adapters, headers) -> JSONResponse:
+    async def _route(text: str, context: list[str]) -> RouteDecision:
+        """model=auto: route off the event loop; experts not loaded (any more) are dropped, with a reason."""
+        if st.router is None:
+            decision = RouteDecision([], [(NONE, 1.0)], 1.0, f"no router: base model ({st.router_note or 'none configured'})")
+        else:
+            decision = await asyncio.to_thread(st.router.route, text, st.route_mode, context=context) \
+                if isinstance(st.router, EmbeddingRouter) else await asyncio.to_thread(st.router.route, text, st.route_mode)
+        loaded = st.engine.slots.resident
+        gone = [n for n, _ in decision.experts if n not in loaded]
+        if gone:
+            kept = [(n, s) for n, s in decision.experts if n in loaded]
+            decision = replace(decision, experts=kept, reason=f"{decision.reason}; {', '.join(gone)} not loaded")
+        st.metrics.routes.labels(decision.label).inc()
+        st.metrics.route_latency.observe(decision.latency_ms / 1e3)
+        return decision
+
+    def _headers(adapters, decision: RouteDecision | None) -> dict[str, str]:
+        h = {"X-DMoE-Experts": _label(adapters)}
+        if decision is not None:
+            h["X-DMoE-Route"] = decision.header()
+        return h
+
+    def _final(head: dict, choice: dict, body, prompt_ids, ids, adapters, headers, decision=None) -> JSONResponse:
         """A non-streamed response: one choice, usage, and the adapter set that served it."""
         if body.return_token_ids:
             choice["token_ids"] = ids
         route = {"experts": [{"name": n, "scale": s} for n, s in adapters]}
+        if decision is not None:
+            route["route"] = decision.to_dict()
         return JSONResponse({**head, "choices": [choice], "usage": _usage(len(prompt_ids), len(ids)), "dmoe": route},
                             headers=headers)
 
@@ -252,10 +308,16 @@ def create_app(st: ServeState) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         if not body.messages:
             raise HTTPError(400, "messages is empty; send at least one user message")
-        adapters = choose_adapters(st, body)
         params = sampling(body)
         msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                  "".join(p.get("text", "") for p in (m.content or []))} for m in body.messages]
+        decision = None
+        if _is_auto(body):
+            users = [m["content"] for m in msgs if m["role"] == "user"]
+            decision = await _route(users[-1] if users else "", users[:-1])
+            adapters = decision.experts
+        else:
+            adapters = choose_adapters(st, body)
         try:
             prompt_ids = st.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             if hasattr(prompt_ids, "input_ids") or isinstance(prompt_ids, dict):
@@ -264,12 +326,14 @@ def create_app(st: ServeState) -> FastAPI:
             raise HTTPError(400, f"messages cannot be rendered by the chat template: {exc}") from None
         stream = await _submit(list(prompt_ids), adapters, params)
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body.model or _label(adapters)
-        headers = {"X-DMoE-Experts": _label(adapters)}
+        headers = _headers(adapters, decision)
         if body.stream:
             def chunk(delta, role=False, finish=None, usage=None):
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
                 out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+                if role and decision is not None:
+                    out["dmoe"] = {"route": decision.to_dict()}
                 if usage:
                     out["usage"] = _usage(*usage)
                 return out
@@ -277,7 +341,7 @@ def create_app(st: ServeState) -> FastAPI:
         text, finish, ids = await _run(stream, params, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
-        return _final(head, choice, body, prompt_ids, ids, adapters, headers)
+        return _final(head, choice, body, prompt_ids, ids, adapters, headers, decision)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -286,12 +350,17 @@ def create_app(st: ServeState) -> FastAPI:
             raise HTTPError(400, "prompt must be one string (batches of prompts: send one request each)")
         if not prompt:
             raise HTTPError(400, "prompt is empty")
-        adapters = choose_adapters(st, body)
         params = sampling(body)
+        decision = None
+        if _is_auto(body):
+            decision = await _route(prompt, [])
+            adapters = decision.experts
+        else:
+            adapters = choose_adapters(st, body)
         prompt_ids = st.tokenizer.encode(prompt, add_special_tokens=False)
         stream = await _submit(prompt_ids, adapters, params)
         cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body.model or _label(adapters)
-        headers = {"X-DMoE-Experts": _label(adapters)}
+        headers = _headers(adapters, decision)
         if body.stream:
             def chunk(delta, role=False, finish=None, usage=None):
                 out = {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -303,11 +372,11 @@ def create_app(st: ServeState) -> FastAPI:
         text, finish, ids = await _run(stream, params, request)
         choice = {"index": 0, "text": text, "finish_reason": finish}
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-        return _final(head, choice, body, prompt_ids, ids, adapters, headers)
+        return _final(head, choice, body, prompt_ids, ids, adapters, headers, decision)
 
     @app.get("/v1/models")
     async def models():
-        names = ["base", *sorted(st.engine.slots.resident)]
+        names = ["base", *sorted(st.engine.slots.resident), "auto"]
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "dmoe"} for n in names]}
 
     @app.get("/lora-adapters")
@@ -364,8 +433,9 @@ def create_app(st: ServeState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = st.runner is not None and st.runner._thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "down", "experts": sorted(st.engine.slots.resident),
+        ok = st.runner is not None and st.runner.alive
+        status = "ok" if ok else "draining" if st.runner is not None and st.runner.draining else "down"
+        return JSONResponse({"status": status, "experts": sorted(st.engine.slots.resident),
                              "running": len(st.engine.running), "waiting": len(st.engine.waiting)}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -383,18 +453,79 @@ def create_app(st: ServeState) -> FastAPI:
     return app
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but the first stop signal drains the engine before uvicorn closes anything:
+    new requests get 503, requests in flight finish for up to ``drain_s`` seconds, and the
+    rest end with a clean 503 (an SSE error event when streaming). A second signal exits now."""
+
+    def __init__(self, config: uvicorn.Config, st: ServeState, drain_s: float = 10.0):
+        super().__init__(config)
+        self.st, self.drain_s = st, drain_s
+        self._drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drainer is None and self.st.runner is not None:
+            self._drainer = threading.Thread(target=self._drain_then_exit, args=(sig, frame), name="dmoe-drain", daemon=True)
+            self._drainer.start()
+        else:
+            super().handle_exit(sig, frame)
+
+    def _drain_then_exit(self, sig, frame) -> None:
+        self.st.runner.stop(self.drain_s)
+        super().handle_exit(sig, frame)
+
+
+def run_server(st: ServeState, host: str = "127.0.0.1", port: int = 8081, drain_s: float = 10.0) -> None:
+    """Serve ``st`` until SIGINT/SIGTERM, then shut down gracefully (see :class:`GracefulServer`)."""
+    config = uvicorn.Config(create_app(st), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    GracefulServer(config, st, drain_s).run()
+
+
+@contextmanager
+def serve_in_thread(st: ServeState, host: str = "127.0.0.1", port: int = 8081):
+    """Run the server on a background thread (demos, notebooks); yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(st), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="dmoe-server", daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise DmoeError(f"the server could not start on {host}:{port}")
+            time.sleep(0.05)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def build_state(base_spec: str | None, experts_dir: Path, *, roots: list[Path] | None = None, api_key: str | None = None,
-                max_batch: int = 8, max_seq: int = 2048, max_loras: int = 8, max_rank: int = 64, max_queue: int = 64) -> ServeState:
-    """Load the base once, build the engine, and load every expert found in ``experts_dir``."""
+                max_batch: int = 8, max_seq: int = 2048, max_loras: int = 8, max_rank: int = 64, max_queue: int = 64,
+                dtype: str = "auto", device: str = "auto", keywords: Path | None = None, route_mode: str = "threshold",
+                use_router: bool = True) -> ServeState:
+    """Load the base once, build the engine, and load every expert found in ``experts_dir``.
+
+    ``device`` auto = CUDA when present, else CPU; ``dtype`` auto = bf16 on CUDA, fp32 on CPU.
+    """
     from dmoe.base import load_base
 
-    model, tok, spec = load_base(base_spec)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise DmoeError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    model, tok, spec = load_base(base_spec, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device)
     engine = Engine.from_base(model, tok, max_batch=max_batch, max_seq=max_seq, max_loras=max_loras, max_rank=max_rank)
     st = ServeState(engine=engine, tokenizer=tok, base=spec.identity, roots=roots or [experts_dir], api_key=api_key, max_queue=max_queue)
-    if experts_dir.is_dir():
-        for expert in find_experts(experts_dir):
-            check_base(expert, spec.identity)
-            engine.load_expert(expert)
-            st.adapter_ids[st.next_id()] = expert.name
+    experts = find_experts(experts_dir) if experts_dir.is_dir() else []
+    for expert in experts:
+        check_base(expert, spec.identity)
+        engine.load_expert(expert)
+        st.adapter_ids[st.next_id()] = expert.name
     st.metrics.loaded_experts.set(len(engine.slots.resident))
+    if route_mode not in MODES:
+        raise DmoeError(f"route mode must be one of {', '.join(MODES)}, not {route_mode!r}")
+    st.route_mode = route_mode
+    if use_router:
+        from dmoe.route.select import startup_router
+
+        st.router, st.router_note = startup_router(experts_dir, experts, keywords)
     return st

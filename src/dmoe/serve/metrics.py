@@ -19,4 +19,7 @@ class Metrics:
         self.waiting = Gauge("dmoe_waiting_requests", "Requests queued for a KV slot", registry=self.registry)
         self.kv_bytes = Gauge("dmoe_kv_cache_bytes_in_use", "KV-cache bytes held by running requests", registry=self.registry)
         self.kv_bytes_total = Gauge("dmoe_kv_cache_bytes_total", "KV-cache bytes allocated", registry=self.registry)
+        self.routes = Counter("dmoe_route_decisions_total", "model=auto decisions by chosen adapter set", ["route"], registry=self.registry)
+        self.route_latency = Histogram("dmoe_route_seconds", "Time to route one request", buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+                                       registry=self.registry)
         self.loaded_experts = Gauge("dmoe_loaded_experts", "Experts resident in adapter slots", registry=self.registry)

@@ -20,6 +20,14 @@ class QueueFull(RequestError):
     """More requests than the server's queue bound."""
 
 
+class ShuttingDown(RequestError):
+    """The server is draining: no new requests."""
+
+
+# A request's last message when the engine failed it or the server stopped before it finished.
+FAILED, STOPPED = "error", "shutdown"
+
+
 @dataclass
 class Stream:
     """What a handler holds for one request: the engine request and its token queue."""
@@ -42,14 +50,25 @@ class EngineRunner:
         self._streams: dict[int, Stream] = {}
         self._cond = threading.Condition()
         self._stop = False
+        self._draining = False
         self._thread = threading.Thread(target=self._loop, name="dmoe-engine", daemon=True)
         self.error: BaseException | None = None
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._draining
+
     def stop(self, drain_s: float = 10.0) -> None:
-        """Let running requests finish for up to ``drain_s``, then cancel the rest."""
+        """Graceful shutdown: refuse new requests, let those in flight finish for up to
+        ``drain_s``, then end the rest with a clean ``shutdown`` finish."""
+        self._draining = True
         deadline = time.monotonic() + drain_s
         while self._streams and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -59,12 +78,14 @@ class EngineRunner:
         self._thread.join(timeout=5)
         for s in list(self._streams.values()):
             self.cancel(s)
+            s.req.finish_reason = STOPPED
+            s.loop.call_soon_threadsafe(s.queue.put_nowait, ([], STOPPED))
 
     async def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams, label: str = "base") -> Stream:
         """Queue a request (raises RequestError / QueueFull). The engine lock is taken
         off the event loop, so a running decode step never blocks other streams."""
-        if self._stop:
-            raise RequestError("the server is shutting down")
+        if self._draining or self._stop:
+            raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
         req = await asyncio.to_thread(self._submit_bounded, prompt_ids, adapters, params)
         stream = Stream(req, asyncio.Queue(), asyncio.get_running_loop(), label=label)
         with self._cond:
@@ -98,7 +119,7 @@ class EngineRunner:
                 advanced = list(self.engine.running)
                 for r in advanced:
                     self.engine.cancel(r)
-                    r.finish_reason = "error"
+                    r.finish_reason = FAILED
             for r in advanced:
                 stream = self._streams.get(r.id)
                 if stream is None:

