@@ -41,6 +41,7 @@ experts: install
 	for d in automotive cooking programming; do \
 	  $(VENV)/bin/dmoe train examples/configs/$$d.yaml --set output_dir=examples/experts/$$d --set overwrite_output_dir=true || exit 1; \
 	done
+	$(VENV)/bin/dmoe route train --experts examples/experts
 
 clean-venv:
 	rm -rf $(VENV)
