@@ -107,6 +107,27 @@ def test_a_larger_rank_grows_the_buffers_without_changing_loaded_experts(engine,
     assert engine.generate(PROMPTS, [[("alpha_wide", 1.0)]] * len(PROMPTS), GREEDY) == before
 
 
+def test_adapters_with_other_target_modules_mix_and_match_peft(engine, tiny_base, tiny_experts, tmp_path):
+    import json
+    import shutil
+
+    part = tmp_path / "attn_only"  # alpha restricted to q_proj and v_proj
+    shutil.copytree(tiny_experts / "alpha", part)
+    w = load_file(str(part / "adapter_model.safetensors"))
+    save_file({k: v for k, v in w.items() if ".q_proj." in k or ".v_proj." in k}, str(part / "adapter_model.safetensors"))
+    cfg = json.loads((part / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    (part / "adapter_config.json").write_text(json.dumps(cfg))
+    (part / "expert.yaml").write_text((part / "expert.yaml").read_text().replace("name: alpha", "name: attn_only"))
+    res = engine.load_expert(load_expert(part))
+    assert {m.split(".")[-1] for m in res.modules} == {"q_proj", "v_proj"}
+    model, _, _ = load_base(tiny_base)
+    want = [hf_greedy(apply_expert(model, load_expert(part)), ids, 12) for ids in PROMPTS]
+    mixed = engine.generate(PROMPTS * 2, [[("attn_only", 1.0)]] * 4 + [[("alpha", 1.0)]] * 4, GREEDY)
+    assert mixed[:4] == want
+    assert mixed[4:] == engine.generate(PROMPTS, [[("alpha", 1.0)]] * 4, GREEDY) != want
+
+
 def test_load_during_generation_does_not_touch_requests_in_flight(engine, tiny_experts):
     params = SamplingParams(max_tokens=10)
     want = engine.generate([PROMPTS[0]], [[("alpha", 1.0)]], params)[0]

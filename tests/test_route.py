@@ -216,3 +216,27 @@ def test_bundled_router_accuracy_on_heldout(minilm):
         router = load_router(REPO / "examples" / "experts" / ROUTER_DIR, experts, minilm)
     rep = evaluate(router, read_labelled(REPO / "examples" / "data" / "heldout.jsonl"))
     assert rep["accuracy"] >= 0.95, rep["errors"]
+
+
+def test_cli_route_train_query_eval_and_errors(route_experts, tmp_path):
+    from typer.testing import CliRunner
+
+    from dmoe.cli import app
+
+    cli = CliRunner()
+    missing = cli.invoke(app, ["route", "a rocket to the moon", "--experts", str(route_experts)])
+    assert missing.exit_code == 2 and "dmoe route train" in missing.output
+    trained = cli.invoke(app, ["route", "train", "--experts", str(route_experts)])
+    assert trained.exit_code == 0, trained.output
+    assert (route_experts / ROUTER_DIR / "router.json").is_file() and "chose" in trained.output
+    query = cli.invoke(app, ["route", "Which telescope shows the galaxy best?", "--experts", str(route_experts), "--json"])
+    assert query.exit_code == 0 and json.loads(query.output)["label"] == "space"
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(json.dumps({"question": "Who is the best striker in the league this season?", "domain": "sports"}) + "\n"
+                  + json.dumps({"question": "When is my dentist appointment?", "domain": "none"}) + "\n")
+    ev = cli.invoke(app, ["route", "eval", "--questions", str(qs), "--experts", str(route_experts), "--json"])
+    assert ev.exit_code == 0, ev.output
+    rep = json.loads(ev.output)
+    assert rep["questions"] == 2 and set(rep["confusion"]) >= {"sports", "none"} and rep["latency_ms"]["p50"] > 0
+    bad = cli.invoke(app, ["route", "eval", "--experts", str(route_experts)])
+    assert bad.exit_code == 2 and "--questions" in bad.output

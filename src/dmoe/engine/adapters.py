@@ -83,6 +83,16 @@ def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, tor
     return out, r, scaling
 
 
+@dataclass
+class PreparedAdapter:
+    """A validated adapter, cast and laid out for the slots: {module: (A (r, in), B^T * scaling (r, out))}."""
+
+    name: str
+    path: str
+    rank: int
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class AdapterSlots:
     """Which adapter sits in which slot, and the stacked buffers behind them."""
 
@@ -110,8 +120,8 @@ class AdapterSlots:
         used = {r.slot for r in self.resident.values()}
         return [s for s in range(self.max_loras) if s not in used]
 
-    def load(self, expert: Expert, in_use: set[int] = frozenset()) -> Resident:
-        """Validate, then write ``expert`` into a free slot (replacing a same-named one not in use)."""
+    def prepare(self, expert: Expert) -> "PreparedAdapter":
+        """Read and validate ``expert`` without touching any slot (safe outside the engine lock)."""
         tensors, r, scaling = read_peft_adapter(expert)
         if r > self.max_rank:
             raise AdapterError(f"expert '{expert.name}': rank {r} exceeds the engine's max rank {self.max_rank}; restart with a larger --max-lora-rank")
@@ -124,25 +134,37 @@ class AdapterSlots:
                     f"expert '{expert.name}': {mod} has shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
                     f"A({r}, {target.base.in_features}) B({target.base.out_features}, {r}): built for another base"
                 )
-        old = self.resident.get(expert.name)
+        dtype = next(self.model.parameters()).dtype
+        ready = {mod: (A.to(dtype), (B * scaling).T.contiguous().to(dtype)) for mod, (A, B) in tensors.items()}
+        return PreparedAdapter(expert.name, str(expert.path), r, ready)
+
+    def commit(self, prepared: "PreparedAdapter", in_use: set[int] = frozenset()) -> Resident:
+        """Write a prepared adapter into a free slot (replacing a same-named one not in use).
+        Only copies: this is the part that runs under the engine lock, between two steps."""
+        name, r = prepared.name, prepared.rank
+        old = self.resident.get(name)
         if old is not None and old.slot in in_use:
-            raise AdapterError(f"expert '{expert.name}' is serving requests; unload it when they finish or load under another name")
+            raise AdapterError(f"expert '{name}' is serving requests; unload it when they finish or load under another name")
         free = self.free_slots() if old is None else [old.slot]
         if not free:
             raise AdapterError(f"all {self.max_loras} adapter slots are taken; unload an expert or restart with more --max-loras")
         slot = free[0]
         if r > self.rank:
             self._grow(r)
-        for name, m in self.modules.items():
+        for mod, m in self.modules.items():
             m.A[slot].zero_()
             m.B[slot].zero_()
-            if name in tensors:
-                A, B = tensors[name]
+            if mod in prepared.tensors:
+                A, Bt = prepared.tensors[mod]
                 m.A[slot, :r].copy_(A)
-                m.B[slot, :r].copy_((B * scaling).T)
-        res = Resident(expert.name, slot, r, str(expert.path), sorted(tensors))
-        self.resident[expert.name] = res
+                m.B[slot, :r].copy_(Bt)
+        res = Resident(name, slot, r, prepared.path, sorted(prepared.tensors))
+        self.resident[name] = res
         return res
+
+    def load(self, expert: Expert, in_use: set[int] = frozenset()) -> Resident:
+        """prepare + commit."""
+        return self.commit(self.prepare(expert), in_use)
 
     def unload(self, name: str, in_use: set[int] = frozenset()) -> None:
         res = self.resident.get(name)

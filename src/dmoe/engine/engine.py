@@ -111,9 +111,11 @@ class Engine:
         return {s for r in itertools.chain(self.waiting, self.running) for s, _ in r.lora}
 
     def load_expert(self, expert: Expert) -> Resident:
-        """Load (or replace) an expert; safe while requests run: it happens between steps."""
+        """Load (or replace) an expert while requests run. Reading and validating happen
+        outside the engine lock; only the slot copy waits for the step boundary."""
+        prepared = self.slots.prepare(expert)
         with self.lock:
-            return self.slots.load(expert, self._in_use())
+            return self.slots.commit(prepared, self._in_use())
 
     def unload_expert(self, name: str) -> None:
         with self.lock:
