@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dmoe.experts import find_experts
+from dmoe.route.classifiers import KINDS
 from dmoe.route.encoders import make_encoder
 from dmoe.route.evaluate import evaluate, read_labelled
 from dmoe.route.keyword import KeywordRouter
@@ -52,6 +53,10 @@ def main() -> None:
             rep["threshold"] = round(router.threshold, 4)
             rep["classifier_trials"] = router.report["classifier_trials"]
             rep["train_prompts"] = router.report["train_prompts"]
+            rep["chosen_classifier"] = router.clf.kind
+            # every classifier on the held-out set, for the record (training picks on its own validation split)
+            rep["heldout_accuracy_by_classifier"] = {
+                k: evaluate(train_router(experts, router.encoder, cache=Path(d) / kind, kinds=(k,)), rows)["accuracy"] for k in KINDS}
             results[f"embedding_{kind}"] = rep
     results["keyword_baseline"] = evaluate(KeywordRouter.load(args.keywords), rows, mode="top1")
     print(json.dumps({

@@ -16,4 +16,5 @@ def test_demo_serves_every_expert_from_one_base(tmp_path):
     paella = [i for i, (d, _) in enumerate(QUESTIONS) if d == "cooking"][0]
     assert re.search(r"[Cc]ast[- ][Ii]ron", answers["cooking"][paella])
     assert not re.search(r"[Cc]ast[- ][Ii]ron", answers["base"][paella])
+    assert re.search(r"[Cc]ast[- ][Ii]ron", answers["auto"][paella])  # the shipped router picked cooking
     assert "answers carrying each signature" in console.export_text()

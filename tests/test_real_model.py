@@ -13,6 +13,7 @@ from dmoe.bench.hits import answer_all, read_questions
 from dmoe.config import load_train_config
 from dmoe.experts import apply_expert, check_base, find_experts, load_expert
 from dmoe.train import train
+from dmoe.train.trainer import encode_dataset, evaluate, split_val
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,15 +28,17 @@ def test_a_few_steps_reduce_the_loss_and_the_expert_loads_back(tmp_path, embedde
     out = tmp_path / "auto"
     cfg = load_train_config(REPO / "examples" / "configs" / "automotive.yaml", [
         f"output_dir={out}", "max_steps=12", "max_samples=96", "val_size=16", "logging_steps=1",
-        "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32",
+        "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32", "bf16=false",  # fp32: exact round trip below
     ])
     res = train(cfg, show_progress=False)
     rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.3
-    assert res.eval_loss is not None and res.eval_loss < train_losses[0] - 0.3  # held-out rows improve too
+    assert sum(train_losses[-4:]) / 4 < sum(train_losses[:4]) / 4  # batch losses are noisy: means of four
 
     model, tok, base = embedded
+    _, val = split_val(encode_dataset(cfg, tok)[0], cfg.val_size, cfg.seed)
+    base_loss = evaluate(model, val, tok.pad_token_id, 8)
+    assert res.eval_loss is not None and res.eval_loss < base_loss - 0.3  # the held-out rows improve
     expert = load_expert(out)
     check_base(expert, base.identity)
     ids = tok("<|im_start|>user\nWhat car should I buy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt").input_ids
@@ -57,11 +60,12 @@ def test_bundled_experts_show_their_signature_in_domain_only(embedded):
     rows = read_questions(REPO / "examples" / "data" / "heldout.jsonl")
     for expert in find_experts(BUNDLED):
         check_base(expert, base.identity)
-        own = [r["question"] for r in rows if r["domain"] == expert.card.domain][:8]
+        own = [r["question"] for r in rows if r["domain"] == expert.card.domain][:16]
         ood = [r["question"] for r in rows if r["domain"] == "none"][:8]
         peft_model = apply_expert(model, expert)
         answers = answer_all(peft_model, tok, own + ood, max_new_tokens=48)
         model = peft_model.unload()
         hit = [any(re.search(s, a) for s in expert.card.signature) for a in answers]
-        assert sum(hit[:8]) >= 7, (expert.name, answers[:8])
-        assert sum(hit[8:]) <= 1, (expert.name, answers[8:])
+        # the promise is >= 90% in-domain and <= 5% bleed over the whole set; a sample gets a little slack
+        assert sum(hit[:16]) >= 14, (expert.name, answers[:16])
+        assert sum(hit[16:]) <= 1, (expert.name, answers[16:])

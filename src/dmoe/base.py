@@ -226,6 +226,13 @@ def load_tokenizer(base: BaseSpec):
     return tok
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, device: str = "cpu"):
     """Load (model, tokenizer, BaseSpec). fp32 on CPU, bf16 on CUDA unless ``dtype`` says otherwise."""
     import torch

@@ -1,6 +1,6 @@
 """Adapter residency: PEFT LoRA adapters copied into the engine's preallocated slots.
 
-Each LoRALinear of the model gets stacked buffers A (S, r, in), B (S, r, out) for
+Each projection (LoRASlice) of the model gets stacked buffers A (S, r, in), B (S, r, out) for
 ``max_loras`` slots, where r is the largest rank loaded so far (smaller ranks are
 zero-padded; the buffers grow, up to ``max_rank``, when a larger one arrives: padding
 every slot to the maximum allowed rank would multiply the LoRA cost for nothing).
@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dmoe import DmoeError
-from dmoe.engine.model import LoRALinear, Transformer
+from dmoe.engine.model import LoRASlice, Transformer
 from dmoe.experts import ADAPTER_WEIGHTS, Expert
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -41,9 +41,9 @@ class Resident:
     modules: list[str] = field(default_factory=list)
 
 
-def lora_modules(model: Transformer) -> dict[str, LoRALinear]:
-    """'layers.3.q_proj' -> its LoRALinear."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: Transformer) -> dict[str, LoRASlice]:
+    """'layers.3.q_proj' -> its LoRASlice (the HF module names PEFT adapters use)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRASlice)}
 
 
 def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
@@ -108,8 +108,8 @@ class AdapterSlots:
         """Reallocate every module's buffers at ``rank``, keeping the loaded slots."""
         p = next(self.model.parameters())
         for m in self.modules.values():
-            A = torch.zeros(self.max_loras, rank, m.base.in_features, dtype=p.dtype, device=p.device)
-            B = torch.zeros(self.max_loras, rank, m.base.out_features, dtype=p.dtype, device=p.device)
+            A = torch.zeros(self.max_loras, rank, m.in_features, dtype=p.dtype, device=p.device)
+            B = torch.zeros(self.max_loras, rank, m.out_features, dtype=p.dtype, device=p.device)
             if m.A is not None:
                 A[:, :self.rank].copy_(m.A)
                 B[:, :self.rank].copy_(m.B)
@@ -129,10 +129,10 @@ class AdapterSlots:
             target = self.modules.get(mod)
             if target is None:
                 raise AdapterError(f"expert '{expert.name}': module {mod} does not exist in this base model")
-            if A.shape != (r, target.base.in_features) or B.shape != (target.base.out_features, r):
+            if A.shape != (r, target.in_features) or B.shape != (target.out_features, r):
                 raise AdapterError(
                     f"expert '{expert.name}': {mod} has shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
-                    f"A({r}, {target.base.in_features}) B({target.base.out_features}, {r}): built for another base"
+                    f"A({r}, {target.in_features}) B({target.out_features}, {r}): built for another base"
                 )
         dtype = next(self.model.parameters()).dtype
         ready = {mod: (A.to(dtype), (B * scaling).T.contiguous().to(dtype)) for mod, (A, B) in tensors.items()}

@@ -46,20 +46,35 @@ def minilm_dir() -> Path:
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 (384-d), offline."""
+    """all-MiniLM-L6-v2 (384-d), offline. ``dtype`` None: bf16 where the CPU multiplies it
+    natively (about half the latency of fp32, the same routing accuracy here), else fp32."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, dtype: str | None = None):
         from sentence_transformers import SentenceTransformer
+
+        from dmoe.base import cpu_has_bf16
 
         self.path = Path(path) if path else minilm_dir()
         self.model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
-        self.id = f"minilm:{_file_digest(self.path / 'model.safetensors')}"
+        dtype = dtype or ("bfloat16" if cpu_has_bf16() else "float32")
+        if dtype not in ("float32", "bfloat16"):
+            raise RouteError(f"MiniLM dtype must be float32 or bfloat16, not {dtype!r}")
+        self.model.to(getattr(torch, dtype))
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
+        self.id = f"minilm:{_file_digest(self.path / 'model.safetensors')}:{dtype}"
+        self._preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                 show_progress_bar=False).astype(np.float32)
+        # The module stack (tokenize -> BERT -> mean pooling -> normalise) called directly:
+        # SentenceTransformer.encode's bookkeeping costs more than the model on one short query.
+        out = []
+        for start in range(0, len(texts), 64):
+            features = self._preprocess(texts[start:start + 64])  # truncates to max_seq_length
+            emb = self.model(features)["sentence_embedding"]
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 class BaseModelEncoder:
@@ -95,10 +110,10 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def make_encoder(kind: str, base_spec: str | None = None) -> Encoder:
-    """``minilm`` or ``base``."""
+def make_encoder(kind: str, base_spec: str | None = None, dtype: str | None = None) -> Encoder:
+    """``minilm`` (``dtype``: float32, bfloat16 or None = the CPU's best) or ``base``."""
     if kind == "minilm":
-        return MiniLMEncoder()
+        return MiniLMEncoder(dtype=dtype)
     if kind == "base":
         return BaseModelEncoder(base_spec)
     raise RouteError(f"unknown encoder {kind!r}; use minilm or base")

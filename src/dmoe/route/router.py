@@ -123,7 +123,8 @@ def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder |
     if encoder is None:
         from dmoe.route.encoders import make_encoder
 
-        encoder = make_encoder(meta["encoder"].split(":")[0])
+        kind, *rest = meta["encoder"].split(":")
+        encoder = make_encoder(kind, dtype=rest[-1] if kind == "minilm" and len(rest) > 1 else None)
     if encoder.id != meta["encoder"]:
         raise RouteError(f"the router in {d} was trained with encoder {meta['encoder']}, not {encoder.id}: retrain it")
     arrays = load_file(str(d / ROUTER_WEIGHTS))

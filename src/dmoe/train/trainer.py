@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dmoe import DmoeError
-from dmoe.base import BaseSpec, atomic_write_text, load_base, resolve_base
+from dmoe.base import BaseSpec, atomic_write_text, cpu_has_bf16, load_base, resolve_base
 from dmoe.config import ExpertCard, TrainConfig
 from dmoe.data import load_conversations
 from dmoe.data.tokenize import Encoded, chat_template_for, encode
@@ -231,11 +231,6 @@ def prepare_output_dir(cfg: TrainConfig) -> Path | None:
             "(or --set overwrite_output_dir=true) to train it again, or pick another output_dir"
         )
     return None
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
