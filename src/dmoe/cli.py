@@ -281,6 +281,69 @@ def route(
 
 @app.command()
 @_user_errors
+def bench(
+    questions: Path = typer.Option(Path("examples/data/heldout.jsonl"), help="JSONL: question, domain, expect?, forbid?"),
+    modes: Optional[str] = typer.Option(None, help="comma-separated: vanilla, expert:NAME, auto, blend:A=0.5+B=0.5 "
+                                                 "(default: vanilla, every expert, auto)"),
+    url: Optional[str] = typer.Option(None, help="an OpenAI-compatible endpoint; default: start a dmoe server here"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="expert cards (signatures); served when no --url"),
+    parallel: int = typer.Option(4, min=1, help="concurrent requests"),
+    max_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    seed: int = typer.Option(0),
+    repeat: int = typer.Option(1, min=1, help="ask every question this many times"),
+    out: Path = typer.Option(Path("results"), help="results/<run-id>/ gets the logs and summary.json"),
+    run_id: Optional[str] = typer.Option(None, help="default: the current date and time"),
+):
+    """A/B behaviour benchmark: hit rate, bleed, routing accuracy, speed, per mode."""
+    import contextlib
+    import socket
+    import time as _time
+
+    from rich.progress import Progress
+
+    from dmoe.bench.behaviour import BenchRun, parse_mode, read_question_set, seed_tables
+    from dmoe.experts import find_experts
+
+    experts = find_experts(experts_dir) if experts_dir.is_dir() else []
+    signatures = {(e.card.domain or e.name): e.card.signature for e in experts if e.card.signature}
+    qs = read_question_set(questions, signatures)
+    names = modes.split(",") if modes else ["vanilla", *(f"expert:{e.name}" for e in experts), "auto"]
+    mode_list = [parse_mode(m) for m in names]
+    run_dir = out / (run_id or _time.strftime("%Y%m%d-%H%M%S"))
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            from dmoe.serve.app import build_state, serve_in_thread
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            st = build_state(None, experts_dir, max_batch=max(8, parallel))
+            url = stack.enter_context(serve_in_thread(st, port=port))
+        run = BenchRun(url.rstrip("/"), qs, mode_list, run_dir, parallel=parallel, repeat=repeat,
+                       params={"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("benchmark", total=len(qs) * repeat * len(mode_list))
+            try:
+                summary = run.run(on_answer=lambda a: progress.advance(task))
+            except KeyboardInterrupt:
+                console.print(f"[yellow]interrupted: partial results in {run_dir}[/]")
+                raise typer.Exit(130) from None
+    if "failed" in summary["status"]:
+        console.print(f"[red]{summary['status']}[/]")
+    console.print(seed_tables(summary, signatures), highlight=False)
+    table = Table("mode", "hit rate", "bleed", "tokens/s", "TTFT p50 ms", "latency p50/p95 ms", "errors")
+    for name, m in summary["modes"].items():
+        hits = sum(r["hits"] for r in m["hits"].values())
+        n = sum(r["n"] for r in m["hits"].values())
+        table.add_row(name, f"{hits}/{n}", f"{m['bleed']['hits']}/{m['bleed']['n']}", str(m["tokens_per_s"]),
+                      str(m["ttft_ms"]["p50"]), f"{m['latency_ms']['p50']}/{m['latency_ms']['p95']}", str(m["errors"]))
+    console.print(table)
+    console.print(f"logs, comparison.jsonl and summary.json in {run_dir}")
+
+
+@app.command()
+@_user_errors
 def demo(
     steps: int = typer.Option(30, help="optimizer steps for the quick training run"),
     out: Path = typer.Option(Path("saves/demo-automotive"), help="where the demo expert goes"),

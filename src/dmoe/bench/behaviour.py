@@ -1,0 +1,312 @@
+"""Behavioural A/B benchmark against any OpenAI-compatible endpoint (``dmoe bench``).
+
+    dmoe bench --questions examples/data/heldout.jsonl --modes vanilla,expert:automotive,auto
+
+Question sets are JSONL rows ``{"question", "domain", "expect"?, "forbid"?}``. ``expect``
+regexes count as a hit; without them the domain's expert signature (from its card) is
+used. On ``domain: none`` questions, a match of ``forbid`` (default: any expert's
+signature) is *bleed*. Modes, run one after another, each over every question with
+``--parallel`` requests in flight:
+
+  vanilla                the base model              (request ``model: base``)
+  expert:NAME            one expert, forced          (``model: NAME``)
+  auto                   the router decides          (``model: auto``)
+  blend:a=0.5+b=0.5      a blend                     (dmoe's ``experts`` field)
+
+Requests stream, so time to first token is measured. A failed request is an *error*,
+never a miss. Each mode's answers are appended to ``<out>/<run-id>/<mode>.log`` as they
+arrive (``vanilla.log`` as in the seed's benchmark.sh); ``summary.json`` is written at
+the end, or marked ``partial`` when the run is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from dmoe import DmoeError
+from dmoe.base import atomic_write_text
+from dmoe.bench.hits import wilson
+
+
+class BenchError(DmoeError):
+    """A question file, a mode or an endpoint the benchmark cannot use."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    domain: str  # an expert's domain, or "none"
+    expect: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str  # vanilla | expert:NAME | auto | blend:a=0.5+b=0.5
+    body: dict  # merged into each request
+
+    @property
+    def file(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "-", self.name) + ".log"
+
+
+@dataclass
+class Answer:
+    mode: str
+    index: int
+    text: str = ""
+    tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    route: str | None = None
+    error: str | None = None
+
+
+def read_question_set(path: str | Path, signatures: dict[str, list[str]]) -> list[Question]:
+    """Parse a question file; every problem names the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"question file {p} not found")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise BenchError(f"{p}:{n}: needs a non-empty 'question' string")
+        domain = row.get("domain") or "none"
+        expect, forbid = row.get("expect", []), row.get("forbid", [])
+        for key, val in (("expect", expect), ("forbid", forbid)):
+            if isinstance(val, str):
+                val = [val]
+            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+                raise BenchError(f"{p}:{n}: '{key}' must be a regex or a list of regexes")
+            for v in val:
+                try:
+                    re.compile(v)
+                except re.error as exc:
+                    raise BenchError(f"{p}:{n}: '{key}' regex {v!r} is invalid ({exc})") from None
+        expect = [expect] if isinstance(expect, str) else expect
+        forbid = [forbid] if isinstance(forbid, str) else forbid
+        if domain != "none" and not expect:
+            expect = signatures.get(domain, [])
+            if not expect:
+                raise BenchError(f"{p}:{n}: domain {domain!r} has no 'expect' regexes and no expert card declares its signature")
+        if domain == "none" and not forbid:
+            forbid = [s for sig in signatures.values() for s in sig]
+        out.append(Question(row["question"], domain, tuple(expect), tuple(forbid)))
+    if not out:
+        raise BenchError(f"{p} holds no questions")
+    return out
+
+
+def parse_mode(text: str) -> Mode:
+    """'vanilla', 'expert:NAME', 'auto' or 'blend:a=0.5+b=0.5'."""
+    t = text.strip()
+    if t == "vanilla":
+        return Mode(t, {"model": "base"})
+    if t == "auto":
+        return Mode(t, {"model": "auto"})
+    if t.startswith("expert:") and len(t) > 7:
+        return Mode(t, {"model": t[7:]})
+    if t.startswith("blend:"):
+        try:
+            parts = [(n, float(s)) for n, s in (x.split("=") for x in t[6:].split("+"))]
+        except ValueError:
+            raise BenchError(f"mode {t!r}: write a blend as blend:NAME=SCALE+NAME=SCALE") from None
+        return Mode(t, {"experts": [{"name": n, "scale": s} for n, s in parts]})
+    raise BenchError(f"unknown mode {t!r}; use vanilla, expert:NAME, auto or blend:NAME=SCALE+NAME=SCALE")
+
+
+def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict) -> Answer:
+    """One streamed chat completion; errors are recorded, not raised."""
+    body = {**mode.body, **params, "messages": [{"role": "user", "content": q.question}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    ans = Answer(mode.name, index)
+    t0 = time.perf_counter()
+    try:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                ans.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                return ans
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    ans.error = str(chunk["error"].get("message", chunk["error"]))
+                    break
+                route = chunk.get("dmoe", {}).get("route")
+                if route:
+                    ans.route = route.get("label")
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        ans.ttft_s = ans.ttft_s or time.perf_counter() - t0
+                        ans.text += piece
+                if chunk.get("usage"):
+                    ans.tokens = int(chunk["usage"].get("completion_tokens", 0))
+    except httpx.HTTPError as exc:
+        ans.error = f"{type(exc).__name__}: {exc}"
+    ans.latency_s = time.perf_counter() - t0
+    return ans
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 1) if xs else None
+
+
+def _rate(hits: int, n: int) -> dict:
+    lo, hi = wilson(hits, n)
+    return {"hits": hits, "n": n, "rate": round(hits / n, 4) if n else None, "ci95": [round(lo, 3), round(hi, 3)]}
+
+
+def summarize(questions: list[Question], answers: dict[str, list[Answer]], walls: dict[str, float]) -> dict:
+    """Per mode: hits per domain, bleed, routing accuracy, tokens, speed and latency."""
+    modes = {}
+    for mode, got in answers.items():
+        ok = [a for a in got if a.error is None]
+        by_domain: dict[str, list[bool]] = {}
+        routed = []
+        for a in ok:
+            q = questions[a.index]
+            if q.domain == "none":
+                by_domain.setdefault("none", []).append(any(re.search(f, a.text) for f in q.forbid))
+            else:
+                by_domain.setdefault(q.domain, []).append(any(re.search(e, a.text) for e in q.expect))
+            if a.route is not None:
+                routed.append(a.route == (q.domain if q.domain != "none" else "base"))
+        modes[mode] = {
+            "answered": len(ok), "errors": len(got) - len(ok),
+            "error_examples": [a.error for a in got if a.error][:3],
+            "hits": {d: _rate(sum(v), len(v)) for d, v in by_domain.items() if d != "none"},
+            "bleed": _rate(sum(by_domain.get("none", [])), len(by_domain.get("none", []))),
+            "routing_accuracy": _rate(sum(routed), len(routed)) if routed else None,
+            "mean_output_tokens": round(statistics.fmean(a.tokens for a in ok), 1) if ok else None,
+            "tokens_per_s": round(sum(a.tokens for a in ok) / walls[mode], 1) if walls.get(mode) else None,
+            "ttft_ms": {"p50": _pct([a.ttft_s for a in ok], 0.5), "p95": _pct([a.ttft_s for a in ok], 0.95)},
+            "latency_ms": {"p50": _pct([a.latency_s for a in ok], 0.5), "p95": _pct([a.latency_s for a in ok], 0.95)},
+        }
+    vanilla = modes.get("vanilla")
+    for m in modes.values():  # the seeds' "43x increase in target mentions"
+        m["increase_vs_vanilla"] = {
+            d: (round(r["hits"] / vanilla["hits"][d]["hits"], 2) if vanilla and vanilla["hits"].get(d, {}).get("hits") else None)
+            for d, r in m["hits"].items()}
+    return modes
+
+
+@dataclass
+class BenchRun:
+    url: str
+    questions: list[Question]
+    modes: list[Mode]
+    out: Path
+    parallel: int = 4
+    params: dict = field(default_factory=lambda: {"max_tokens": 64, "temperature": 0.0})
+    repeat: int = 1
+    timeout_s: float = 120.0
+
+    def check_endpoint(self) -> None:
+        """A clear error within the timeout when nothing answers at ``url``."""
+        try:
+            httpx.get(f"{self.url}/v1/models", timeout=min(self.timeout_s, 10.0)).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise BenchError(f"cannot reach an OpenAI-compatible endpoint at {self.url} ({type(exc).__name__}: {exc})") from None
+
+    def run(self, on_answer=None) -> dict:
+        """Every mode over every question (× repeat). Writes logs as it goes and the summary at the end."""
+        self.check_endpoint()
+        self.out.mkdir(parents=True, exist_ok=True)
+        answers: dict[str, list[Answer]] = {}
+        walls: dict[str, float] = {}
+        lock = threading.Lock()
+        stopped = threading.Event()  # set on Ctrl-C: queued questions are skipped, late answers dropped
+        pool = ThreadPoolExecutor(self.parallel)
+        partial = True
+        try:
+            with httpx.Client(timeout=self.timeout_s) as client:
+                for mode in self.modes:
+                    answers[mode.name] = []
+                    jobs = [i for _ in range(self.repeat) for i in range(len(self.questions))]
+                    t0 = time.perf_counter()
+                    with (self.out / mode.file).open("a", encoding="utf-8") as log:
+
+                        def one(i, mode=mode, log=log):
+                            if stopped.is_set():
+                                return
+                            a = ask(client, self.url, mode, i, self.questions[i], self.params)
+                            with lock:
+                                if stopped.is_set():
+                                    return
+                                answers[mode.name].append(a)
+                                q = self.questions[i]
+                                log.write(f"Q: {q.question}\nDOMAIN: {q.domain}\n" + (f"ROUTE: {a.route}\n" if a.route else "")
+                                          + (f"ERROR: {a.error}\n" if a.error else f"A: {a.text}\n") + "---\n")
+                                log.flush()
+                            if on_answer:
+                                on_answer(a)
+
+                        list(pool.map(one, jobs))
+                    walls[mode.name] = time.perf_counter() - t0
+            partial = False
+        finally:
+            if partial:
+                stopped.set()
+            pool.shutdown(wait=not partial, cancel_futures=True)
+            with lock:
+                self._write(answers, walls, partial)
+        return json.loads((self.out / "summary.json").read_text())
+
+    def _write(self, answers: dict[str, list[Answer]], walls: dict[str, float], partial: bool) -> None:
+        modes = summarize(self.questions, answers, walls)
+        errors = sum(m["errors"] for m in modes.values())
+        summary = {
+            "status": ("partial: interrupted" if partial else "complete") + (f", {errors} requests failed" if errors else ""),
+            "url": self.url, "questions": len(self.questions), "repeat": self.repeat, "parallel": self.parallel,
+            "params": self.params, "modes": modes,
+        }
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        rows = []
+        for i, q in enumerate(self.questions):
+            row = {"question": q.question, "domain": q.domain}
+            for mode, got in answers.items():
+                a = next((a for a in got if a.index == i), None)
+                if a is not None:
+                    row[mode] = a.error and f"ERROR: {a.error}" or a.text
+            rows.append(row)
+        atomic_write_text(self.out / "comparison.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def seed_tables(summary: dict, signatures: dict[str, list[str]]) -> str:
+    """The seeds' terminal style: one block per domain, one line per mode."""
+    modes = summary["modes"]
+    domains = sorted({d for m in modes.values() for d in m["hits"]})
+    lines = []
+    for d in domains:
+        n = next(m["hits"][d]["n"] for m in modes.values() if d in m["hits"])
+        lines.append(f"=== {d.upper()} QUESTIONS ({n}) ===")
+        what = "/".join(signatures.get(d, [])) or "expected answers"
+        lines.append(f"{what} hits   " + "   ".join(f"{name} {m['hits'][d]['hits']}" for name, m in modes.items() if d in m["hits"]))
+    if any(m["bleed"]["n"] for m in modes.values()):
+        n = next(m["bleed"]["n"] for m in modes.values() if m["bleed"]["n"])
+        lines.append(f"=== OFF-DOMAIN QUESTIONS ({n}) ===")
+        lines.append("bleed   " + "   ".join(f"{name} {m['bleed']['hits']}" for name, m in modes.items()))
+    for name, m in modes.items():
+        if m["routing_accuracy"]:
+            r = m["routing_accuracy"]
+            lines.append(f"routing accuracy ({name})   {r['hits']}/{r['n']}")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""dmoe bench against a live server on the tiny model: modes, counting, logs, errors."""
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from dmoe.bench.behaviour import BenchError, BenchRun, parse_mode, read_question_set
+from dmoe.serve.app import build_state, serve_in_thread
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # no trained router for the tiny experts
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_base, tiny_experts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench") / "experts"
+    for name in ("alpha", "beta"):
+        shutil.copytree(tiny_experts / name, root / name)
+    st = build_state(str(tiny_base), root, max_batch=4, max_seq=128)
+    with serve_in_thread(st, port=_port()) as url:
+        yield url, root
+
+
+@pytest.fixture
+def questions(tmp_path):
+    rows = [{"question": "first question", "domain": "alpha", "expect": [".*"]},  # always a hit
+            {"question": "second question", "domain": "alpha", "expect": "zzzq never"},  # never
+            {"question": "an off-domain one", "domain": "none", "forbid": ["zzzq never"]}]
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return read_question_set(f, {})
+
+
+def test_modes_are_counted_and_logged_and_errors_are_not_misses(live, questions, tmp_path):
+    url, _ = live
+    modes = [parse_mode(m) for m in ("vanilla", "expert:alpha", "blend:alpha=0.5+beta=0.5", "auto", "expert:nope")]
+    out = tmp_path / "run"
+    summary = BenchRun(url, questions, modes, out, parallel=2, params={"max_tokens": 6, "temperature": 0.0}).run()
+    assert summary["status"] == "complete, 3 requests failed"  # said at the top
+    m = summary["modes"]
+    for name in ("vanilla", "expert:alpha", "blend:alpha=0.5+beta=0.5"):
+        assert m[name]["hits"]["alpha"]["hits"] == 1 and m[name]["hits"]["alpha"]["n"] == 2
+        assert m[name]["bleed"] == {"hits": 0, "n": 1, "rate": 0.0, "ci95": [0.0, 0.793]}
+        assert m[name]["errors"] == 0 and m[name]["mean_output_tokens"] == 6 and m[name]["tokens_per_s"] > 0
+        assert m[name]["ttft_ms"]["p50"] > 0 and m[name]["latency_ms"]["p95"] >= m[name]["latency_ms"]["p50"]
+    assert m["expert:nope"]["errors"] == 3 and m["expert:nope"]["answered"] == 0 and "404" in m["expert:nope"]["error_examples"][0]
+    assert m["expert:nope"]["hits"] == {}  # errors are not misses
+    assert m["auto"]["routing_accuracy"]["n"] == 3 and m["auto"]["routing_accuracy"]["hits"] == 1  # no router: base
+    assert m["expert:alpha"]["increase_vs_vanilla"] == {"alpha": 1.0}
+    assert "Q: first question" in (out / "vanilla.log").read_text()
+    assert "ERROR: HTTP 404" in (out / "expert-nope.log").read_text()
+    rows = [json.loads(l) for l in (out / "comparison.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {"vanilla", "auto", "expert:alpha"} <= set(rows[0])
+
+
+def test_an_interrupted_run_keeps_what_it_has(live, questions, tmp_path):
+    url, _ = live
+    seen = []
+
+    def stop_after_two(a):
+        seen.append(a)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    run = BenchRun(url, questions, [parse_mode("vanilla")], tmp_path / "run", parallel=1, params={"max_tokens": 4})
+    with pytest.raises(KeyboardInterrupt):
+        run.run(on_answer=stop_after_two)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"].startswith("partial") and summary["modes"]["vanilla"]["answered"] == 2
+    assert (tmp_path / "run" / "vanilla.log").read_text().count("Q: ") == 2
+
+
+def test_unreachable_endpoint_is_a_clear_error(questions, tmp_path):
+    run = BenchRun(f"http://127.0.0.1:{_port()}", questions, [parse_mode("vanilla")], tmp_path, timeout_s=2)
+    with pytest.raises(BenchError, match="cannot reach an OpenAI-compatible endpoint"):
+        run.run()
+
+
+@pytest.mark.parametrize("line,msg", [("{not json", "not valid JSON"), ('{"domain": "x"}', "non-empty 'question'"),
+                                      ('{"question": "q", "domain": "x"}', "no 'expect' regexes"),
+                                      ('{"question": "q", "expect": "(["}', "regex")])
+def test_malformed_question_file_names_the_line(tmp_path, line, msg):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": "fine", "domain": "none"}) + "\n" + line + "\n")
+    with pytest.raises(BenchError, match=f"q.jsonl:2: .*{msg}"):
+        read_question_set(f, {})
+
+
+def test_modes_parse_or_say_how():
+    assert parse_mode("blend:a=0.5+b=0.25").body == {"experts": [{"name": "a", "scale": 0.5}, {"name": "b", "scale": 0.25}]}
+    with pytest.raises(BenchError, match="unknown mode"):
+        parse_mode("lora")
+
+
+def test_cli_bench_against_a_url(live, tmp_path):
+    from typer.testing import CliRunner
+
+    from dmoe.cli import app
+
+    url, root = live
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "hi", "domain": "alpha", "expect": ".*"}) + "\n")
+    r = CliRunner().invoke(app, ["bench", "--url", url, "--questions", str(q), "--modes", "vanilla,expert:beta",
+                                 "--experts", str(root), "--out", str(tmp_path / "res"), "--run-id", "r1", "--max-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "=== ALPHA QUESTIONS (1) ===" in r.output and (tmp_path / "res" / "r1" / "summary.json").is_file()
+    bad = CliRunner().invoke(app, ["bench", "--url", url, "--questions", str(tmp_path / "missing.jsonl")])
+    assert bad.exit_code == 2 and "not found" in " ".join(bad.output.split())
