@@ -332,10 +332,11 @@ def bench(
     if "failed" in summary["status"]:
         console.print(f"[red]{summary['status']}[/]")
     console.print(seed_tables(summary, signatures), highlight=False)
-    table = Table("mode", "hit rate", "bleed", "tokens/s", "TTFT p50 ms", "latency p50/p95 ms", "errors")
+    table = Table("mode", "hits (own domain, or all)", "bleed", "tokens/s", "TTFT p50 ms", "latency p50/p95 ms", "errors")
     for name, m in summary["modes"].items():
-        hits = sum(r["hits"] for r in m["hits"].values())
-        n = sum(r["n"] for r in m["hits"].values())
+        own = name.removeprefix("expert:")
+        scored = [m["hits"][own]] if name.startswith("expert:") and own in m["hits"] else list(m["hits"].values())
+        hits, n = sum(r["hits"] for r in scored), sum(r["n"] for r in scored)
         table.add_row(name, f"{hits}/{n}", f"{m['bleed']['hits']}/{m['bleed']['n']}", str(m["tokens_per_s"]),
                       str(m["ttft_ms"]["p50"]), f"{m['latency_ms']['p50']}/{m['latency_ms']['p95']}", str(m["errors"]))
     console.print(table)

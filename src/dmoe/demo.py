@@ -53,11 +53,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ask(url: str, model: str, question: str, max_tokens: int) -> str:
+def _ask(url: str, model: str, question: str, max_tokens: int) -> tuple[str, str]:
+    """(answer, the route taken: '' unless model is auto)."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
     r.raise_for_status()
-    return r.json()["choices"][0]["message"]["content"]
+    route = r.json().get("dmoe", {}).get("route")
+    return r.json()["choices"][0]["message"]["content"], (f"{route['label']} (p={route['confidence']:.2f})" if route else "")
 
 
 def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tokens: int = 64) -> dict[str, list[str]]:
@@ -86,18 +88,22 @@ def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tok
         console.rule(f"[bold]3. {len(QUESTIONS)} questions x {len(models)} models, all in one mixed batch")
         jobs = [(m, q) for m in models for _, q in QUESTIONS]
         with ThreadPoolExecutor(len(jobs)) as pool:
-            texts = list(pool.map(lambda j: _ask(url, j[0], j[1], max_tokens), jobs))
-    answers = {m: texts[i * len(QUESTIONS):(i + 1) * len(QUESTIONS)] for i, m in enumerate(models)}
+            replies = list(pool.map(lambda j: _ask(url, j[0], j[1], max_tokens), jobs))
+    answers = {m: [t for t, _ in replies[i * len(QUESTIONS):(i + 1) * len(QUESTIONS)]] for i, m in enumerate(models)}
+    routes = dict(enumerate(route for (m, _), (_, route) in zip(jobs, replies) if m == "auto"))  # question index -> route
 
-    table = Table(show_lines=True, title="same questions, same base weights; only the per-request LoRA expert differs")
-    table.add_column("question", style="bold", max_width=24)
-    for m in models:
-        table.add_column(m, max_width=36)
     for i, (domain, q) in enumerate(QUESTIONS):
-        table.add_row(f"{q}\n[dim]({domain})[/]", *(_mark(answers[m][i]) for m in models))
-    console.print(table)
+        table = Table(show_lines=True, title=f"[bold]{escape(q)}[/]  [dim]({domain})[/]", title_justify="left", expand=True)
+        table.add_column("model", style="bold", no_wrap=True)
+        table.add_column("answer (greedy)")
+        for m in models:
+            label = f"auto → {routes[i]}" if m == "auto" and routes.get(i) else m
+            table.add_row(label, _mark(answers[m][i]))
+        console.print(table)
+    console.rule("[bold]4. signatures per model")
     for m in models:
         seen = {d: sum(any(re.search(p, a) for p in pats) for a in answers[m]) for d, pats in SIGNATURES.items()}
         console.print(f"{m:18s} answers carrying each signature: " + ", ".join(f"{d} {n}" for d, n in seen.items()))
-    console.print("Routing each question to the right expert automatically is the router's job (next issue).")
+    console.print("Forced experts answer everything in their own style; auto picks the expert per question "
+                  "and leaves off-domain questions to the base model.")
     return answers
