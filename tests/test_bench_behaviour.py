@@ -113,3 +113,28 @@ def test_cli_bench_against_a_url(live, tmp_path):
     assert "=== ALPHA QUESTIONS (1) ===" in r.output and (tmp_path / "res" / "r1" / "summary.json").is_file()
     bad = CliRunner().invoke(app, ["bench", "--url", url, "--questions", str(tmp_path / "missing.jsonl")])
     assert bad.exit_code == 2 and "not found" in " ".join(bad.output.split())
+
+
+def test_report_and_compare(live, questions, tmp_path):
+    from dmoe.bench.report import compare_runs, write_report
+
+    url, _ = live
+    for run, n in (("a", 4), ("b", 6)):
+        BenchRun(url, questions, [parse_mode("vanilla"), parse_mode("expert:alpha")], tmp_path / run,
+                 params={"max_tokens": n}).run()
+    page = write_report(tmp_path / "a").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "first question" in page and "expert:alpha" in page
+    assert "<script" not in page  # self-contained, static
+    rows = compare_runs(tmp_path / "a", tmp_path / "b")
+    speed = next(r for r in rows if r["mode"] == "vanilla" and r["metric"] == "tokens/s")
+    assert speed["a"] > 0 and speed["b"] > 0
+    hits = next(r for r in rows if r["mode"] == "expert:alpha" and r["metric"] == "hits alpha")
+    assert hits["a"] == hits["b"] == "1/2" and hits["delta"] == 0
+    from typer.testing import CliRunner
+
+    from dmoe.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.exit_code == 0 and "tokens/s" in out.output
+    with pytest.raises(BenchError, match="summary.json is missing"):
+        compare_runs(tmp_path / "a", tmp_path / "nothing")

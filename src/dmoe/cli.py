@@ -282,6 +282,7 @@ def route(
 @app.command()
 @_user_errors
 def bench(
+    action: Optional[list[str]] = typer.Argument(None, help="compare RUN_A RUN_B: what changed between two runs"),
     questions: Path = typer.Option(Path("examples/data/heldout.jsonl"), help="JSONL: question, domain, expect?, forbid?"),
     modes: Optional[str] = typer.Option(None, help="comma-separated: vanilla, expert:NAME, auto, blend:A=0.5+B=0.5 "
                                                  "(default: vanilla, every expert, auto)"),
@@ -295,7 +296,7 @@ def bench(
     out: Path = typer.Option(Path("results"), help="results/<run-id>/ gets the logs and summary.json"),
     run_id: Optional[str] = typer.Option(None, help="default: the current date and time"),
 ):
-    """A/B behaviour benchmark: hit rate, bleed, routing accuracy, speed, per mode."""
+    """A/B behaviour benchmark: hit rate, bleed, routing accuracy, speed, per mode (or: compare A B)."""
     import contextlib
     import socket
     import time as _time
@@ -303,7 +304,17 @@ def bench(
     from rich.progress import Progress
 
     from dmoe.bench.behaviour import BenchRun, parse_mode, read_question_set, seed_tables
+    from dmoe.bench.report import compare_runs, write_report
     from dmoe.experts import find_experts
+
+    if action:
+        if action[0] != "compare" or len(action) != 3:
+            raise DmoeError("usage: dmoe bench compare RUN_A RUN_B (or dmoe bench with options to run one)")
+        diff = Table("mode", "metric", Path(action[1]).name, Path(action[2]).name, "change")
+        for r in compare_runs(Path(action[1]), Path(action[2])):
+            diff.add_row(r["mode"], r["metric"], str(r["a"]), str(r["b"]), "" if r["delta"] is None else f"{r['delta']:+g}")
+        console.print(diff)
+        return
 
     experts = find_experts(experts_dir) if experts_dir.is_dir() else []
     signatures = {(e.card.domain or e.name): e.card.signature for e in experts if e.card.signature}
@@ -327,6 +338,7 @@ def bench(
             try:
                 summary = run.run(on_answer=lambda a: progress.advance(task))
             except KeyboardInterrupt:
+                write_report(run_dir)
                 console.print(f"[yellow]interrupted: partial results in {run_dir}[/]")
                 raise typer.Exit(130) from None
     if "failed" in summary["status"]:
@@ -340,7 +352,7 @@ def bench(
         table.add_row(name, f"{hits}/{n}", f"{m['bleed']['hits']}/{m['bleed']['n']}", str(m["tokens_per_s"]),
                       str(m["ttft_ms"]["p50"]), f"{m['latency_ms']['p50']}/{m['latency_ms']['p95']}", str(m["errors"]))
     console.print(table)
-    console.print(f"logs, comparison.jsonl and summary.json in {run_dir}")
+    console.print(f"report: {write_report(run_dir)} (logs, comparison.jsonl, summary.json beside it)")
 
 
 @app.command()

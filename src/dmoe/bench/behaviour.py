@@ -289,6 +289,9 @@ class BenchRun:
                     row[mode] = a.error and f"ERROR: {a.error}" or a.text
             rows.append(row)
         atomic_write_text(self.out / "comparison.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        per_answer = [{"mode": a.mode, "index": a.index, "tokens": a.tokens, "ttft_s": a.ttft_s, "latency_s": a.latency_s,
+                       "route": a.route, "error": a.error} for got in answers.values() for a in got]
+        atomic_write_text(self.out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in per_answer))
 
 
 def seed_tables(summary: dict, signatures: dict[str, list[str]]) -> str:
