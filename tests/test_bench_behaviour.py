@@ -93,8 +93,22 @@ def test_malformed_question_file_names_the_line(tmp_path, line, msg):
         read_question_set(f, {})
 
 
+def test_llama_server_lora_mode_and_no_think(live, questions, tmp_path):
+    url, _ = live
+    plain = BenchRun(url, questions, [parse_mode("expert:alpha")], tmp_path / "a", params={"max_tokens": 5}).run()
+    by_id = BenchRun(url, questions, [parse_mode("lora:0=1.0")], tmp_path / "b", params={"max_tokens": 5}).run()
+    a = [json.loads(l)["expert:alpha"] for l in (tmp_path / "a" / "comparison.jsonl").read_text().splitlines()]
+    b = [json.loads(l)["lora:0=1.0"] for l in (tmp_path / "b" / "comparison.jsonl").read_text().splitlines()]
+    assert a == b and by_id["modes"]["lora:0=1.0"]["errors"] == 0  # id 0 is alpha: the same answers
+    think = BenchRun(url, questions, [parse_mode("vanilla")], tmp_path / "c", params={"max_tokens": 5}, no_think=True).run()
+    assert think["modes"]["vanilla"]["errors"] == 0
+
+
 def test_modes_parse_or_say_how():
     assert parse_mode("blend:a=0.5+b=0.25").body == {"experts": [{"name": "a", "scale": 0.5}, {"name": "b", "scale": 0.25}]}
+    assert parse_mode("lora:0=1+2=0.5").body == {"lora": [{"id": 0, "scale": 1.0}, {"id": 2, "scale": 0.5}]}
+    with pytest.raises(BenchError, match="lora:ID=SCALE"):
+        parse_mode("lora:x")
     with pytest.raises(BenchError, match="unknown mode"):
         parse_mode("lora")
 

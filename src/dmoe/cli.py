@@ -284,7 +284,7 @@ def route(
 def bench(
     action: Optional[list[str]] = typer.Argument(None, help="compare RUN_A RUN_B: what changed between two runs"),
     questions: Path = typer.Option(Path("examples/data/heldout.jsonl"), help="JSONL: question, domain, expect?, forbid?"),
-    modes: Optional[str] = typer.Option(None, help="comma-separated: vanilla, expert:NAME, auto, blend:A=0.5+B=0.5 "
+    modes: Optional[str] = typer.Option(None, help="comma-separated: vanilla, expert:NAME, auto, blend:A=0.5+B=0.5, lora:ID=SCALE "
                                                  "(default: vanilla, every expert, auto)"),
     url: Optional[str] = typer.Option(None, help="an OpenAI-compatible endpoint; default: start a dmoe server here"),
     experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="expert cards (signatures); served when no --url"),
@@ -295,6 +295,7 @@ def bench(
     repeat: int = typer.Option(1, min=1, help="ask every question this many times"),
     out: Path = typer.Option(Path("results"), help="results/<run-id>/ gets the logs and summary.json"),
     run_id: Optional[str] = typer.Option(None, help="default: the current date and time"),
+    no_think: bool = typer.Option(False, "--no-think", help="thinking models (Qwen3): append /no_think, enable_thinking false"),
 ):
     """A/B behaviour benchmark: hit rate, bleed, routing accuracy, speed, per mode (or: compare A B)."""
     import contextlib
@@ -331,7 +332,7 @@ def bench(
                 port = sock.getsockname()[1]
             st = build_state(None, experts_dir, max_batch=max(8, parallel))
             url = stack.enter_context(serve_in_thread(st, port=port))
-        run = BenchRun(url.rstrip("/"), qs, mode_list, run_dir, parallel=parallel, repeat=repeat,
+        run = BenchRun(url.rstrip("/"), qs, mode_list, run_dir, parallel=parallel, repeat=repeat, no_think=no_think,
                        params={"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("benchmark", total=len(qs) * repeat * len(mode_list))

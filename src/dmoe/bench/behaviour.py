@@ -12,6 +12,8 @@ signature) is *bleed*. Modes, run one after another, each over every question wi
   expert:NAME            one expert, forced          (``model: NAME``)
   auto                   the router decides          (``model: auto``)
   blend:a=0.5+b=0.5      a blend                     (dmoe's ``experts`` field)
+  lora:0=1.0+1=0.5       llama-server's per-request ``lora`` field, by adapter id: the
+                         way to bench llama-server itself (lora:0=0 is its vanilla)
 
 Requests stream, so time to first token is measured. A failed request is an *error*,
 never a miss. Each mode's answers are appended to ``<out>/<run-id>/<mode>.log`` as they
@@ -121,19 +123,29 @@ def parse_mode(text: str) -> Mode:
         return Mode(t, {"model": "auto"})
     if t.startswith("expert:") and len(t) > 7:
         return Mode(t, {"model": t[7:]})
+    if t.startswith("lora:"):
+        try:
+            ids = [{"id": int(i), "scale": float(sc)} for i, sc in (x.split("=") for x in t[5:].split("+"))]
+        except ValueError:
+            raise BenchError(f"mode {t!r}: write llama-server adapters as lora:ID=SCALE+ID=SCALE") from None
+        return Mode(t, {"lora": ids})
     if t.startswith("blend:"):
         try:
             parts = [(n, float(s)) for n, s in (x.split("=") for x in t[6:].split("+"))]
         except ValueError:
             raise BenchError(f"mode {t!r}: write a blend as blend:NAME=SCALE+NAME=SCALE") from None
         return Mode(t, {"experts": [{"name": n, "scale": s} for n, s in parts]})
-    raise BenchError(f"unknown mode {t!r}; use vanilla, expert:NAME, auto or blend:NAME=SCALE+NAME=SCALE")
+    raise BenchError(f"unknown mode {t!r}; use vanilla, expert:NAME, auto, blend:NAME=SCALE+NAME=SCALE or lora:ID=SCALE")
 
 
-def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict) -> Answer:
-    """One streamed chat completion; errors are recorded, not raised."""
-    body = {**mode.body, **params, "messages": [{"role": "user", "content": q.question}], "stream": True,
+def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict, no_think: bool = False) -> Answer:
+    """One streamed chat completion; errors are recorded, not raised. ``no_think``: Qwen3-style
+    thinking models answer directly (``/no_think`` appended, ``enable_thinking: false``)."""
+    content = q.question + (" /no_think" if no_think else "")
+    body = {**mode.body, **params, "messages": [{"role": "user", "content": content}], "stream": True,
             "stream_options": {"include_usage": True}}
+    if no_think:
+        body["chat_template_kwargs"] = {"enable_thinking": False}
     ans = Answer(mode.name, index)
     t0 = time.perf_counter()
     try:
@@ -219,6 +231,7 @@ class BenchRun:
     params: dict = field(default_factory=lambda: {"max_tokens": 64, "temperature": 0.0})
     repeat: int = 1
     timeout_s: float = 120.0
+    no_think: bool = False
 
     def check_endpoint(self) -> None:
         """A clear error within the timeout when nothing answers at ``url``."""
@@ -248,7 +261,7 @@ class BenchRun:
                         def one(i, mode=mode, log=log):
                             if stopped.is_set():
                                 return
-                            a = ask(client, self.url, mode, i, self.questions[i], self.params)
+                            a = ask(client, self.url, mode, i, self.questions[i], self.params, self.no_think)
                             with lock:
                                 if stopped.is_set():
                                     return
