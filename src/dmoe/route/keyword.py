@@ -77,8 +77,9 @@ class KeywordRouter:
         ranked = sorted(((e, n / total) for e, n in hits.items()), key=lambda x: -x[1])
         return ranked + [(c, 0.0) for c in self.classes if c not in hits]
 
-    def route(self, query, mode: str = "top1", **kw) -> RouteDecision:
-        """Route one query (``threshold`` mode behaves as ``top1``: keywords carry no confidence)."""
+    def route(self, query, mode: str = "top1", *, context: list[str] = (), **kw) -> RouteDecision:
+        """Route one query (``threshold`` mode behaves as ``top1``: keywords carry no confidence;
+        ``context`` is accepted for the common router interface and not used)."""
         t0 = time.perf_counter()
         text, why = clean_query(query)
         if text is None:

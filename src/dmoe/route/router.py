@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from dmoe.base import atomic_write_text
+from dmoe.base import atomic_write_text, content_hash
 from dmoe.experts import ADAPTER_WEIGHTS, Expert
 from dmoe.route.classifiers import KINDS, Classifier, fit
 from dmoe.route.decision import NONE, RouteDecision, decide
@@ -46,11 +46,7 @@ VERSION = 1
 
 def expert_fingerprint(expert: Expert) -> str:
     """sha256 (16 hex) of the expert's adapter weights: a changed adapter means a stale router."""
-    h = hashlib.sha256()
-    with open(expert.path / ADAPTER_WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return content_hash([expert.path / ADAPTER_WEIGHTS])[:16]
 
 
 @dataclass

@@ -41,7 +41,6 @@ from dmoe.experts import ExpertError, check_base, find_experts, resolve_expert
 from dmoe.serve.metrics import Metrics
 from dmoe.route import NONE, RouteDecision
 from dmoe.route.decision import MODES
-from dmoe.route.router import EmbeddingRouter
 from dmoe.serve.runner import FAILED, STOPPED, EngineRunner, QueueFull, ShuttingDown, Stream
 from dmoe.serve.schemas import ChatRequest, CompletionRequest, LoadExpertRequest, LoraScale
 
@@ -277,8 +276,7 @@ def create_app(st: ServeState) -> FastAPI:
         if st.router is None:
             decision = RouteDecision([], [(NONE, 1.0)], 1.0, f"no router: base model ({st.router_note or 'none configured'})")
         else:
-            decision = await asyncio.to_thread(st.router.route, text, st.route_mode, context=context) \
-                if isinstance(st.router, EmbeddingRouter) else await asyncio.to_thread(st.router.route, text, st.route_mode)
+            decision = await asyncio.to_thread(st.router.route, text, st.route_mode, context=context)
         loaded = st.engine.slots.resident
         gone = [n for n, _ in decision.experts if n not in loaded]
         if gone:
