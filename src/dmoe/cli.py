@@ -6,6 +6,8 @@
     dmoe experts list DIR                       experts found in DIR
     dmoe generate "question" [--expert NAME]    one-shot generation
     dmoe chat [--expert NAME]                   interactive chat
+    dmoe export EXPERT --format gguf            llama.cpp LoRA adapter (or --base)
+    dmoe merge EXPERT -o DIR [--format gguf]    a standalone merged model
 """
 
 from __future__ import annotations
@@ -217,6 +219,77 @@ def serve(
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.slots.resident)) or 'none'} "
                   f"on http://{host}:{port}")
     run_server(st, host, port, drain_s=drain)
+
+
+@app.command()
+@_user_errors
+def export(
+    expert: Optional[str] = typer.Argument(None, help="expert name or path (omit with --base)"),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)"),
+    outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: next to the expert / in the current folder)"),
+    base_only: bool = typer.Option(False, "--base", help="export the base model itself (an HF directory) as GGUF"),
+    base: Optional[str] = typer.Option(None, "--base-model", help="base model: HF dir or .gguf (default: embedded)"),
+    pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name for --base (default: from the source GGUF)"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="where expert names are looked up"),
+):
+    """Write an expert as a llama.cpp LoRA adapter GGUF, or (--base) the base as a GGUF."""
+    from dmoe.base import resolve_base
+    from dmoe.experts import check_base, resolve_expert
+    from dmoe.export.gguf import write_adapter_gguf, write_base_gguf
+
+    if fmt != "gguf":
+        raise DmoeError(f"--format must be gguf, not {fmt!r}")
+    spec = resolve_base(base)
+    if base_only:
+        if expert:
+            raise DmoeError("give either an EXPERT or --base, not both")
+        if spec.is_gguf:
+            raise DmoeError(f"the base is already a GGUF file: {spec.path}; llama.cpp loads it as it is")
+        target = out or Path(f"{spec.identity.name}-{outtype}.gguf")
+        report = write_base_gguf(spec.path, target, outtype, pre=pre)
+    else:
+        if not expert:
+            raise DmoeError("name an EXPERT to export, or pass --base to export the base model")
+        e = resolve_expert(expert, _roots(experts_dir, expert))
+        check_base(e, spec.identity)
+        target = out or (e.path / f"{e.name}-{outtype}.gguf")
+        report = write_adapter_gguf(e, target, spec, outtype)
+    _print_export(report)
+
+
+def _print_export(report) -> None:
+    for note in report.fallbacks[:3]:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if len(report.fallbacks) > 3:
+        err_console.print(f"[yellow]note:[/] ... and {len(report.fallbacks) - 3} more tensors like these", highlight=False)
+    alpha = f", adapter.lora.alpha {report.alpha:g}" if report.alpha is not None else ""
+    console.print(f"[green]wrote {report.path}[/]: {report.tensors} tensors{alpha}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def merge(
+    expert: str = typer.Argument(..., help="expert name or path"),
+    out: Path = typer.Option(..., "-o", "--out", help="output HF model directory (must not exist)"),
+    scale: float = typer.Option(1.0, help="adapter scale merged in"),
+    fmt: str = typer.Option("hf", "--format", help="hf (safetensors directory), or gguf: also write OUT/model-OUTTYPE.gguf"),
+    outtype: str = typer.Option("f16", help="GGUF type with --format gguf: f32, f16, bf16 or q8_0"),
+    base: Optional[str] = typer.Option(None, help="base model: HF dir or .gguf (default: embedded)"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="where expert names are looked up"),
+):
+    """Merge an expert into the base: a standalone model (HF safetensors, optionally GGUF)."""
+    from dmoe.experts import resolve_expert
+    from dmoe.export.gguf import write_base_gguf
+    from dmoe.export.merge import merge_expert
+
+    if fmt not in ("hf", "gguf"):
+        raise DmoeError(f"--format must be hf or gguf, not {fmt!r}")
+    e = resolve_expert(expert, _roots(experts_dir, expert))
+    directory = merge_expert(e, out, base, scale)
+    console.print(f"[green]merged {e.name} (scale {scale:g}) into {directory}[/]", highlight=False)
+    if fmt == "gguf":
+        _print_export(write_base_gguf(directory, directory / f"model-{outtype}.gguf", outtype))
 
 
 @app.command(context_settings={"allow_interspersed_args": True})

@@ -1,0 +1,1 @@
+"""Exports: GGUF adapters and bases for llama.cpp, merged standalone models."""
