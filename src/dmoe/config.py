@@ -155,6 +155,47 @@ class ExpertCard(BaseModel):
         return v
 
 
+class MoEConfig(BaseModel):
+    """Token-level MoE upcycling (``dmoe.moe``): which MLPs become MoE layers, and how they route."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_experts: int = Field(8, ge=1, le=256)
+    top_k: int = Field(2, ge=1)
+    expert_capacity: int | None = Field(None, ge=1, description="tokens per expert per batch; None = no limit")
+    capacity_factor: float | None = Field(None, gt=0, description="capacity = factor * tokens * top_k / num_experts")
+    router_jitter_noise: float = Field(0.1, ge=0.0, lt=1.0, description="multiplicative router-input noise, training only")
+    router_aux_loss_coef: float = Field(0.01, ge=0.0)
+    router_z_loss_coef: float = Field(0.001, ge=0.0)
+    router_ignore_padding_tokens: bool = True
+    moe_layer_frequency: int = Field(2, ge=1, description="every n-th decoder layer from moe_layer_start")
+    moe_layer_start: int = Field(0, ge=0)
+    moe_layer_end: int | None = Field(None, ge=0, description="last decoder layer that may be MoE (inclusive); None = last")
+    normalize_top_k: bool = Field(True, description="top-k gates renormalised to sum to 1")
+    expert_init_noise: float = Field(0.0, ge=0.0, description="relative Gaussian noise added to each expert copy")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"num_experts ({self.num_experts}) must be at least top_k ({self.top_k})")
+        if self.expert_capacity is not None and self.capacity_factor is not None:
+            raise ValueError("give expert_capacity or capacity_factor, not both")
+        if self.moe_layer_end is not None and self.moe_layer_end < self.moe_layer_start:
+            raise ValueError(f"moe_layer_end ({self.moe_layer_end}) is before moe_layer_start ({self.moe_layer_start})")
+        return self
+
+
+class MoETrainConfig(TrainConfig):
+    """``dmoe moe train``: the LoRA trainer's data and optimisation keys, full fine-tuning of an
+    upcycled model, plus a ``moe:`` block (used when the model is dense and gets upcycled first)."""
+
+    finetuning_type: Literal["full"] = "full"  # type: ignore[assignment]
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    save_steps: int = Field(10**9, ge=1)
+    output_dir: str = "saves/moe"
+
+
 def _closest(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
@@ -199,8 +240,8 @@ def _coerce_numbers(data: dict) -> dict:
     return out
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a training YAML, apply ``--set key=value`` overrides, validate."""
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), model: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """Read a training YAML, apply ``--set key=value`` overrides (``moe.top_k=1`` sets a nested key), validate."""
     data: dict[str, Any] = {}
     source = str(path) if path else "--set"
     if path is not None:
@@ -216,15 +257,20 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
         data.update(loaded)
     for item in overrides:
         k, v = parse_override(item)
-        data[k] = v
+        if "." in k:
+            head, sub = k.split(".", 1)
+            nested = data.get(head)
+            data[head] = {**(nested if isinstance(nested, dict) else {}), sub: v}
+        else:
+            data[k] = v
     ignored = sorted(k for k in data if k in IGNORED_LLAMAFACTORY_KEYS)
     for k in ignored:
         data.pop(k)
     data = _coerce_numbers(data)
     try:
-        cfg = TrainConfig(**data)
+        cfg = model(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, TrainConfig, source)) from None
+        raise ConfigError(format_validation_error(exc, model, source)) from None
     cfg._ignored_keys = ignored  # type: ignore[attr-defined]
     return cfg
 

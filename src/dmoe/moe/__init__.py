@@ -1,0 +1,1 @@
+"""Token-level MoE: sparse upcycling of a dense HF causal LM, training, analysis, generation."""

@@ -1,0 +1,130 @@
+"""The MCP server through the SDK's in-process Client: every tool, progress notifications
+during training, and tool errors for bad arguments (the server keeps serving)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+mcp = pytest.importorskip("mcp")
+from mcp import Client  # noqa: E402
+
+from dmoe.mcp.server import build_mcp  # noqa: E402
+from tests.conftest import write_jsonl  # noqa: E402
+
+
+def _data(result) -> object:
+    """A tool result's structured value (or its text parsed as JSON)."""
+    if result.structured_content is not None:
+        sc = result.structured_content
+        return sc.get("result", sc) if isinstance(sc, dict) and set(sc) == {"result"} else sc
+    return json.loads(result.content[0].text)
+
+
+def _error(result) -> str:
+    assert result.is_error, result
+    return result.content[0].text
+
+
+@pytest.fixture
+def server(tiny_base, tiny_experts, tmp_path):
+    rules = tmp_path / "kw.yaml"
+    rules.write_text("rules:\n  - expert: alpha\n    keywords: [apples]\ndefault: none\n")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"question {i} about apples", "output": f"answer {i}", "domain": "fruit" if i % 2 else "other"} for i in range(16)])
+    return build_mcp(experts_dir=tiny_experts, base=str(tiny_base), dataset_dir=tmp_path, keywords=rules), data
+
+
+def test_moe_tools_end_to_end(server, tiny_base, tmp_path):
+    srv, data = server
+
+    async def main():
+        progress = []
+
+        async def on_progress(p, total, message):
+            progress.append((p, message))
+
+        async with Client(srv) as c:
+            names = {t.name for t in (await c.list_tools()).tools}
+            assert {"moe_load_model", "moe_train", "moe_train_status", "moe_generate", "moe_analyze", "list_experts",
+                    "route_query", "chat", "load_expert", "set_expert_scale"} <= names
+            loaded = _data(await c.call_tool("moe_load_model", {"model_name": str(tiny_base), "num_experts": 4,
+                                                                 "expert_capacity": None, "moe_layer_frequency": 1}))
+            mid = loaded["model_id"]
+            assert loaded["parameters"]["active_per_token"] < loaded["parameters"]["total"]
+            out = tmp_path / "moe-out"
+            done = _data(await c.call_tool("moe_train", {"model_id": mid, "dataset": str(data), "output_dir": str(out),
+                                                         "learning_rate": 1e-3, "batch_size": 4, "num_epochs": 1.0},
+                                           progress_callback=on_progress))
+            assert done["state"] == "done" and done["step"] == 4 and done["loss"] > 0
+            assert len(progress) == 4 and "aux" in progress[-1][1]  # one notification per step
+            status = _data(await c.call_tool("moe_train_status", {"job_id": done["job_id"]}))
+            assert status["state"] == "done" and len(status["loss_history"]) == 4
+            assert (out / "moe_config.json").is_file() and (out / "train_log.jsonl").is_file()
+            # background run: returns at once, then the status shows it finishing
+            bg = _data(await c.call_tool("moe_train", {"model_id": mid, "dataset": "train.jsonl", "output_dir": str(tmp_path / "bg"),
+                                                       "learning_rate": 1e-3, "batch_size": 8, "num_epochs": 1.0, "wait": False}))
+            assert bg["state"] == "running"
+            busy = await c.call_tool("moe_generate", {"model_id": mid, "prompt": "hi", "max_length": 4, "temperature": 0.0})
+            if busy.is_error:
+                assert "is training" in _error(busy)
+            for _ in range(600):
+                st = _data(await c.call_tool("moe_train_status", {"job_id": bg["job_id"]}))
+                if st["state"] != "running":
+                    break
+                await asyncio.sleep(0.1)
+            assert st["state"] == "done" and st["step"] == 2
+            gen = _data(await c.call_tool("moe_generate", {"model_id": mid, "prompt": "hi", "max_length": 5, "temperature": 0.7}))
+            assert isinstance(gen["text"], str)
+            report = _data(await c.call_tool("moe_analyze", {"model_id": mid, "data": str(data), "output_dir": str(tmp_path / "an")}))
+            assert len(report["utilization"]) == 2 and set(report["domains"]) == {"fruit", "other"}
+            assert Path(report["heatmap"]).is_file()
+
+    asyncio.run(main())
+
+
+def test_moe_tool_errors_keep_the_server_alive(server, tiny_base, tmp_path):
+    srv, data = server
+
+    async def main():
+        async with Client(srv) as c:
+            assert "must be at least top_k" in _error(await c.call_tool("moe_load_model", {"model_name": str(tiny_base), "num_experts": 1, "top_k": 2}))
+            assert "unknown model_id 'nope'" in _error(await c.call_tool("moe_generate", {"model_id": "nope", "prompt": "x"}))
+            mid = _data(await c.call_tool("moe_load_model", {"model_name": str(tiny_base), "num_experts": 2, "moe_layer_frequency": 2}))["model_id"]
+            err = _error(await c.call_tool("moe_train", {"model_id": mid, "dataset": str(data), "output_dir": str(tmp_path / "o"), "learning_rate": -1.0}))
+            assert "learning_rate" in err and "greater than 0" in err
+            err = _error(await c.call_tool("moe_train", {"model_id": mid, "dataset": str(tmp_path / "missing.jsonl"), "output_dir": str(tmp_path / "o")}))
+            assert "does not exist" in err
+            assert "unknown job_id" in _error(await c.call_tool("moe_train_status", {"job_id": "train-99"}))
+            assert "not found" in _error(await c.call_tool("moe_analyze", {"model_id": mid, "data": str(tmp_path / "nope.jsonl")}))
+            # still serving
+            assert _data(await c.call_tool("moe_generate", {"model_id": mid, "prompt": "hi", "max_length": 2}))["text"] is not None
+
+    asyncio.run(main())
+
+
+def test_expert_tools(server):
+    srv, _ = server
+
+    async def main():
+        async with Client(srv) as c:
+            experts = _data(await c.call_tool("list_experts", {}))
+            assert [e["name"] for e in experts] == ["alpha", "beta", "gamma"]
+            route = _data(await c.call_tool("route_query", {"query": "I like apples"}))
+            assert route["label"] == "alpha"
+            assert _data(await c.call_tool("route_query", {"query": "the weather"}))["label"] == "base"
+            auto = _data(await c.call_tool("chat", {"message": "tell me about apples", "max_tokens": 4}))
+            assert auto["experts"] == ["alpha"] and auto["route"]["label"] == "alpha"
+            forced = _data(await c.call_tool("chat", {"message": "tell me about apples", "expert": "beta", "max_tokens": 4}))
+            assert forced["experts"] == ["beta"]
+            assert "unknown expert 'zeta'" in _error(await c.call_tool("chat", {"message": "x", "expert": "zeta"}))
+            assert _data(await c.call_tool("set_expert_scale", {"name": "alpha", "scale": 0.5}))["scale"] == 0.5
+            assert "unknown expert" in _error(await c.call_tool("set_expert_scale", {"name": "zeta", "scale": 1.0}))
+            half = _data(await c.call_tool("list_experts", {}))
+            assert {e["name"]: e["scale"] for e in half}["alpha"] == 0.5
+            assert _data(await c.call_tool("load_expert", {"name_or_path": "gamma"}))["name"] == "gamma"
+            assert "outside the expert roots" in _error(await c.call_tool("load_expert", {"name_or_path": "/etc"}))
+
+    asyncio.run(main())
