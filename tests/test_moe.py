@@ -298,3 +298,19 @@ def test_batched_generation_matches_single(tiny_base):
     both = generate(model, tok, ["a short prompt", "a much longer prompt with several more words in it"], max_length=6)
     alone = generate(model, tok, ["a short prompt"], max_length=6)
     assert both[0] == alone[0]  # left padding is masked out of attention and of routing
+
+
+def test_bundled_moe_config_trains_from_the_cli(tiny_base, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "moe.yaml"
+    cfg = load_train_config(config, [], MoETrainConfig)
+    assert cfg.moe.capacity_factor == 1.25 and cfg.moe.num_experts == 8 and cfg.max_steps == 200
+    res = CliRunner().invoke(app, ["moe", "train", str(config), "--no-progress", "--set", f"model_name_or_path={tiny_base}",
+                                   "--set", "max_steps=2", "--set", f"output_dir={tmp_path / 'o'}", "--set", "logging_steps=1",
+                                   "--set", "moe.num_experts=2", "--set", "val_size=0", "--set", "per_device_train_batch_size=2"])
+    assert res.exit_code == 0, res.output
+    assert "2 steps" in _flat(res) and "drop rate" in _flat(res)
+    assert (tmp_path / "o" / "moe_config.json").is_file() and (tmp_path / "o" / "summary.json").is_file()
+    res = CliRunner().invoke(app, ["moe", "train", str(config), "--set", "learning_rate=-1"])
+    assert res.exit_code == 2 and "learning_rate" in _flat(res)
