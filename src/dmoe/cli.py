@@ -8,6 +8,8 @@
     dmoe chat [--expert NAME]                   interactive chat
     dmoe export EXPERT --format gguf            llama.cpp LoRA adapter (or --base)
     dmoe merge EXPERT -o DIR [--format gguf]    a standalone merged model
+    dmoe moe upcycle|train|generate|analyze     token-level MoE from a dense model
+    dmoe mcp [--transport http]                 MCP tools (MoE + experts)
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the bundle
 experts_app = typer.Typer(no_args_is_help=True, help="Expert directories.")
 app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")
+moe_app = typer.Typer(no_args_is_help=True, help="Token-level MoE: upcycle a dense model, train, generate, analyze.")
+app.add_typer(moe_app, name="moe")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -209,13 +213,14 @@ def serve(
     keywords: Optional[Path] = typer.Option(None, help="keyword rules YAML, used when no trained router matches"),
     route_mode: str = typer.Option("threshold", help="model=auto: threshold, top1 or topk"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base; experts converted to GGUF)"),
 ):
     """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API)."""
     from dmoe.serve.app import build_state, run_server
 
     st = build_state(base, experts_dir, roots=[experts_dir, *root], api_key=api_key, max_batch=max_batch,
                      max_seq=max_seq, max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue,
-                     dtype=dtype, device=device, keywords=keywords, route_mode=route_mode)
+                     dtype=dtype, device=device, keywords=keywords, route_mode=route_mode, engine_kind=engine)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.slots.resident)) or 'none'} "
                   f"on http://{host}:{port}")
     run_server(st, host, port, drain_s=drain)
@@ -290,6 +295,140 @@ def merge(
     console.print(f"[green]merged {e.name} (scale {scale:g}) into {directory}[/]", highlight=False)
     if fmt == "gguf":
         _print_export(write_base_gguf(directory, directory / f"model-{outtype}.gguf", outtype))
+
+
+def _moe_config(overrides: list[str], **given):
+    from dmoe.config import ConfigError, MoEConfig, format_validation_error, parse_override
+    from pydantic import ValidationError
+
+    data = {k: v for k, v in given.items() if v is not None}
+    for item in overrides:
+        k, v = parse_override(item)
+        data[k.removeprefix("moe.")] = v
+    try:
+        return MoEConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, MoEConfig, "moe config")) from None
+
+
+@moe_app.command("upcycle")
+@_user_errors
+def moe_upcycle(
+    out: Path = typer.Option(..., "-o", "--out", help="output directory"),
+    base: Optional[str] = typer.Option(None, help="dense base: HF dir or .gguf (default: embedded)"),
+    num_experts: Optional[int] = typer.Option(None, help="experts per MoE layer (default 8)"),
+    top_k: Optional[int] = typer.Option(None, help="experts per token (default 2)"),
+    capacity_factor: Optional[float] = typer.Option(None, help="capacity = factor * tokens * top_k / experts"),
+    expert_capacity: Optional[int] = typer.Option(None, help="tokens per expert per batch"),
+    moe_layer_frequency: Optional[int] = typer.Option(None, help="every n-th layer becomes MoE (default 2)"),
+    set_: list[str] = typer.Option([], "--set", help="any MoEConfig field: --set router_jitter_noise=0"),
+):
+    """Turn a dense model into a sparse MoE (experts = copies of each chosen MLP)."""
+    from dmoe.base import load_base
+    from dmoe.moe.model import parameter_counts, save_moe, upcycle
+
+    cfg = _moe_config(set_, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                      expert_capacity=expert_capacity, moe_layer_frequency=moe_layer_frequency)
+    model, tok, spec = load_base(base)
+    upcycle(model, cfg)
+    save_moe(model, tok, out)
+    counts = parameter_counts(model)
+    console.print(f"[green]upcycled {spec.identity.name} into {out}[/]: {cfg.num_experts} experts, top-{cfg.top_k}, "
+                  f"{counts['total'] / 1e6:.1f}M parameters, {counts['active_per_token'] / 1e6:.1f}M active per token", highlight=False)
+
+
+@moe_app.command("train")
+@_user_errors
+def moe_train(
+    config: Path = typer.Argument(..., help="training YAML: LoRA-trainer keys + a moe: block"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set max_steps=10 or --set moe.top_k=1"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+):
+    """Train an upcycled MoE (or upcycle a dense model_name_or_path first)."""
+    from dmoe.config import MoETrainConfig, load_train_config
+    from dmoe.moe.train import train_moe
+
+    cfg = load_train_config(config, set_, model=MoETrainConfig)
+    res = train_moe(cfg, show_progress=not no_progress)
+    last = res.history[-1] if res.history else {}
+    console.print(f"[green]MoE written to {res.output_dir}[/]: {res.steps} steps, loss {res.loss:.4f} "
+                  f"(lm {res.lm_loss:.4f}, aux {last.get('router_aux_loss', 0):.4f}, z {last.get('router_z_loss', 0):.4f}), "
+                  f"drop rate {last.get('drop_rate', 0):.2%}, {res.elapsed_s:.0f} s", highlight=False)
+
+
+@moe_app.command("generate")
+@_user_errors
+def moe_generate(
+    model_dir: Path = typer.Argument(..., help="an upcycled MoE directory"),
+    prompt: list[str] = typer.Argument(..., help="one or more prompts (generated as one batch)"),
+    max_length: int = typer.Option(64, help="new tokens per prompt"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+):
+    """Batched generation with an upcycled MoE."""
+    from dmoe.moe.analyze import generate as moe_gen
+    from dmoe.moe.model import load_moe
+
+    model, tok, _ = load_moe(model_dir)
+    for p, a in zip(prompt, moe_gen(model, tok, prompt, max_length, temperature, top_p, seed)):
+        console.print(f"[bold]Q:[/] {p}\n[bold]A:[/] {a}\n", highlight=False)
+
+
+@moe_app.command("analyze")
+@_user_errors
+def moe_analyze(
+    model_dir: Path = typer.Argument(..., help="an upcycled MoE directory"),
+    data: Path = typer.Option(..., "--data", help="JSON/JSONL rows (text/question/instruction/messages, optional domain)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="report folder (default: MODEL_DIR/analysis)"),
+    max_rows: int = typer.Option(512, help="rows read at most"),
+):
+    """Expert utilization per layer (heatmap PNG), router entropy, experts per domain."""
+    from dmoe.moe.analyze import analyze, read_analysis_rows, write_heatmap
+
+    from dmoe.moe.model import load_moe
+
+    rows = read_analysis_rows(data)[:max_rows]
+    model, tok, _ = load_moe(model_dir)
+    report = analyze(model, tok, rows)
+    folder = out or model_dir / "analysis"
+    folder.mkdir(parents=True, exist_ok=True)
+    from dmoe.base import atomic_write_text
+
+    atomic_write_text(folder / "analysis.json", json.dumps(report, indent=2) + "\n")
+    write_heatmap(report, folder / "utilization.png")
+    t = Table(title=f"expert utilization ({report['tokens']} tokens, top-{report['top_k']} of {report['num_experts']})")
+    t.add_column("layer")
+    t.add_column("entropy", justify="right")
+    t.add_column("balance", justify="right")
+    t.add_column("share per expert")
+    for i, layer in enumerate(report["layers"]):
+        t.add_row(str(layer), f"{report['router_entropy'][i]:.3f}/{report['max_entropy']:.3f}", f"{report['balance'][i]:.2f}",
+                  " ".join(f"{x:.2f}" for x in report["utilization"][i]))
+    console.print(t)
+    for d, shares in report["domains"].items():
+        top = sorted(range(report["num_experts"]), key=lambda e: -sum(row[e] for row in shares))[:3]
+        console.print(f"domain {d}: most used experts {top}", highlight=False)
+    console.print(f"[green]wrote {folder / 'analysis.json'} and {folder / 'utilization.png'}[/]", highlight=False)
+
+
+@app.command("mcp")
+@_user_errors
+def mcp_server(
+    transport: str = typer.Option("stdio", help="stdio, or http (streamable HTTP)"),
+    host: str = typer.Option("127.0.0.1", help="bind address for http (loopback by default)"),
+    port: int = typer.Option(8765, help="port for http"),
+    experts_dir: Path = typer.Option(DEFAULT_EXPERTS, "--experts", help="LoRA experts for list_experts/chat/route_query"),
+    base: Optional[str] = typer.Option(None, help="base model of the experts (default: embedded)"),
+    dataset_dir: Path = typer.Option(REPO_ROOT / "examples" / "data", help="where moe_train looks up dataset names"),
+    keywords: Optional[Path] = typer.Option(None, help="keyword rules, used when no trained router exists"),
+):
+    """MCP server: moe_load_model, moe_train, moe_generate, moe_analyze and the expert tools."""
+    from dmoe.mcp.server import run_mcp
+
+    if transport != "stdio":
+        err_console.print(f"MCP over streamable HTTP on http://{host}:{port}/mcp")
+    run_mcp(transport, host, port, experts_dir=experts_dir, base=base, dataset_dir=dataset_dir, keywords=keywords)
 
 
 @app.command(context_settings={"allow_interspersed_args": True})

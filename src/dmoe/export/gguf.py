@@ -118,6 +118,17 @@ def gguf_arch(config: dict) -> str:
 
 
 # ------------------------------------------------------------------ adapters
+def _projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each projection of a llama/qwen2-style decoder layer."""
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    return {"q_proj": (n_head * head_dim, hidden), "k_proj": (n_kv * head_dim, hidden), "v_proj": (n_kv * head_dim, hidden),
+            "o_proj": (hidden, n_head * head_dim), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}
+
+
 def adapter_tensors(expert, config: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """{gguf base tensor name: (A (r, in), B (out, r))} in llama.cpp's layout, and the alpha to write."""
     from dmoe.engine.adapters import AdapterError, read_peft_adapter
@@ -131,11 +142,16 @@ def adapter_tensors(expert, config: dict) -> tuple[dict[str, tuple[torch.Tensor,
     n_layers = int(config["num_hidden_layers"])
     tmap = g.get_tensor_name_map(g.MODEL_ARCH[arch.upper()], n_layers)
     n_head, n_kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    shapes = _projection_shapes(config)
     out = {}
     for mod, (A, B) in pairs.items():
         _, layer, proj = mod.split(".")
         if int(layer) >= n_layers or proj not in _PROJ_PARENT:
             raise ExportError(f"expert '{expert.name}': {mod} does not exist in a {n_layers}-layer {arch} base")
+        want_out, want_in = shapes[proj]
+        if A.shape[1] != want_in or B.shape[0] != want_out:
+            raise ExportError(f"expert '{expert.name}': {mod} maps {A.shape[1]} -> {B.shape[0]}, the base's maps "
+                              f"{want_in} -> {want_out}: the adapter was made for another base")
         name = tmap.get_name(f"model.layers.{layer}.{_PROJ_PARENT[proj]}.{proj}")
         if name is None:
             raise ExportError(f"expert '{expert.name}': no GGUF tensor name for {mod} in architecture {arch}")
@@ -299,8 +315,11 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     arch = gguf_arch(config)
-    if config.get("rope_scaling"):
-        raise ExportError(f"{directory}: rope_scaling {config['rope_scaling']} is not exported by dmoe; use llama.cpp's converter")
+    rope = dict(config.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ExportError(f"{directory}: RoPE scaling {scaling} is not exported by dmoe; use llama.cpp's converter")
+    rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     if state_dict is None:
         state_dict = {}
         for f in sorted(directory.glob("*.safetensors")):
@@ -327,7 +346,7 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
         w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+        w.add_rope_freq_base(rope_theta)
         w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_file_type({"f32": g.LlamaFileType.ALL_F32, "f16": g.LlamaFileType.MOSTLY_F16,

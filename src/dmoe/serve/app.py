@@ -499,19 +499,30 @@ def serve_in_thread(st: ServeState, host: str = "127.0.0.1", port: int = 8081):
 def build_state(base_spec: str | None, experts_dir: Path, *, roots: list[Path] | None = None, api_key: str | None = None,
                 max_batch: int = 8, max_seq: int = 2048, max_loras: int = 8, max_rank: int = 64, max_queue: int = 64,
                 dtype: str = "auto", device: str = "auto", keywords: Path | None = None, route_mode: str = "threshold",
-                use_router: bool = True) -> ServeState:
+                use_router: bool = True, engine_kind: str = "torch") -> ServeState:
     """Load the base once, build the engine, and load every expert found in ``experts_dir``.
 
-    ``device`` auto = CUDA when present, else CPU; ``dtype`` auto = bf16 on CUDA, fp32 on CPU.
+    ``engine_kind`` torch (any base) or llamacpp (a GGUF base; PEFT experts are converted
+    to GGUF adapters on load). ``device`` auto = CUDA when present, else CPU; ``dtype``
+    auto = bf16 on CUDA, fp32 on CPU (torch engine).
     """
-    from dmoe.base import load_base
+    from dmoe.base import load_base, load_tokenizer, resolve_base
 
+    if engine_kind not in ("torch", "llamacpp"):
+        raise DmoeError(f"engine must be torch or llamacpp, not {engine_kind!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise DmoeError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    model, tok, spec = load_base(base_spec, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device)
-    engine = Engine.from_base(model, tok, max_batch=max_batch, max_seq=max_seq, max_loras=max_loras, max_rank=max_rank)
+    if engine_kind == "llamacpp":
+        from dmoe.engine.llamacpp import LlamaCppEngine
+
+        spec = resolve_base(base_spec)
+        tok = load_tokenizer(spec)
+        engine = LlamaCppEngine(spec, tok, max_batch=max_batch, max_seq=max_seq)
+    else:
+        model, tok, spec = load_base(base_spec, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device)
+        engine = Engine.from_base(model, tok, max_batch=max_batch, max_seq=max_seq, max_loras=max_loras, max_rank=max_rank)
     st = ServeState(engine=engine, tokenizer=tok, base=spec.identity, roots=roots or [experts_dir], api_key=api_key, max_queue=max_queue)
     experts = find_experts(experts_dir) if experts_dir.is_dir() else []
     for expert in experts:

@@ -1,0 +1,382 @@
+"""The llama.cpp engine: a GGUF base, GGUF LoRA adapters, the torch engine's interface.
+
+    engine = LlamaCppEngine.from_gguf(base_spec, tokenizer)
+    engine.load_expert(load_expert("examples/experts/cooking"))   # PEFT -> GGUF, cached
+    engine.generate([ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
+
+llama.cpp applies one adapter set to a whole context (``llama_set_adapters_lora``),
+so requests are grouped by adapter set. Each step picks the next group with work,
+round-robin, sets its adapters, and runs one ``llama_decode`` with that group's
+new prompts (prefill) and one token for each of its running sequences. Other
+groups keep their KV cells and wait for their turn: a request is only ever
+computed under its own set, so its greedy output does not depend on the load.
+A single context with one sequence per request keeps one copy of the KV cache
+budget; see docs/architecture.md for the trade-off against one context per set.
+
+Adapters are loaded (``llama_adapter_lora_init``) and freed only under the engine
+lock, between two decode calls. PEFT experts are converted to GGUF on first load
+and cached under $DMOE_HOME/gguf-adapters, keyed by adapter and base content.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmoe import DmoeError
+from dmoe.base import BaseSpec, content_hash, dmoe_home
+from dmoe.engine.adapters import AdapterError, Resident
+from dmoe.engine.engine import Request, RequestError, SamplingParams, UnknownExpertError, sample
+from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert
+
+
+class LlamaCppError(DmoeError):
+    """llama.cpp is missing, or refused a model, an adapter or a batch."""
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - part of the default install
+        raise LlamaCppError(f"llama-cpp-python is not installed ({exc}); run: pip install 'llama-cpp-python>=0.3.36,<0.4'") from None
+    return llama_cpp
+
+
+_LOG_SINK = None
+
+
+def _silence_llama_logs() -> None:
+    """llama.cpp logs every tensor to stderr; keep errors only."""
+    global _LOG_SINK
+    lc = _llama_cpp()
+    if _LOG_SINK is None:
+        def sink(level, text, user_data):  # noqa: ARG001 - ctypes callback signature
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
+                os.write(2, text)
+        _LOG_SINK = lc.llama_log_callback(sink)
+        lc.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
+
+
+def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
+    """The expert as a GGUF adapter (f32, so the only difference from torch is the base's
+    quantisation), converted once and cached by the adapter's and the base's content."""
+    from dmoe.export.gguf import ExportError, write_adapter_gguf
+
+    key = content_hash([expert.path / ADAPTER_CONFIG, expert.path / ADAPTER_WEIGHTS])[:16]
+    path = dmoe_home() / "gguf-adapters" / f"{expert.name}-{key}-{base.identity.sha256[:12]}-f32.gguf"
+    if not path.is_file():
+        try:
+            write_adapter_gguf(expert, path, base, "f32")
+        except ExportError as exc:
+            raise AdapterError(str(exc)) from None
+    return path
+
+
+@dataclass
+class _Loaded:
+    resident: Resident
+    handle: object  # llama_adapter_lora_p
+
+
+class _Slots:
+    """What the server reads of the torch engine's slots: the resident experts by name."""
+
+    def __init__(self) -> None:
+        self.resident: dict[str, Resident] = {}
+
+
+class LlamaCppEngine:
+    """One GGUF base in llama.cpp, many GGUF adapters, requests grouped by adapter set."""
+
+    def __init__(self, base: BaseSpec, tokenizer, *, max_batch: int = 8, max_seq: int = 2048,
+                 max_prefill_tokens: int = 1024, n_threads: int | None = None):
+        if not base.is_gguf:
+            raise LlamaCppError(f"the llama.cpp engine needs a GGUF base; {base.path} is an HF directory. "
+                                f"write one with: dmoe export --base --base-model {base.path} -o base.gguf, then serve with --base base.gguf")
+        lc = _llama_cpp()
+        _silence_llama_logs()
+        lc.llama_backend_init()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        self.max_prefill_tokens = max_prefill_tokens
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self._model = lc.llama_model_load_from_file(str(base.path).encode(), mp)
+        if not self._model:
+            raise LlamaCppError(f"llama.cpp could not load {base.path}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = max_seq * max_batch
+        cp.n_seq_max = max_batch
+        cp.kv_unified = True  # sequences share one cell pool: short requests leave room for long ones
+        cp.n_batch = cp.n_ubatch = max(max_prefill_tokens + max_batch, 512)
+        threads = n_threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = threads
+        self._ctx = lc.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise LlamaCppError("llama.cpp could not create a context")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
+        self._batch = lc.llama_batch_init(cp.n_batch, 0, 1)
+        self._batch_cap = cp.n_batch
+        self.slots = _Slots()
+        self._loaded: dict[str, _Loaded] = {}
+        self._active: tuple = ()  # the adapter set now on the context
+        self._turn = 0
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_seqs = list(range(max_batch))
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if eos is not None else set()
+        self.adapter_switches = 0
+
+    @classmethod
+    def from_gguf(cls, base: BaseSpec, tokenizer, **kw) -> "LlamaCppEngine":
+        return cls(base, tokenizer, **kw)
+
+    def close(self) -> None:
+        """Free the context, the adapters and the model (the engine is unusable afterwards)."""
+        lc = _llama_cpp()
+        with self.lock:
+            if self._ctx:
+                lc.llama_batch_free(self._batch)
+                lc.llama_free(self._ctx)
+                self._ctx = None
+            for item in self._loaded.values():
+                lc.llama_adapter_lora_free(item.handle)
+            self._loaded.clear()
+            if self._model:
+                lc.llama_model_free(self._model)
+                self._model = None
+
+    # -------------------------------------------------------------- adapters
+    def _in_use(self) -> set[str]:
+        return {n for r in itertools.chain(self.waiting, self.running) for n, _ in r.lora}
+
+    def load_expert(self, expert: Expert) -> Resident:
+        """Convert (cached) and check outside the lock; hand the file to llama.cpp between steps."""
+        from dmoe.export.gguf import ExportError, check_adapter_fits
+
+        path = cached_adapter_gguf(expert, self.base)
+        try:
+            check_adapter_fits(path, self.base.path)
+        except ExportError as exc:
+            raise AdapterError(str(exc)) from None
+        rank = int(expert.adapter_config().get("r", 0))
+        lc = _llama_cpp()
+        with self.lock:
+            old = self._loaded.get(expert.name)
+            if old is not None and expert.name in self._in_use():
+                raise AdapterError(f"expert '{expert.name}' is in use by queued or running requests; retry when they finish")
+            handle = lc.llama_adapter_lora_init(self._model, str(path).encode())
+            if not handle:
+                raise AdapterError(f"llama.cpp refused the adapter {path}")
+            if old is not None:
+                self._drop(expert.name)
+            res = Resident(expert.name, len(self._loaded), rank, str(expert.path))
+            self._loaded[expert.name] = _Loaded(res, handle)
+            self.slots.resident[expert.name] = res
+            return res
+
+    def _drop(self, name: str) -> None:
+        lc = _llama_cpp()
+        item = self._loaded.pop(name)
+        self.slots.resident.pop(name, None)
+        if any(n == name for n, _ in self._active):
+            lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+            self._active = ()
+        lc.llama_adapter_lora_free(item.handle)
+
+    def unload_expert(self, name: str) -> None:
+        with self.lock:
+            if name not in self._loaded:
+                raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
+            if name in self._in_use():
+                raise AdapterError(f"expert '{name}' is in use by queued or running requests; retry when they finish")
+            self._drop(name)
+
+    def resolve(self, adapters: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Check names and scales; the set is kept by name (sorted), zero scales dropped."""
+        out = []
+        for name, scale in adapters:
+            if name not in self._loaded:
+                raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
+            if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
+                raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
+            if scale != 0:
+                out.append((name, float(scale)))
+        return sorted(out)
+
+    def _set_adapters(self, key: tuple) -> None:
+        if key == self._active:
+            return
+        lc = _llama_cpp()
+        n = len(key)
+        handles = (lc.llama_adapter_lora_p_ctypes * max(n, 1))(*[self._loaded[name].handle for name, _ in key])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in key])
+        if lc.llama_set_adapters_lora(self._ctx, handles if n else None, n, scales if n else None) != 0:
+            raise LlamaCppError(f"llama.cpp refused the adapter set {key}")
+        self._active = key
+        self.adapter_switches += 1
+
+    # -------------------------------------------------------------- requests
+    def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
+        """Queue a request; its adapter set is fixed now."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if params.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if len(prompt_ids) + params.max_tokens > self.max_seq:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_seq} tokens")
+        if len(prompt_ids) > self.max_prefill_tokens:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine prefills at most {self.max_prefill_tokens}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        with self.lock:
+            req = Request(list(prompt_ids), self.resolve(adapters), params, id=next(self._ids))
+            if params.seed is not None:
+                req.generator = torch.Generator().manual_seed(params.seed)
+            self.waiting.append(req)
+            return req
+
+    def _finish_check(self, r: Request, tok: int) -> None:
+        r.output_ids.append(tok)
+        if tok in self.eos_ids and not r.params.ignore_eos:
+            r.finish_reason = "stop"
+        elif r.params.stop and any(s in self.tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"
+
+    def _release(self, r: Request) -> None:
+        if r.kv_slot >= 0:
+            _llama_cpp().llama_memory_seq_rm(self._mem, r.kv_slot, -1, -1)
+            self.free_seqs.append(r.kv_slot)
+            r.kv_slot = -1
+
+    def _next_group(self) -> tuple | None:
+        """Round-robin over the adapter sets that have work (running first, then waiting)."""
+        keys: list[tuple] = []
+        for r in itertools.chain(self.running, self.waiting):
+            k = tuple(r.lora)
+            if k not in keys:
+                keys.append(k)
+        if not keys:
+            return None
+        self._turn = (self._turn + 1) % len(keys)
+        return keys[self._turn]
+
+    def step(self) -> list[Request]:
+        """One llama_decode for one adapter set's requests. Returns the requests that advanced."""
+        lc = _llama_cpp()
+        with self.lock:
+            key = self._next_group()
+            if key is None:
+                return []
+            rows = [r for r in self.running if tuple(r.lora) == key]
+            budget = self._batch_cap - len(rows)
+            admitted = []
+            for r in list(self.waiting):
+                if tuple(r.lora) != key or not self.free_seqs:
+                    continue
+                if admitted and len(r.prompt_ids) > min(budget, self.max_prefill_tokens):
+                    break
+                if len(r.prompt_ids) > budget:
+                    break
+                self.waiting.remove(r)
+                r.kv_slot = self.free_seqs.pop(0)
+                admitted.append(r)
+                budget -= len(r.prompt_ids)
+            if not rows and not admitted:
+                return []
+            self._set_adapters(key)
+            b = self._batch
+            n = 0
+            out_index: list[tuple[Request, int]] = []
+
+            def put(tok: int, pos: int, seq: int, logits: bool) -> None:
+                nonlocal n
+                b.token[n], b.pos[n], b.n_seq_id[n] = tok, pos, 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = logits
+                n += 1
+
+            for r in rows:
+                put(r.output_ids[-1], len(r.prompt_ids) + len(r.output_ids) - 1, r.kv_slot, True)
+                out_index.append((r, n - 1))
+            for r in admitted:
+                last = len(r.prompt_ids) - 1
+                for i, t in enumerate(r.prompt_ids):
+                    put(t, i, r.kv_slot, i == last)
+                out_index.append((r, n - 1))
+            b.n_tokens = n
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                for r in admitted:  # give the new ones their place back; the running ones fail in the runner
+                    self._release(r)
+                    self.waiting.appendleft(r)
+                raise LlamaCppError(f"llama_decode returned {rc} for {n} tokens")
+            self.running += admitted
+            for r, i in out_index:
+                ptr = lc.llama_get_logits_ith(self._ctx, i)
+                logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+                self._finish_check(r, sample(logits, r.params, r.generator))
+            for r in [r for r in self.running if r.done]:
+                self._release(r)
+            self.running = [r for r in self.running if not r.done]
+            return [r for r, _ in out_index]
+
+    def logits(self, ids: list[int], adapters: list[tuple[str, float]]) -> torch.Tensor:
+        """(len(ids), V) logits of one sequence under an adapter set, every position
+        (teacher forcing, for parity checks). Waits for the step boundary; uses a free sequence."""
+        lc = _llama_cpp()
+        key = tuple(self.resolve(adapters))
+        if len(ids) > self._batch_cap:
+            raise RequestError(f"{len(ids)} tokens; at most {self._batch_cap} in one call")
+        with self.lock:
+            if not self.free_seqs:
+                raise RequestError("no free sequence; try again when requests finish")
+            seq = self.free_seqs.pop(0)
+            try:
+                self._set_adapters(key)
+                b = self._batch
+                for i, t in enumerate(ids):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, True
+                    b.seq_id[i][0] = seq
+                b.n_tokens = len(ids)
+                if lc.llama_decode(self._ctx, b) != 0:
+                    raise LlamaCppError(f"llama_decode failed for {len(ids)} tokens")
+                rows = [np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)).copy() for i in range(len(ids))]
+                return torch.from_numpy(np.stack(rows))
+            finally:
+                lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                self.free_seqs.append(seq)
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (a client went away); its sequence's KV cells are freed."""
+        with self.lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if req in self.running:
+                self.running.remove(req)
+            self._release(req)
+            req.finish_reason = req.finish_reason or "cancelled"
+
+    def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
+        """Run requests to completion together; returns each one's output ids."""
+        reqs = [self.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
+        while any(not r.done for r in reqs):
+            self.step()
+        return [r.output_ids for r in reqs]
