@@ -7,8 +7,9 @@ single_stream   one request, greedy, ``--tokens`` new tokens (EOS ignored), prom
                 dmoe = ``LlamaCppEngine`` (submit + step), each with no adapter and with
                 the cooking expert (raw: ``Llama(lora_path=...)``). Goal: dmoe >= 90% of raw.
 concurrent      8 requests over 3 experts at once (dmoe groups by adapter set and
-                switches sets between decode steps), against the same 8 requests on one
-                expert (no switching: the upper bound) and one after another.
+                switches sets between decode steps, keeping a set for ``slice_steps``
+                steps: 1, 4 (the default) and 16 measured), against the same 8 requests on
+                one expert (no switching: the upper bound) and one after another.
 Median of ``--repeats`` runs. Prints one JSON object.
 """
 
@@ -70,6 +71,14 @@ def concurrent(engine: LlamaCppEngine, prompts: list[list[int]], sets, n: int) -
             "adapter_switches": engine.adapter_switches - switches}
 
 
+def _with_slice(engine: LlamaCppEngine, steps: int, fn):
+    old, engine.slice_steps = engine.slice_steps, steps
+    try:
+        return fn()
+    finally:
+        engine.slice_steps = old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=None, help="a GGUF base (default: the embedded SmolLM2 Q4_1)")
@@ -105,7 +114,8 @@ def main() -> None:
             "raw_lora_tok_s": raw_lora, "dmoe_lora_tok_s": dmoe_lora, "dmoe_vs_raw_lora": round(dmoe_lora / raw_lora, 3),
         },
         "concurrent_8": {
-            "mixed_3_experts": concurrent(engine, prompts, mixed_sets, args.tokens),
+            **{f"mixed_3_experts_slice_{k}": _with_slice(engine, k, lambda: concurrent(engine, prompts, mixed_sets, args.tokens))
+               for k in (1, 4, 16)},
             "one_expert": concurrent(engine, prompts, [[("cooking", 1.0)]] * 8, args.tokens),
         },
     }

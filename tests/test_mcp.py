@@ -128,3 +128,53 @@ def test_expert_tools(server):
             assert "outside the expert roots" in _error(await c.call_tool("load_expert", {"name_or_path": "/etc"}))
 
     asyncio.run(main())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dmoe_mcp_over_stdio_and_http(tiny_base, tiny_experts, tmp_path):
+    """The real `dmoe mcp` command: stdio, and streamable HTTP on 127.0.0.1."""
+    import subprocess
+    import sys
+    import time
+
+    from mcp import StdioServerParameters
+
+    dmoe = str(Path(sys.executable).parent / "dmoe")
+    common = ["--experts", str(tiny_experts), "--base", str(tiny_base)]
+
+    async def stdio():
+        async with Client(StdioServerParameters(command=dmoe, args=["mcp", *common])) as c:
+            names = {t.name for t in (await c.list_tools()).tools}
+            assert "moe_load_model" in names and "chat" in names
+            assert "unknown model_id" in _error(await c.call_tool("moe_generate", {"model_id": "x", "prompt": "hi"}))
+
+    asyncio.run(stdio())
+    port = _free_port()
+    proc = subprocess.Popen([dmoe, "mcp", "--transport", "http", "--port", str(port), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async def http():
+            async with Client(f"http://127.0.0.1:{port}/mcp") as c:
+                experts = _data(await c.call_tool("list_experts", {}))
+                assert [e["name"] for e in experts] == ["alpha", "beta", "gamma"]
+
+        for _ in range(200):  # wait for the port
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.1)
+        asyncio.run(http())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
