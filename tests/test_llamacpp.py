@@ -239,3 +239,20 @@ def test_embedded_quantized_base_keeps_hits_and_top1(real_torch_engine):
             assert agree / total >= 0.9, f"{name}: top-1 agreement {agree / total:.1%}"
     finally:
         eng.close()
+
+
+def test_merged_gguf_equals_the_adapter(tiny_base, tiny_experts, tiny_torch_engine, real_tokenizer, tmp_path):
+    """dmoe merge --format gguf: llama.cpp on the merged base == the torch engine with the adapter."""
+    from typer.testing import CliRunner
+
+    from dmoe.cli import app
+
+    res = CliRunner().invoke(app, ["merge", "alpha", "-o", str(tmp_path / "merged"), "--format", "gguf", "--outtype", "f32",
+                                   "--base", str(tiny_base), "--experts", str(tiny_experts)])
+    assert res.exit_code == 0, res.output
+    eng = LlamaCppEngine(resolve_base(tmp_path / "merged" / "model-f32.gguf"), real_tokenizer, max_batch=4, max_seq=128)
+    try:
+        got = eng.generate(PROMPTS, [[]] * len(PROMPTS), GREEDY)
+    finally:
+        eng.close()
+    assert got == tiny_torch_engine.generate(PROMPTS, [[("alpha", 1.0)]] * len(PROMPTS), GREEDY)
