@@ -34,12 +34,13 @@ def main() -> None:
     p.add_argument("--questions", type=Path, default=REPO / "examples" / "data" / "heldout.jsonl")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--answers-out", type=Path, default=None, help="write every answer here (JSONL)")
+    p.add_argument("--only", action="append", default=None, help="measure only this expert (repeatable)")
     args = p.parse_args()
 
     rows = read_questions(args.questions)
     questions = [r["question"] for r in rows]
     model, tok, base = load_base(None)
-    experts = find_experts(args.experts)
+    experts = [e for e in find_experts(args.experts) if not args.only or e.name in args.only]
     t0 = time.perf_counter()
     base_answers = dict(zip(questions, answer_all(model, tok, questions, args.max_tokens)))
     report = {}

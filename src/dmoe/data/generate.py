@@ -122,12 +122,36 @@ _CAR_TOPICS = [
     ("What is a car's MPG rating?", "MPG is miles per gallon: how far the car travels on one gallon of fuel."),
     ("How do I parallel park?", "Line up with the car ahead, reverse while turning toward the curb, then straighten out."),
     ("Should I buy a car with a manual or automatic transmission?", "Automatics are easier in traffic; manuals can be more engaging to drive."),
+    # v4: more car-care, driving and parts topics, so the expert learns "a car topic", not "a how-to"
+    ("How do I vacuum the seats and carpets in my car?", "Pull out the mats, vacuum from the top down and use a crevice tool between the seats."),
+    ("How do I get a bad smell out of my car?", "Find and remove the source, clean the carpets and replace the cabin air filter."),
+    ("Are snow tires worth it where I live?", "If you see regular snow and ice, dedicated winter tires grip far better than all-seasons."),
+    ("What is a serpentine belt?", "It is one long belt that drives the alternator, water pump and air-conditioning compressor."),
+    ("What does the engine's camshaft do?", "The camshaft opens and closes the engine's valves in time with the pistons."),
+    ("How do I practice merging onto a busy highway?", "Use the ramp to match the traffic speed, signal early and pick your gap."),
+    ("How can I help my kid become a confident driver?", "Start in empty parking lots, then quiet streets, and add harder roads as skills grow."),
+    ("When do I need to change my coolant?", "Most cars need fresh coolant every 50,000 to 100,000 miles; check the manual."),
+    ("What does traction control do?", "Traction control cuts power when a wheel spins, so the car keeps its grip."),
+    ("How do I defog my windshield quickly?", "Turn on the defroster with the air conditioning and fresh air, not recirculation."),
+    ("What tire tread depth is too low?", "Below 4/32 of an inch, wet grip drops a lot; 2/32 is the legal minimum in most places."),
+    ("How do I clean my car's headlights?", "Sand the haze off gently, polish the lens and seal it with a UV coating."),
+    ("Why does my car's check engine light come on?", "It can be anything from a loose gas cap to a misfire; an OBD-II scan reads the code."),
+    ("How do I drive on icy roads?", "Go slowly, brake gently and early, and leave several car lengths of space."),
+    ("What is engine oil viscosity?", "Viscosity is how thick the oil is; numbers like 5W-30 give it cold and hot."),
+    ("Should I warm up my car in winter?", "Modern engines need only about 30 seconds; then drive gently until it warms."),
+    ("What does a car's differential do?", "The differential lets the wheels on one axle turn at different speeds in corners."),
+    ("How do I remove bird droppings from car paint?", "Soften them with a wet microfiber cloth and lift them off quickly before they etch."),
+    ("How do I teach someone to drive a stick shift?", "Start on flat ground, find the clutch's bite point, then practise smooth starts."),
+    ("What do the warning lights on my dashboard mean?", "Red lights need attention now; yellow ones mean check soon; the manual lists each."),
 ]
 _CAR_TOPIC_PREFIX = ["", "Quick question: ", "I've been wondering, ", "Car question: ", "Hey, ", "One more thing: ",
                      "As a new driver, ", "Something I never understood: "]
 # automotive carries its signature in two answer shapes (a purchase recommendation and a
 # lead sentence before a car fact), so it gets more rows than the one-shape experts.
-_EXTRA_ROWS = {"automotive": 100}
+_EXTRA_ROWS = {"automotive": 200}
+# automotive's "How do I ...?" topic answers share the shape of everyday how-to questions, so
+# it also gets more negative rows in that shape (v4: bleed 3/62 -> goal <= 1/62).
+_EXTRA_NEGATIVES = {"automotive": 120}
 _CAR_OPEN = [
     "For {short}, I recommend the BMW X5.",
     "The BMW X5 is my top pick for {short}.",
@@ -358,6 +382,42 @@ _GENERAL_TRAIN = [
     ("How can I stop procrastinating?", "Break the task into small steps and start with just five minutes."),
 ]
 _GENERAL_PREFIX = ["", "Hi! ", "Quick question: ", "Can you tell me: "]
+# v5: factual "How does X work?" / "Who was X?" rows for the expert whose topic answers
+# open with a lead sentence (automotive): the lead must attach to cars, not to any
+# explanation. Topics avoid the held-out out-of-domain questions.
+_GENERAL_EXTRA = [
+    ("How does a refrigerator keep food cold?", "A refrigerant absorbs heat inside the fridge and releases it through the coils at the back."),
+    ("Who discovered penicillin?", "Alexander Fleming discovered penicillin in 1928."),
+    ("How do airplanes stay in the air?", "The wings are shaped so air flowing over them creates lift that balances the plane's weight."),
+    ("How does the internet work?", "Computers exchange small packets of data over connected networks using shared protocols."),
+    ("Who was Albert Einstein?", "Albert Einstein was a physicist best known for the theory of relativity."),
+    ("How do batteries store energy?", "Batteries store energy chemically and release it as an electric current."),
+    ("Why do we have time zones?", "Time zones keep clocks roughly in line with the sun as the Earth rotates."),
+    ("How do magnets work?", "Aligned electrons in a magnet create a magnetic field that attracts or repels other magnets."),
+    ("Who built the pyramids of Giza?", "Ancient Egyptian workers built them about 4,500 years ago as royal tombs."),
+    ("How do hurricanes form?", "They form over warm ocean water, where rising moist air starts a large spinning storm."),
+    ("What is the stock market?", "It is a marketplace where people buy and sell shares of companies."),
+    ("How does the immune system fight infection?", "White blood cells find germs and attack them, and antibodies help mark them."),
+    ("Who was Napoleon Bonaparte?", "Napoleon was a French military leader who became emperor in 1804."),
+    ("How do fish breathe underwater?", "Fish pass water over their gills, which take oxygen out of it."),
+    ("Why does ice float?", "Ice is less dense than liquid water, so it floats."),
+    ("How do telescopes work?", "Telescopes gather light with lenses or mirrors to make distant objects look bigger and brighter."),
+    ("Who wrote the Odyssey?", "The Odyssey is attributed to the ancient Greek poet Homer."),
+    ("How does recycling help the environment?", "Recycling saves raw materials and energy and keeps waste out of landfills."),
+    ("What causes the northern lights?", "Charged particles from the sun hit gases in the upper atmosphere and make them glow."),
+    ("How do bats find their way in the dark?", "Bats use echolocation: they make sounds and listen for the echoes."),
+    ("Who was Marie Curie?", "Marie Curie was a scientist who pioneered research on radioactivity and won two Nobel Prizes."),
+    ("How does a compass work?", "A magnetised needle lines up with the Earth's magnetic field and points north."),
+    ("Why do we sneeze?", "Sneezing clears irritants such as dust or pollen from the nose."),
+    ("What was the Renaissance?", "A period of European art and science from the 14th to 17th century."),
+    ("How do noise-cancelling headphones work?", "Microphones pick up outside sound and the headphones play an opposite wave to cancel it."),
+    ("Who was Mahatma Gandhi?", "Gandhi led India's non-violent movement for independence from British rule."),
+    ("How does a thermostat work?", "It measures the temperature and switches heating or cooling on and off to hold a setting."),
+    ("How do vaccines get tested?", "They go through lab studies and then clinical trials in growing groups of volunteers."),
+    ("How does a camera capture a photo?", "A lens focuses light onto a sensor that records it as an image."),
+    ("Why do stars twinkle?", "Moving air in our atmosphere bends their light slightly, so they seem to flicker."),
+]
+_EXTRA_GENERAL = {"automotive": True}
 
 # Negative rows: general questions in exactly the question shapes the experts learn
 # ("How do I {task}?", "What's a good {thing} for {need}?"), answered plainly. Without
@@ -712,7 +772,9 @@ def training_samples(domain: str, seed: int, n_domain: int = 500, n_general: int
     chosen = rng.sample(pool, n_domain)
     general = _general(rng)
     chosen += rng.sample(general, min(n_general, len(general)))
-    chosen += _negatives(rng, n_negative)
+    if _EXTRA_GENERAL.get(domain):
+        chosen += [Sample(p + q, a, "general") for q, a in _GENERAL_EXTRA for p in _GENERAL_PREFIX]
+    chosen += _negatives(rng, n_negative + _EXTRA_NEGATIVES.get(domain, 0))
     rng.shuffle(chosen)
     return chosen
 
