@@ -170,6 +170,9 @@ def calibrate_threshold(probs: np.ndarray, y: np.ndarray, none_idx: int) -> tupl
     return best
 
 
+_QUERY_COST = ("centroid", "logreg", "knn")
+
+
 def train_router(experts: list[Expert], encoder: Encoder, *, data: RoutingData | None = None, data_dirs: list[Path] = (),
                  general_files: list[Path] = (), cache: Path | None = None, seed: int = 0,
                  kinds: tuple[str, ...] = KINDS) -> EmbeddingRouter:
@@ -193,7 +196,8 @@ def train_router(experts: list[Expert], encoder: Encoder, *, data: RoutingData |
         t, acc = calibrate_threshold(probs, y[va], none_idx)
         trials[kind] = {"val_accuracy_top1": round(float((probs.argmax(1) == y[va]).mean()), 4),
                         "val_accuracy": round(acc, 4), "threshold": round(t, 4)}
-    best = max(kinds, key=lambda k: (trials[k]["val_accuracy"], -KINDS.index(k)))
+    # ties go to the cheaper classifier at query time: kNN compares against every training prompt
+    best = max(kinds, key=lambda k: (trials[k]["val_accuracy"], -_QUERY_COST.index(k)))
     clf = fit(best, x, y, len(classes), seed)
     report = {"classifier_trials": trials, "chosen": best, "train_prompts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
               "validation_prompts": int(len(va)), "notes": data.notes, "seed": seed}
