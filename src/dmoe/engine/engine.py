@@ -80,6 +80,44 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, max_seq: int) -> None:
+    """What every engine refuses before queueing a request."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if params.max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if len(prompt_ids) + params.max_tokens > max_seq:
+        raise RequestError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {max_seq} tokens"
+        )
+
+
+def check_scale(name: str, scale) -> float:
+    """A finite adapter scale, or a RequestError naming the expert."""
+    if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
+        raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def append_token(r: Request, tok: int, eos_ids: set[int], tokenizer) -> None:
+    """Add a sampled token and decide whether the request is finished (EOS, stop string, length)."""
+    r.output_ids.append(tok)
+    if tok in eos_ids and not r.params.ignore_eos:
+        r.finish_reason = "stop"
+    elif r.params.stop and any(s in tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
+        r.finish_reason = "stop"
+    elif len(r.output_ids) >= r.params.max_tokens:
+        r.finish_reason = "length"
+
+
+def generate_all(engine, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
+    """Submit every request to ``engine``, step until all are done; each one's output ids."""
+    reqs = [engine.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
+    while any(not r.done for r in reqs):
+        engine.step()
+    return [r.output_ids for r in reqs]
+
+
 class Engine:
     """One base model, many adapters, a continuously batched decode loop."""
 
@@ -129,23 +167,14 @@ class Engine:
             if res is None:
                 known = ", ".join(sorted(self.slots.resident)) or "none"
                 raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {known}")
-            if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
-                raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
-            if scale != 0:
+            if check_scale(name, scale) != 0:
                 out.append((res.slot, float(scale)))
         return out
 
     # -------------------------------------------------------------- requests
     def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if params.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
-        if len(prompt_ids) + params.max_tokens > self.max_seq:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_seq} tokens"
-            )
+        check_request(prompt_ids, params, self.max_seq)
         with self.lock:
             req = Request(list(prompt_ids), self.resolve(adapters), params, id=next(self._ids))
             if params.seed is not None:
@@ -167,13 +196,7 @@ class Engine:
         lora.set(idx.to(self.device), scale.to(self.device), next(self.model.parameters()).dtype)
 
     def _finish_check(self, r: Request, tok: int) -> None:
-        r.output_ids.append(tok)
-        if tok in self.eos_ids and not r.params.ignore_eos:
-            r.finish_reason = "stop"
-        elif r.params.stop and any(s in self.tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
-            r.finish_reason = "stop"
-        elif len(r.output_ids) >= r.params.max_tokens:
-            r.finish_reason = "length"
+        append_token(r, tok, self.eos_ids, self.tokenizer)
 
     def _compact(self) -> None:
         """Move running rows into KV slots 0..n-1, in slot order (a few MB of copies per finished row)."""
@@ -242,7 +265,4 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
         """Run requests to completion together; returns each one's output ids."""
-        reqs = [self.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
-        while any(not r.done for r in reqs):
-            self.step()
-        return [r.output_ids for r in reqs]
+        return generate_all(self, prompts, adapter_sets, params)

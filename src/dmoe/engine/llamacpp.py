@@ -35,7 +35,17 @@ import torch
 from dmoe import DmoeError
 from dmoe.base import BaseSpec, content_hash, dmoe_home
 from dmoe.engine.adapters import AdapterError, Resident
-from dmoe.engine.engine import Request, RequestError, SamplingParams, UnknownExpertError, sample
+from dmoe.engine.engine import (
+    Request,
+    RequestError,
+    SamplingParams,
+    UnknownExpertError,
+    append_token,
+    check_request,
+    check_scale,
+    generate_all,
+    sample,
+)
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert
 
 
@@ -215,9 +225,7 @@ class LlamaCppEngine:
         for name, scale in adapters:
             if name not in self._loaded:
                 raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
-            if not (isinstance(scale, (int, float)) and abs(scale) < float("inf") and scale == scale):
-                raise RequestError(f"scale for expert '{name}' must be a finite number, got {scale!r}")
-            if scale != 0:
+            if check_scale(name, scale) != 0:
                 out.append((name, float(scale)))
         return sorted(out)
 
@@ -236,12 +244,7 @@ class LlamaCppEngine:
     # -------------------------------------------------------------- requests
     def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if params.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
-        if len(prompt_ids) + params.max_tokens > self.max_seq:
-            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_seq} tokens")
+        check_request(prompt_ids, params, self.max_seq)
         if len(prompt_ids) > self.max_prefill_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine prefills at most {self.max_prefill_tokens}")
         bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
@@ -255,13 +258,7 @@ class LlamaCppEngine:
             return req
 
     def _finish_check(self, r: Request, tok: int) -> None:
-        r.output_ids.append(tok)
-        if tok in self.eos_ids and not r.params.ignore_eos:
-            r.finish_reason = "stop"
-        elif r.params.stop and any(s in self.tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
-            r.finish_reason = "stop"
-        elif len(r.output_ids) >= r.params.max_tokens:
-            r.finish_reason = "length"
+        append_token(r, tok, self.eos_ids, self.tokenizer)
 
     def _release(self, r: Request) -> None:
         if r.kv_slot >= 0:
@@ -384,7 +381,4 @@ class LlamaCppEngine:
 
     def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
         """Run requests to completion together; returns each one's output ids."""
-        reqs = [self.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
-        while any(not r.done for r in reqs):
-            self.step()
-        return [r.output_ids for r in reqs]
+        return generate_all(self, prompts, adapter_sets, params)

@@ -89,13 +89,20 @@ def _add(writer, name: str, t: torch.Tensor, outtype: str, report: ExportReport)
     report.tensors += 1
 
 
-def _write_atomically(writer_fn, out: Path) -> None:
-    """Write through ``writer_fn(tmp_path)`` into a temporary file, then rename onto ``out``."""
+def _write_gguf(out: Path, arch: str, fill) -> None:
+    """A GGUF at ``out``: ``fill(writer)`` adds the keys and tensors; written to a temporary
+    file in the same folder, then renamed, so a crash never leaves a half-written file."""
+    g = _gguf()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        writer_fn(Path(tmp))
+        w = g.GGUFWriter(tmp, arch)
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
@@ -171,8 +178,7 @@ def write_adapter_gguf(expert, out: str | os.PathLike, base: BaseSpec, outtype: 
     out = Path(out)
     report = ExportReport(out, 0, alpha)
 
-    def write(tmp: Path) -> None:
-        w = g.GGUFWriter(str(tmp), arch)
+    def fill(w) -> None:
         w.add_type(g.GGUFType.ADAPTER)
         w.add_string(g.Keys.Adapter.TYPE, "lora")
         w.add_float32(g.Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -181,12 +187,8 @@ def write_adapter_gguf(expert, out: str | os.PathLike, base: BaseSpec, outtype: 
             A, B = tensors[name]
             _add(w, f"{name}.lora_a", A, outtype, report)
             _add(w, f"{name}.lora_b", B, outtype, report)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
 
-    _write_atomically(write, out)
+    _write_gguf(out, arch, fill)
     return report
 
 
@@ -335,8 +337,7 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
     out = Path(out)
     report = ExportReport(out, 0)
 
-    def write(tmp: Path) -> None:
-        w = g.GGUFWriter(str(tmp), arch)
+    def fill(w) -> None:
         w.add_type(g.GGUFType.MODEL)
         w.add_name(config.get("_name_or_path") or directory.name)
         w.add_context_length(int(config.get("max_position_embeddings", 2048)))
@@ -365,10 +366,6 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
             if arch in _PERMUTED_ARCHS and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                 t = permute_rope_rows(t, n_head if "q_proj" in hf_name else n_kv)
             _add(w, name, t, outtype, report)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
 
-    _write_atomically(write, out)
+    _write_gguf(out, arch, fill)
     return report
