@@ -26,7 +26,7 @@ from dmoe.moe.model import (
     save_moe,
     upcycle,
 )
-from tests.conftest import write_jsonl
+from conftest import write_jsonl
 
 V = 211
 
