@@ -1,6 +1,6 @@
 """The llama.cpp engine: a GGUF base, GGUF LoRA adapters, the torch engine's interface.
 
-    engine = LlamaCppEngine.from_gguf(base_spec, tokenizer)
+    engine = LlamaCppEngine(resolve_base("model.gguf"), tokenizer)
     engine.load_expert(load_expert("examples/experts/cooking"))   # PEFT -> GGUF, cached
     engine.generate([ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
 
@@ -8,7 +8,7 @@ llama.cpp applies one adapter set to a whole context (``llama_set_adapters_lora`
 so requests are grouped by adapter set. Each step picks the next group with work,
 round-robin, sets its adapters, and runs ``llama_decode`` with that group's new
 prompts (prefill) and one token for each of its running sequences, for up to
-``slice_steps`` steps (a switch costs about 4 ms on a 2-core CPU, so it is amortised). Other
+``slice_steps`` steps (a switch costs about 4 ms on a 2-core CPU). Other
 groups keep their KV cells and wait for their turn: a request is only ever
 computed under its own set, so its greedy output does not depend on the load.
 A single context with one sequence per request keeps one copy of the KV cache
@@ -153,10 +153,6 @@ class LlamaCppEngine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if eos is not None else set()
         self.adapter_switches = 0
-
-    @classmethod
-    def from_gguf(cls, base: BaseSpec, tokenizer, **kw) -> "LlamaCppEngine":
-        return cls(base, tokenizer, **kw)
 
     def close(self) -> None:
         """Free the context, the adapters and the model (the engine is unusable afterwards)."""

@@ -44,7 +44,6 @@ class TrainJob:
     id: str
     model_id: str
     output_dir: str
-    total_steps: int | None = None
     state: str = "running"  # running | done | failed | stopped
     history: list[dict] = field(default_factory=list)
     error: str | None = None
@@ -56,7 +55,7 @@ class TrainJob:
     def status(self) -> dict:
         last = self.history[-1] if self.history else {}
         return {"job_id": self.id, "model_id": self.model_id, "state": self.state, "output_dir": self.output_dir,
-                "step": last.get("step", 0), "total_steps": self.total_steps, "loss": last.get("loss"),
+                "step": last.get("step", 0), "total_steps": last.get("total_steps"), "loss": last.get("loss"),
                 "lm_loss": last.get("lm_loss"), "router_aux_loss": last.get("router_aux_loss"),
                 "router_z_loss": last.get("router_z_loss"), "drop_rate": last.get("drop_rate"),
                 "loss_history": [(r["step"], r["loss"]) for r in self.history], "error": self.error,
@@ -228,9 +227,8 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
             row = await progress.get()
             if row is None:
                 break
-            job.total_steps = job.total_steps or None
             if ctx is not None:
-                await ctx.report_progress(row["step"], None, f"step {row['step']}: loss {row['loss']:.4f}, "
+                await ctx.report_progress(row["step"], row.get("total_steps"), f"step {row['step']}: loss {row['loss']:.4f}, "
                                           f"aux {row['router_aux_loss']:.4f}, z {row['router_z_loss']:.4f}")
         if job.state == "failed":
             raise ToolError(f"training failed: {job.error}")

@@ -141,7 +141,7 @@ def train_moe(cfg: MoETrainConfig, *, show_progress: bool = True, on_log: Callab
             step += 1
             window.append(parts)
             if step % cfg.logging_steps == 0 or step == total:
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
+                row = {"step": step, "total_steps": total, "epoch": round(step / steps_per_epoch, 4)}
                 row.update({k: round(sum(w[k] for w in window) / len(window), 6) for k in parts})
                 row.update(metrics)
                 row["elapsed_s"] = round(time.perf_counter() - t0, 2)
