@@ -110,6 +110,15 @@ def append_token(r: Request, tok: int, eos_ids: set[int], tokenizer) -> None:
         r.finish_reason = "length"
 
 
+def drop_request(engine, req: Request) -> None:
+    """Take ``req`` out of the engine's queues and mark it cancelled (caller holds the lock)."""
+    if req in engine.waiting:
+        engine.waiting.remove(req)
+    if req in engine.running:
+        engine.running.remove(req)
+    req.finish_reason = req.finish_reason or "cancelled"
+
+
 def generate_all(engine, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
     """Submit every request to ``engine``, step until all are done; each one's output ids."""
     reqs = [engine.submit(p, a, params) for p, a in zip(prompts, adapter_sets)]
@@ -257,11 +266,7 @@ class Engine:
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away); its KV slot is freed."""
         with self.lock:
-            if req in self.waiting:
-                self.waiting.remove(req)
-            if req in self.running:
-                self.running.remove(req)
-            req.finish_reason = req.finish_reason or "cancelled"
+            drop_request(self, req)
 
     def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
         """Run requests to completion together; returns each one's output ids."""

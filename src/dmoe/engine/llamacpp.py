@@ -43,6 +43,7 @@ from dmoe.engine.engine import (
     append_token,
     check_request,
     check_scale,
+    drop_request,
     generate_all,
     sample,
 )
@@ -368,12 +369,8 @@ class LlamaCppEngine:
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away); its sequence's KV cells are freed."""
         with self.lock:
-            if req in self.waiting:
-                self.waiting.remove(req)
-            if req in self.running:
-                self.running.remove(req)
+            drop_request(self, req)
             self._release(req)
-            req.finish_reason = req.finish_reason or "cancelled"
 
     def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
         """Run requests to completion together; returns each one's output ids."""
