@@ -37,7 +37,7 @@ test: install
 test-fast: install
 	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
 
-# Reproduce the bundled example experts (about 11 minutes each on 2 cores).
+# Reproduce the bundled example experts (4 to 7 minutes each on 2 cores).
 experts: install
 	$(VENV)/bin/dmoe data generate --out examples/data --seed 0
 	for d in automotive cooking programming; do \

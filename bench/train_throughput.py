@@ -1,5 +1,6 @@
 """Training tokens/s: dmoe's loop vs plain PEFT + HF Trainer (and a hand PEFT loop),
-same data, same LoRA config, same batch size, measured in one run.
+same data, same LoRA config, same batch size, measured in one run. ``dmoe_unfused``
+is dmoe's loop without its fused ops (``train(fused=False)``), to show what they add.
 
     .venv/bin/python bench/train_throughput.py --steps 20 > results/train_throughput.json
     .venv/bin/python bench/train_throughput.py --steps 20 --bf16   # mixed precision, all three
@@ -45,11 +46,12 @@ def _dtype(args):
     return torch.bfloat16 if args.bf16 else torch.float32
 
 
-def bench_dmoe(args, tmp: Path) -> dict:
+def bench_dmoe(args, tmp: Path, fused: bool = True) -> dict:
     from dmoe.train import train
 
-    train(_cfg(args, tmp / "dmoe"), show_progress=False)
-    rows = [json.loads(l) for l in (tmp / "dmoe" / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    out = tmp / f"dmoe-{fused}"
+    train(_cfg(args, out), show_progress=False, fused=fused)
+    rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
     start = next(r for r in rows if r["step"] == WARMUP)
     tokens = rows[-1]["tokens_seen"] - start["tokens_seen"]
     secs = rows[-1]["elapsed_s"] - start["elapsed_s"]
@@ -147,6 +149,7 @@ def main() -> None:
         results = {
             "hf_trainer": bench_hf_trainer(args, tmp),
             "hand_peft_loop": bench_hand_loop(args, tmp),
+            "dmoe_unfused": bench_dmoe(args, tmp, fused=False),
             "dmoe": bench_dmoe(args, tmp),
         }
     for r in results.values():

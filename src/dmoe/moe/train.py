@@ -29,7 +29,14 @@ from dmoe.config import MoETrainConfig
 from dmoe.moe.model import collect_stats, is_moe_dir, load_moe, moe_layers, parameter_counts, router_losses, save_moe, upcycle
 from dmoe.train.batches import collate, epoch_batches
 from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar
-from dmoe.train.trainer import _device_and_dtype, causal_lm_loss_sum, encode_dataset, evaluate, split_val
+from dmoe.train.trainer import (
+    _device_and_dtype,
+    causal_lm_loss_sum,
+    encode_dataset,
+    evaluate,
+    split_val,
+    training_attention,
+)
 
 
 class MoETrainError(DmoeError):
@@ -109,7 +116,7 @@ def train_moe(cfg: MoETrainConfig, *, show_progress: bool = True, on_log: Callab
     eval_loss = None
     stopped = False
     pad = tokenizer.pad_token_id
-    with progress_bar(show_progress) as bar:
+    with progress_bar(show_progress) as bar, training_attention(model, device, amp_dtype, cfg.cutoff_len):
         task = bar.add_task("moe train", total=total, completed=0, loss="-", tps="-")
         while step < total:
             if stop is not None and stop.is_set():

@@ -6,7 +6,9 @@ Why not HF Trainer: on a 2-core CPU the loop below is faster (see
 docs/benchmarks.md, bench/train_throughput.py) because it
   * computes the LM head and cross-entropy only at positions that carry a label
     (the prompt, the chat-template system text and padding are skipped), and
-  * groups rows of similar length into a batch, so little compute goes to padding.
+  * groups rows of similar length into a batch, so little compute goes to padding, and
+  * runs the LoRA layers and the head's cross-entropy as fused ops (``dmoe.train.fused``)
+    and, in bf16 on a CPU, eager attention where it beats SDPA's flash kernel.
 The loss is the token-level mean over a whole optimizer step (all micro-batches),
 which is what gradient accumulation should compute.
 
@@ -17,6 +19,7 @@ RNG and data position (data order is a pure function of seed and epoch).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dmoe import DmoeError
 from dmoe.base import BaseSpec, atomic_write_text, cpu_has_bf16, load_base, resolve_base
@@ -39,6 +41,7 @@ from dmoe.data import load_conversations
 from dmoe.data.tokenize import Encoded, chat_template_for, encode
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_card
 from dmoe.train.batches import collate, epoch_batches
+from dmoe.train.fused import fused_lora, linear_cross_entropy_sum
 from dmoe.train.checkpoint import (
     TrainerState,
     clean_stale_tmp,
@@ -144,27 +147,44 @@ def data_digest(cfg: TrainConfig, examples: list[Encoded]) -> str:
 
 
 # ------------------------------------------------------------------ loss
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies over label positions, and their count.
 
     The LM head runs only on positions whose *next* token is a label: for a
     49k-token vocabulary that is most of the head's cost saved on prompt tokens.
+    ``fused`` runs head and loss as one chunked op (``dmoe.train.fused``).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     keep = targets != -100
-    h = hidden[:, :-1][keep]  # (N, H)
-    logits = lm.get_output_embeddings()(h).float()  # (N, V)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+    loss_sum = linear_cross_entropy_sum(hidden[:, :-1][keep], lm.get_output_embeddings(), targets[keep], softcap, fused=fused)
     return loss_sum, int(keep.sum())
 
 
+# Up to this many tokens a row, eager attention's forward + backward beats SDPA's
+# flash kernel in bf16 on a CPU (2-4x at 64-128 tokens); beyond, flash wins (docs/benchmarks.md).
+EAGER_ATTENTION_MAX_LEN = 384
+
+
+@contextlib.contextmanager
+def training_attention(lm, device: str, amp_dtype, max_len: int):
+    """Use eager attention for the block where it is the faster one to train with."""
+    config = lm.config
+    original = getattr(config, "_attn_implementation", None)
+    faster = device == "cpu" and amp_dtype == torch.bfloat16 and original == "sdpa" and max_len <= EAGER_ATTENTION_MAX_LEN
+    if faster:
+        config._attn_implementation = "eager"
+    try:
+        yield config._attn_implementation
+    finally:
+        if faster:
+            config._attn_implementation = original
+
+
 @torch.no_grad()
-def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, amp_dtype=None) -> float:
+def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, amp_dtype=None, fused: bool = True) -> float:
     """Token-level mean loss over ``examples``."""
     was_training = model.training
     model.eval()
@@ -174,14 +194,15 @@ def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, amp_d
     for start in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[start:start + batch_size]], pad_id).items()}
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            s, n = causal_lm_loss_sum(model, batch)
+            s, n = causal_lm_loss_sum(model, batch, fused)
         total += float(s)
         count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def optimizer_step(model, batches, optimizer, scheduler, max_grad_norm: float, device: str, amp_dtype) -> tuple[float, float, int]:
+def optimizer_step(model, batches, optimizer, scheduler, max_grad_norm: float, device: str, amp_dtype,
+                   fused: bool = True) -> tuple[float, float, int]:
     """One optimizer step over ``batches`` (the micro-batches of gradient accumulation).
 
     Returns (mean token loss of the step, grad norm before clipping, real tokens processed).
@@ -191,7 +212,7 @@ def optimizer_step(model, batches, optimizer, scheduler, max_grad_norm: float, d
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_sum, _ = causal_lm_loss_sum(model, batch)
+            loss_sum, _ = causal_lm_loss_sum(model, batch, fused)
         (loss_sum / n_label).backward()
         step_loss += float(loss_sum.detach()) / n_label
         tokens += int(batch["attention_mask"].sum())
@@ -251,8 +272,12 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
 
 
 # ------------------------------------------------------------------ main loop
-def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None) -> TrainResult:
-    """Train a LoRA expert as ``cfg`` says and write the expert directory."""
+def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None,
+          fused: bool = True) -> TrainResult:
+    """Train a LoRA expert as ``cfg`` says and write the expert directory.
+
+    ``fused=False`` runs PEFT's own LoRA forward, the unfused head and loss, and
+    the model's own attention kernel: the same maths, slower (for benchmarks and checks)."""
     resume_ckpt = prepare_output_dir(cfg)
     out = Path(cfg.output_dir)
     random.seed(cfg.seed)
@@ -322,12 +347,14 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
     t_window, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
     last_loss = None
     eval_loss = None
-    with progress_bar(show_progress) as bar:
+    lm = model.get_base_model()
+    with (progress_bar(show_progress) as bar, fused_lora(model, enabled=fused),
+          training_attention(lm, device, amp_dtype if fused else None, cfg.cutoff_len)):
         task = bar.add_task("train", total=total_steps, completed=state.step, loss="-", tps="-")
         while state.step < total_steps:
             batches = [collate([train_set[i] for i in idx], pad_id) for idx in micro_batches(state.step)]
             lr = scheduler.get_last_lr()[0]
-            step_loss, grad_norm, tokens = optimizer_step(model, batches, optimizer, scheduler, cfg.max_grad_norm, device, amp_dtype)
+            step_loss, grad_norm, tokens = optimizer_step(model, batches, optimizer, scheduler, cfg.max_grad_norm, device, amp_dtype, fused)
             state.tokens_seen += tokens
             tok_window += tokens
             state.step += 1
@@ -349,7 +376,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
                 bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}")
                 t_window, tok_window, loss_window, n_window = now, 0, 0.0, 0
             if val_set and end_of_epoch:
-                eval_loss = evaluate(model, val_set, pad_id, bs, amp_dtype)
+                eval_loss = evaluate(model, val_set, pad_id, bs, amp_dtype, fused)
                 log.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "eval_loss": round(eval_loss, 6)})
             bar.update(task, completed=state.step)
             if state.step % cfg.save_steps == 0 and state.step < total_steps:
