@@ -150,13 +150,15 @@ def test_training_attention_is_eager_only_where_measured_faster(tiny_base):
             assert impl == "sdpa"
 
 
-def test_fused_and_plain_training_give_the_same_losses(tiny_train_cfg, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_and_plain_training_give_the_same_losses(tiny_train_cfg, tmp_path, checkpointing):
     from dmoe.train import train
 
     losses = {}
     for flag in (True, False):
         out = tmp_path / f"fused-{flag}"
-        cfg = load_train_config(None, tiny_train_cfg(out, max_steps=4, logging_steps=1, val_size=0.2))
+        cfg = load_train_config(None, tiny_train_cfg(out, max_steps=4, logging_steps=1, val_size=0.2,
+                                                     gradient_checkpointing=checkpointing))
         result = train(cfg, show_progress=False, fused=flag)
         rows = [r for r in map(__import__("json").loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
         losses[flag] = [r["loss"] for r in rows] + [result.eval_loss]

@@ -57,11 +57,20 @@ def test_round_trip_gives_equal_outputs(tiny_train_cfg, tiny_base, tmp_path):
     assert not torch.allclose(plain, loaded, atol=1e-3)  # the adapter does something
 
 
+def test_the_same_config_trains_byte_identical_experts(tiny_train_cfg, tmp_path):
+    files = {}
+    for run in ("a", "b"):
+        out = tmp_path / run
+        train(load_train_config(None, tiny_train_cfg(out, max_steps=3)), show_progress=False)
+        files[run] = {f: (out / f).read_bytes() for f in ("adapter_model.safetensors", "adapter_config.json")}
+    assert files["a"] == files["b"]
+
+
 def test_lora_target_all_and_rank(tiny_train_cfg, tmp_path):
     out = tmp_path / "exp"
     train(load_train_config(None, tiny_train_cfg(out, max_steps=1, lora_rank=2, lora_alpha=8)), show_progress=False)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert cfg["r"] == 2 and cfg["lora_alpha"] == 8
     assert not any("lm_head" in k for k in load_file(str(out / "adapter_model.safetensors")))
 

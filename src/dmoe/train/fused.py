@@ -77,7 +77,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def _fused_lora_applies(layer, x: torch.Tensor, kwargs: dict) -> bool:
+def _fused_lora_applies(layer, kwargs: dict) -> bool:
     if kwargs or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
         return False
     name = layer.active_adapters[0]
@@ -94,7 +94,7 @@ def _fused_lora_applies(layer, x: torch.Tensor, kwargs: dict) -> bool:
 
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Replacement ``forward`` for a PEFT ``lora.Linear`` (bound by ``fused_lora``)."""
-    if args or not _fused_lora_applies(self, x, kwargs):
+    if args or not _fused_lora_applies(self, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer

@@ -100,7 +100,9 @@ def build_peft_model(model, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # PEFT reads a deprecated transformers property; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def encode_dataset(cfg: TrainConfig, tokenizer) -> tuple[list[Encoded], list[str]]:
@@ -432,6 +434,10 @@ def save_expert(model, cfg: TrainConfig, base: BaseSpec, n_train: int, examples:
         weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
         dtype = getattr(torch, cfg.adapter_dtype)
         save_file({k: v.to(dtype) for k, v in weights.items()}, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if isinstance(adapter_config.get("target_modules"), list):  # PEFT keeps a set: its order changes run to run
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         os.replace(adapter_dir / f, out / f)
     shutil.rmtree(tmp, ignore_errors=True)
