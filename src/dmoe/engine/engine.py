@@ -110,6 +110,16 @@ def append_token(r: Request, tok: int, eos_ids: set[int], tokenizer) -> None:
         r.finish_reason = "length"
 
 
+def enqueue_request(engine, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
+    """Resolve the adapter set now (unknown names raise) and queue a new request on ``engine``."""
+    with engine.lock:
+        req = Request(list(prompt_ids), engine.resolve(adapters), params, id=next(engine._ids))
+        if params.seed is not None:
+            req.generator = torch.Generator().manual_seed(params.seed)
+        engine.waiting.append(req)
+        return req
+
+
 def drop_request(engine, req: Request) -> None:
     """Take ``req`` out of the engine's queues and mark it cancelled (caller holds the lock)."""
     if req in engine.waiting:
@@ -184,12 +194,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
         check_request(prompt_ids, params, self.max_seq)
-        with self.lock:
-            req = Request(list(prompt_ids), self.resolve(adapters), params, id=next(self._ids))
-            if params.seed is not None:
-                req.generator = torch.Generator().manual_seed(params.seed)
-            self.waiting.append(req)
-            return req
+        return enqueue_request(self, prompt_ids, adapters, params)
 
     def _set_lora(self, reqs: list[Request]) -> None:
         k = max((len(r.lora) for r in reqs), default=0)

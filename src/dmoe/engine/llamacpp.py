@@ -44,6 +44,7 @@ from dmoe.engine.engine import (
     check_request,
     check_scale,
     drop_request,
+    enqueue_request,
     generate_all,
     sample,
 )
@@ -247,12 +248,7 @@ class LlamaCppEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
-        with self.lock:
-            req = Request(list(prompt_ids), self.resolve(adapters), params, id=next(self._ids))
-            if params.seed is not None:
-                req.generator = torch.Generator().manual_seed(params.seed)
-            self.waiting.append(req)
-            return req
+        return enqueue_request(self, prompt_ids, adapters, params)
 
     def _finish_check(self, r: Request, tok: int) -> None:
         append_token(r, tok, self.eos_ids, self.tokenizer)
