@@ -9,7 +9,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.dmoe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast experts clean-venv
+.PHONY: install demo lint test test-fast experts clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/dmoe demo
 
-test: install
+# Lint (ruff: pyflakes, bugbear, imports) and type-check (pyright, basic mode, src/) first:
+# both must pass, as the tests must.
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/pyright
+
+test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from dmoe.base import load_base
-from dmoe.engine.engine import Engine, SamplingParams
+from dmoe.engine.request import SamplingParams
+from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import load_expert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
     model, tok, _ = load_base(None)
-    engine = Engine.from_base(model, tok, max_batch=8, max_seq=512)
+    engine = TorchEngine.from_base(model, tok, max_batch=8, max_seq=512)
     expert = load_expert(args.expert)
     cfg = expert.adapter_config()
     engine.load_expert(expert)  # warm-up, and the buffers at this rank

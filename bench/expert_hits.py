@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dmoe.base import load_base
-from dmoe.bench.hits import answer_all, hit_report, merged_copy, read_questions
+from dmoe.evals.hits import answer_all, hit_report, merged_copy, read_questions
 from dmoe.experts import check_base, find_experts
 
 REPO = Path(__file__).resolve().parents[1]

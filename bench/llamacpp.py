@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from dmoe.base import load_tokenizer, resolve_base
-from dmoe.engine.engine import SamplingParams
-from dmoe.engine.llamacpp import LlamaCppEngine, cached_adapter_gguf
+from dmoe.engine.llamacpp import LlamaCppEngine
+from dmoe.engine.request import SamplingParams
 from dmoe.experts import load_expert
+from dmoe.lora_gguf import cached_adapter_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS = REPO / "examples" / "experts"
@@ -53,7 +54,7 @@ def raw_tokens_per_s(base_path: Path, ids: list[int], n: int, lora: Path | None,
     t0 = time.perf_counter()
     got = run(n)
     dt = time.perf_counter() - t0
-    del llm
+    llm.close()
     return got / dt
 
 

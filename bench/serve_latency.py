@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from dmoe.base import load_base
-from dmoe.engine.engine import Engine, SamplingParams
+from dmoe.engine.request import SamplingParams
+from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import load_expert
-
 from serve_throughput import make_adapters  # noqa: E402  (bench/ is the script's own folder)
 
 
@@ -39,7 +39,7 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     return {"p50": round(pick(0.50) * 1e3, 1), "p99": round(pick(0.99) * 1e3, 1), "mean": round(statistics.fmean(xs) * 1e3, 1)}
 
 
-def run_load(engine: Engine, jobs: list[tuple[float, list[int], list[tuple[str, float]]]], params: SamplingParams) -> dict:
+def run_load(engine: TorchEngine, jobs: list[tuple[float, list[int], list[tuple[str, float]]]], params: SamplingParams) -> dict:
     """Feed ``jobs`` (arrival offset s, prompt ids, adapter set) to the engine as they arrive."""
     start = time.perf_counter()
     pending = sorted(jobs, key=lambda j: j[0])
@@ -90,7 +90,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as d:
         paths = make_adapters(model, spec.identity, args.adapters, args.rank, Path(d))
-        engine = Engine.from_base(model, tok, dtype=dtype, max_batch=args.batch, max_seq=args.prompt + args.new + 8,
+        engine = TorchEngine.from_base(model, tok, dtype=dtype, max_batch=args.batch, max_seq=args.prompt + args.new + 8,
                                   max_loras=args.adapters, max_rank=args.rank)
         names = [engine.load_expert(load_expert(p)).name for p in paths]
     choices = [[]] + [[(n, 1.0)] for n in names]

@@ -30,7 +30,8 @@ import torch
 
 from dmoe.base import load_base
 from dmoe.config import ExpertCard
-from dmoe.engine.engine import Engine, SamplingParams
+from dmoe.engine.request import SamplingParams
+from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import load_expert, write_card
 
 
@@ -108,7 +109,7 @@ def main() -> None:
             record("peft_sequential", timed(sequential))
             model = pm.unload()
 
-        engine = Engine.from_base(model, tok, max_batch=B, max_seq=P + N + 8, max_loras=max(8, K), max_rank=max(64, args.rank))
+        engine = TorchEngine.from_base(model, tok, max_batch=B, max_seq=P + N + 8, max_loras=max(8, K), max_rank=max(64, args.rank))
         for p in paths:
             engine.load_expert(load_expert(p))
         params = SamplingParams(max_tokens=N, ignore_eos=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 

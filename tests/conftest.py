@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from dmoe.engine.protocol import Engine, run_until_done
+from dmoe.engine.request import Request, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
+# Token-id prompts for engine tests (plumbing on random weights: any ids in the vocabulary)
+PROMPTS = [[1, 520, 33, 901, 12], [1, 77, 3001, 42], [1, 4000, 4001, 4002, 4003, 4004, 9], [1, 15, 16]]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +107,117 @@ def tiny_experts(tmp_path_factory, tiny_base) -> Path:
                                        f"seed={len(name) + int(lr * 1000)}", "per_device_train_batch_size=4"])
         train(cfg, show_progress=False)
     return root
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[list[int]]:
+    return [list(p) for p in PROMPTS]
+
+
+def generate_bounded(engine: Engine, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]],
+                     params: SamplingParams = GREEDY) -> list[list[int]]:
+    """Submit all, step until done with a bound (a stuck engine fails the test, never hangs it)."""
+    reqs = [engine.submit(p, a, params) for p, a in zip(prompts, adapter_sets, strict=True)]
+    run_until_done(engine, reqs)
+    return [r.output_ids for r in reqs]
+
+
+class StepHook:
+    """Runs ``fn`` once, right after the engine's ``n``-th step (a mid-flight event that
+    depends on engine progress, not on a sleep). Pass ``hook`` as ``after_step``."""
+
+    def __init__(self, n: int, fn: Callable[[], None]):
+        self.n, self.fn, self.fired = n, fn, False
+
+    def __call__(self, steps: int) -> None:
+        if not self.fired and steps >= self.n:
+            self.fired = True
+            self.fn()
+
+
+def step_wrapper(engine, after: Callable[[int], None]) -> Callable[[], list[Request]]:
+    """``engine.step`` followed by ``after(steps so far)``: for engine-level mid-flight tests."""
+    inner = engine.step
+    count = 0
+
+    def step():
+        nonlocal count
+        out = inner()
+        count += 1
+        after(count)
+        return out
+
+    return step
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_base(tiny_base, tmp_path_factory):
+    """The tiny Llama written as an f32 GGUF base (llama.cpp computes the same function)."""
+    from dmoe.base import resolve_base
+    from dmoe.export.gguf import write_base_gguf
+
+    out = tmp_path_factory.mktemp("llamacpp") / "tiny-f32.gguf"
+    write_base_gguf(tiny_base, out, "f32")
+    return resolve_base(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_experts(tiny_experts, tiny_gguf_base, tmp_path_factory) -> Path:
+    """alpha, beta, gamma with cards that name the GGUF base (it holds the same weights)."""
+    root = tmp_path_factory.mktemp("gguf-experts")
+    for name in ("alpha", "beta", "gamma"):
+        shutil.copytree(tiny_experts / name, root / name)
+        card = yaml.safe_load((root / name / "expert.yaml").read_text())
+        card["base"] = tiny_gguf_base.identity.to_dict()
+        (root / name / "expert.yaml").write_text(yaml.safe_dump(card))
+    return root
+
+
+@pytest.fixture(scope="session")
+def dmoe_home(tmp_path_factory):
+    """One $DMOE_HOME for the session's caches (GGUF adapters, hashes), off the user's."""
+    home = tmp_path_factory.mktemp("dmoe-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DMOE_HOME", str(home))
+    yield home
+    mp.undo()
+
+
+@pytest.fixture
+def make_state(tiny_base, tiny_gguf_base, dmoe_home):
+    """A server state over the tiny model: ``make_state(experts_dir, engine="llamacpp", **ServeConfig fields)``."""
+    from dmoe.runtime import ServeConfig, build_state
+
+    built = []
+
+    def make(experts_dir: Path, engine: str = "torch", **kw):
+        base = str(tiny_gguf_base.path) if engine == "llamacpp" else str(tiny_base)
+        kw.setdefault("max_batch", 4)
+        kw.setdefault("max_seq", 128)
+        if engine == "torch":
+            kw.setdefault("max_loras", 4)
+            kw.setdefault("max_rank", 8)
+        st = build_state(ServeConfig.make(base=base, experts_dir=experts_dir, engine=engine, **kw))
+        built.append(st)
+        return st
+
+    yield make
+    for st in built:
+        st.engine.close()
+
+
+@pytest.fixture
+def live_server():
+    """``with live_server(st, after_step=..., drain_s=...) as srv``: the app on a free loopback port."""
+    from dmoe.serve.http import ThreadedServer
+
+    return ThreadedServer

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from dmoe.base import EMBEDDED_NAME, BaseModelError, dmoe_home, hf_dir, resolve_base
+from dmoe.base import EMBEDDED_NAME, BaseModelError, hf_dir, resolve_base
+from dmoe.io import dmoe_home
 
 
 def test_embedded_base_is_found_through_package_metadata():

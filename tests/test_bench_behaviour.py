@@ -2,20 +2,13 @@
 
 import json
 import shutil
-import socket
 
 import pytest
 
-from dmoe.bench.behaviour import BenchError, BenchRun, parse_mode, read_question_set
-from dmoe.serve.app import build_state, serve_in_thread
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # no trained router for the tiny experts
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import unused_port
+from dmoe.evals.behaviour import BenchError, BenchRun, parse_mode, read_question_set
+from dmoe.runtime import ServeConfig, build_state
+from dmoe.serve.http import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +16,8 @@ def live(tiny_base, tiny_experts, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench") / "experts"
     for name in ("alpha", "beta"):
         shutil.copytree(tiny_experts / name, root / name)
-    st = build_state(str(tiny_base), root, max_batch=4, max_seq=128)
-    with serve_in_thread(st, port=_port()) as url:
+    st = build_state(ServeConfig.make(base=str(tiny_base), experts_dir=root, max_batch=4, max_seq=128))
+    with serve_in_thread(st) as url:
         yield url, root
 
 
@@ -78,7 +71,7 @@ def test_an_interrupted_run_keeps_what_it_has(live, questions, tmp_path):
 
 
 def test_unreachable_endpoint_is_a_clear_error(questions, tmp_path):
-    run = BenchRun(f"http://127.0.0.1:{_port()}", questions, [parse_mode("vanilla")], tmp_path, timeout_s=2)
+    run = BenchRun(f"http://127.0.0.1:{unused_port()}", questions, [parse_mode("vanilla")], tmp_path, timeout_s=2)
     with pytest.raises(BenchError, match="cannot reach an OpenAI-compatible endpoint"):
         run.run()
 
@@ -95,7 +88,7 @@ def test_malformed_question_file_names_the_line(tmp_path, line, msg):
 
 def test_llama_server_lora_mode_and_no_think(live, questions, tmp_path):
     url, _ = live
-    plain = BenchRun(url, questions, [parse_mode("expert:alpha")], tmp_path / "a", params={"max_tokens": 5}).run()
+    BenchRun(url, questions, [parse_mode("expert:alpha")], tmp_path / "a", params={"max_tokens": 5}).run()
     by_id = BenchRun(url, questions, [parse_mode("lora:0=1.0")], tmp_path / "b", params={"max_tokens": 5}).run()
     a = [json.loads(l)["expert:alpha"] for l in (tmp_path / "a" / "comparison.jsonl").read_text().splitlines()]
     b = [json.loads(l)["lora:0=1.0"] for l in (tmp_path / "b" / "comparison.jsonl").read_text().splitlines()]
@@ -130,7 +123,7 @@ def test_cli_bench_against_a_url(live, tmp_path):
 
 
 def test_report_and_compare(live, questions, tmp_path):
-    from dmoe.bench.report import compare_runs, write_report
+    from dmoe.evals.report import compare_runs, write_report
 
     url, _ = live
     for run, n in (("a", 4), ("b", 6)):

@@ -2,10 +2,9 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from dmoe.data import DatasetError, load_conversations, load_dataset_info
 from dmoe.data.formats import parse_alpaca, parse_sharegpt, read_rows
-
-from conftest import write_jsonl
 
 
 def test_alpaca_joins_instruction_and_input_and_keeps_history():

@@ -6,9 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import step_wrapper
 from dmoe.base import load_base
-from dmoe.engine.adapters import AdapterError
-from dmoe.engine.engine import Engine, RequestError, SamplingParams
+from dmoe.engine.protocol import Engine, run_until_done
+from dmoe.engine.request import SamplingParams
+from dmoe.engine.torch_engine import TorchEngine
+from dmoe.errors import AdapterError, AdapterInUseError, EngineError, ExpertNotLoadedError, RequestError
 from dmoe.experts import apply_expert, load_expert
 
 GREEDY = SamplingParams(max_tokens=12)
@@ -17,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=12)
 @pytest.fixture
 def engine(tiny_base, tiny_experts):
     model, tok, _ = load_base(tiny_base)
-    eng = Engine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
+    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
     for name in ("alpha", "beta"):
         eng.load_expert(load_expert(tiny_experts / name))
     return eng
@@ -71,17 +74,17 @@ def test_rows_finishing_at_different_steps_match_each_alone(engine, tiny_experts
     jobs = [(PROMPTS[i % len(PROMPTS)], sets[i % len(sets)], SamplingParams(max_tokens=3 + (5 * i) % 11)) for i in range(14)]
     forward, decode_slots = engine.model.forward, []
 
-    def spy(tokens, pos, slots, logits_at=None):
-        if tokens.shape[1] == 1:
-            decode_slots.append(slots.tolist())
-        return forward(tokens, pos, slots, logits_at)
+    def spy(step):
+        if step.tokens.shape[1] == 1:
+            decode_slots.append((step.slots.tolist(), step.slot_range))
+        return forward(step)
 
     engine.model.forward = spy
     reqs = [engine.submit(p, s, sp) for p, s, sp in jobs]
-    while not all(r.done for r in reqs):
-        engine.step()
-    assert all(s == list(range(len(s))) for s in decode_slots)  # compacted: decode reads the cache in place
-    assert len({len(s) for s in decode_slots}) > 2  # rows really left mid-batch
+    run_until_done(engine, reqs)
+    # compacted: decode reads the cache in place (the engine passes the slot range as ints)
+    assert all(s == list(range(len(s))) and rng == (0, len(s)) for s, rng in decode_slots)
+    assert len({len(s) for s, _ in decode_slots}) > 2  # rows really left mid-batch
     alone = [engine.generate([p], [s], sp)[0] for p, s, sp in jobs]
     assert [r.output_ids for r in reqs] == alone
 
@@ -132,17 +135,25 @@ def test_load_during_generation_does_not_touch_requests_in_flight(engine, tiny_e
     params = SamplingParams(max_tokens=10)
     want = engine.generate([PROMPTS[0]], [[("alpha", 1.0)]], params)[0]
     req = engine.submit(PROMPTS[0], [("alpha", 1.0)], params)
-    engine.step()
-    engine.step()
-    with pytest.raises(AdapterError, match="serving requests"):
-        engine.unload_expert("alpha")
-    engine.load_expert(load_expert(tiny_experts / "beta"))  # a reload of another expert mid-flight
-    while not req.done:
-        engine.step()
-    assert req.output_ids == want
+    seen = []
+
+    def mid_flight(steps: int) -> None:
+        if steps == 2:
+            with pytest.raises(AdapterInUseError, match="in use"):
+                engine.unload_expert("alpha")
+            with pytest.raises(AdapterInUseError, match="in use"):
+                engine.load_expert(load_expert(tiny_experts / "alpha"))  # replacing it mid-flight is refused too
+            engine.load_expert(load_expert(tiny_experts / "beta"))  # a reload of another expert mid-flight
+            seen.append(steps)
+
+    engine.step = step_wrapper(engine, mid_flight)
+    run_until_done(engine, [req])
+    assert seen == [2] and req.output_ids == want
     engine.unload_expert("alpha")  # idle now
     with pytest.raises(RequestError, match="unknown expert 'alpha'"):
         engine.submit(PROMPTS[0], [("alpha", 1.0)], params)
+    with pytest.raises(ExpertNotLoadedError, match="not loaded"):
+        engine.unload_expert("alpha")
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf")])
@@ -172,7 +183,7 @@ def test_adapter_for_another_base_changes_nothing(engine, tiny_experts, tmp_path
     (bad / "expert.yaml").write_text(card)
     with pytest.raises(AdapterError, match="built for another base"):
         engine.load_expert(load_expert(bad))
-    assert "wide" not in engine.slots.resident
+    assert "wide" not in engine.resident
     assert engine.generate([PROMPTS[1]], [[("beta", 1.0)]], GREEDY) == before
     save_file({k: v * float("nan") for k, v in w.items()}, str(bad / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="NaN or infinite"):
@@ -186,3 +197,33 @@ def test_sampling_is_seeded(engine):
     p = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=3)
     a = engine.generate([PROMPTS[0]], [[]], p)
     assert a == engine.generate([PROMPTS[0]], [[]], p)
+    others = {tuple(engine.generate([PROMPTS[0]], [[]], SamplingParams(max_tokens=8, temperature=1.0, seed=s))[0]) for s in range(6)}
+    assert len(others) > 1  # the seed really changes the sample
+
+
+@pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_sampling_truncated_to_one_token_is_greedy(engine, truncation):
+    """The on-device sampler keeps only the top token when top_k=1 or top_p is tiny."""
+    greedy = engine.generate(PROMPTS, [[]] * len(PROMPTS), GREEDY)
+    sampled = engine.generate(PROMPTS, [[]] * len(PROMPTS), SamplingParams(max_tokens=12, temperature=5.0, seed=1, **truncation))
+    assert sampled == greedy
+
+
+@pytest.mark.parametrize("bad, words", [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
+                                        ({"temperature": float("nan")}, "finite"), ({"top_p": 0.0}, "top_p"),
+                                        ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"seed": 1.5}, "seed"),
+                                        ({"stop": ("",)}, "stop")])
+def test_sampling_params_validate_themselves(bad, words):
+    with pytest.raises(RequestError, match=words):
+        SamplingParams(**bad)
+
+
+def test_the_engine_implements_the_protocol_and_a_stuck_loop_fails(engine):
+    assert isinstance(engine, Engine)
+    req = engine.submit(PROMPTS[0], [], SamplingParams(max_tokens=30))
+    with pytest.raises(EngineError, match="not done after 3 engine steps"):
+        run_until_done(engine, [req], max_steps=3)
+    s = engine.stats()
+    assert s.running == 1 and s.kv_tokens == len(PROMPTS[0]) + len(req.output_ids) and s.kv_bytes_used > 0
+    engine.cancel(req)
+    assert req.finish_reason == "cancelled" and not engine.has_work()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dmoe.base import load_base
-from dmoe.engine.engine import Engine, SamplingParams
+from dmoe.engine.request import SamplingParams
+from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import apply_expert, load_expert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def test_engine_equals_peft_greedy_for_32_tokens():
     model, tok, _ = load_base(None)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False) for q in QUESTIONS]
     prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    engine = Engine.from_base(model, tok, max_batch=4, max_seq=256, max_loras=2, max_rank=16)
+    engine = TorchEngine.from_base(model, tok, max_batch=4, max_seq=256, max_loras=2, max_rank=16)
     engine.load_expert(load_expert(EXPERT))
     got = engine.generate(prompt_ids, [[("cooking", 1.0)]] * len(QUESTIONS), SamplingParams(max_tokens=32))
     peft_model = apply_expert(model, load_expert(EXPERT))

@@ -60,7 +60,7 @@ def test_fused_lora_matches_peft_in_fp32(bias):
 
 def test_fused_lora_matches_peft_under_bf16_autocast():
     model = _lora_model(dtype=torch.bfloat16)
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()  # mixed precision: bf16 base, fp32 LoRA master weights
     x = torch.randn(4, 6, 24, dtype=torch.bfloat16)

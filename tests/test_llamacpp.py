@@ -17,44 +17,46 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from conftest import GREEDY, PROMPTS, REPO, step_wrapper  # noqa: E402
 from dmoe.base import load_base, resolve_base  # noqa: E402
-from dmoe.engine.engine import Engine, SamplingParams, UnknownExpertError  # noqa: E402
-from dmoe.engine.adapters import AdapterError  # noqa: E402
 from dmoe.engine.llamacpp import LlamaCppEngine, LlamaCppError  # noqa: E402
+from dmoe.engine.protocol import run_until_done  # noqa: E402
+from dmoe.engine.request import SamplingParams  # noqa: E402
+from dmoe.engine.torch_engine import TorchEngine  # noqa: E402
+from dmoe.errors import AdapterError, AdapterInUseError, ExpertNotLoadedError, RequestError, UnknownExpertError  # noqa: E402
 from dmoe.experts import load_expert  # noqa: E402
 from dmoe.export.gguf import write_base_gguf  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [[1, 520, 33, 901, 12], [1, 77, 3001, 42], [1, 4000, 4001, 4002, 4003, 4004, 9], [1, 15, 16]]
-GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf_base(tiny_base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("llamacpp") / "tiny-f32.gguf"
-    write_base_gguf(tiny_base, out, "f32")
-    return resolve_base(out)
 
 
 @pytest.fixture(scope="module")
 def tiny_torch_engine(tiny_base, tiny_experts):
     model, tok, _ = load_base(str(tiny_base))
-    eng = Engine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
+    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
     for name in ("alpha", "beta", "gamma"):
         eng.load_expert(load_expert(tiny_experts / name))
     return eng
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_engine(tiny_gguf_base, tiny_experts, real_tokenizer, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DMOE_HOME", str(tmp_path_factory.mktemp("home")))  # the GGUF adapter cache
-    eng = LlamaCppEngine(tiny_gguf_base, real_tokenizer, max_batch=8, max_seq=128)
+def _llama_engine(base, tokenizer, experts):
+    eng = LlamaCppEngine(base, tokenizer, max_batch=8, max_seq=128)
     for name in ("alpha", "beta", "gamma"):
-        eng.load_expert(load_expert(tiny_experts / name))
+        eng.load_expert(load_expert(experts / name))
+    return eng
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_engine(tiny_gguf_base, tiny_experts, real_tokenizer, dmoe_home):
+    """Shared and read-only: tests that load or unload experts use ``own_llama_engine``."""
+    eng = _llama_engine(tiny_gguf_base, real_tokenizer, tiny_experts)
     yield eng
     eng.close()
-    mp.undo()
+
+
+@pytest.fixture
+def own_llama_engine(tiny_gguf_base, tiny_experts, real_tokenizer, dmoe_home):
+    eng = _llama_engine(tiny_gguf_base, real_tokenizer, tiny_experts)
+    yield eng
+    eng.close()
 
 
 @pytest.mark.parametrize("adapters", [[], [("alpha", 1.0)], [("beta", 1.0)], [("gamma", 0.5), ("alpha", 1.0)]])
@@ -80,53 +82,57 @@ def _renamed(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
-def test_mixed_concurrent_load_equals_alone(tiny_llama_engine, tiny_experts, tmp_path):
+def test_mixed_concurrent_load_equals_alone(own_llama_engine, tiny_experts, tmp_path):
+    eng = own_llama_engine
     sets = [[], [("alpha", 1.0)], [("beta", 1.0)], [("gamma", 1.0)], [("alpha", 0.5)], [("beta", 1.0)], [], [("gamma", 1.0)]]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(sets))]
-    alone = [tiny_llama_engine.generate([p], [s], GREEDY)[0] for p, s in zip(prompts, sets)]
-    reqs = [tiny_llama_engine.submit(p, s, GREEDY) for p, s in zip(prompts, sets)]
-    steps = 0
-    while any(not r.done for r in reqs):
-        tiny_llama_engine.step()
-        steps += 1
+    alone = [eng.generate([p], [s], GREEDY)[0] for p, s in zip(prompts, sets)]
+    reqs = [eng.submit(p, s, GREEDY) for p, s in zip(prompts, sets)]
+    refused = []
+
+    def mid_way(steps: int) -> None:
         if steps == 5:  # load an expert mid-way; replacing one in use is refused, as in the torch engine
-            tiny_llama_engine.load_expert(load_expert(_renamed(tiny_experts / "beta", tmp_path / "delta", "delta")))
-            with pytest.raises(AdapterError, match="in use"):
-                tiny_llama_engine.load_expert(load_expert(tiny_experts / "beta"))
+            eng.load_expert(load_expert(_renamed(tiny_experts / "beta", tmp_path / "delta", "delta")))
+            with pytest.raises(AdapterInUseError, match="in use"):
+                eng.load_expert(load_expert(tiny_experts / "beta"))
+            refused.append(steps)
+
+    eng.step = step_wrapper(eng, mid_way)
+    run_until_done(eng, reqs)
+    assert refused == [5]
     assert [r.output_ids for r in reqs] == alone
-    assert len(tiny_llama_engine.free_seqs) == 8  # every sequence released
-    assert tiny_llama_engine.adapter_switches > 0
-    tiny_llama_engine.unload_expert("delta")
+    assert len(eng.free_seqs) == 8  # every sequence released
+    assert eng.stats().adapter_switches > 0
 
 
 def test_bad_requests_are_errors(tiny_llama_engine):
     with pytest.raises(UnknownExpertError, match="unknown expert 'zeta'"):
         tiny_llama_engine.submit([1, 2], [("zeta", 1.0)], GREEDY)
-    with pytest.raises(Exception, match="finite"):
+    with pytest.raises(RequestError, match="finite"):
         tiny_llama_engine.submit([1, 2], [("alpha", float("nan"))], GREEDY)
-    with pytest.raises(Exception, match="outside the vocabulary"):
+    with pytest.raises(RequestError, match="outside the vocabulary"):
         tiny_llama_engine.submit([10**7], [], GREEDY)
-    with pytest.raises(Exception, match="exceeds the context"):
+    with pytest.raises(RequestError, match="exceeds the context"):
         tiny_llama_engine.submit([1] * 100, [], SamplingParams(max_tokens=64))
 
 
-def test_unload_in_use_refused_then_allowed(tiny_llama_engine, tiny_experts):
-    r = tiny_llama_engine.submit(PROMPTS[0], [("gamma", 1.0)], GREEDY)
-    with pytest.raises(AdapterError, match="in use"):
-        tiny_llama_engine.unload_expert("gamma")
-    while not r.done:
-        tiny_llama_engine.step()
-    tiny_llama_engine.unload_expert("gamma")
-    assert "gamma" not in tiny_llama_engine.slots.resident
+def test_unload_in_use_refused_then_allowed(own_llama_engine):
+    eng = own_llama_engine
+    r = eng.submit(PROMPTS[0], [("gamma", 1.0)], GREEDY)
+    with pytest.raises(AdapterInUseError, match="in use"):
+        eng.unload_expert("gamma")
+    run_until_done(eng, [r])
+    eng.unload_expert("gamma")
+    assert "gamma" not in eng.resident
     with pytest.raises(UnknownExpertError):
-        tiny_llama_engine.submit(PROMPTS[0], [("gamma", 1.0)], GREEDY)
-    tiny_llama_engine.load_expert(load_expert(tiny_experts / "gamma"))
+        eng.submit(PROMPTS[0], [("gamma", 1.0)], GREEDY)
+    with pytest.raises(ExpertNotLoadedError, match="not loaded"):
+        eng.unload_expert("gamma")
 
 
-def test_refuses_an_hf_base_and_a_mismatched_adapter(tiny_base, real_tokenizer, tiny_experts, tmp_path, monkeypatch):
+def test_refuses_an_hf_base_and_a_mismatched_adapter(tiny_base, real_tokenizer, tiny_experts, dmoe_home):
     with pytest.raises(LlamaCppError, match="needs a GGUF base.*dmoe export --base"):
         LlamaCppEngine(resolve_base(tiny_base), real_tokenizer)
-    monkeypatch.setenv("DMOE_HOME", str(tmp_path))
     eng = LlamaCppEngine(resolve_base(None), real_tokenizer, max_batch=2, max_seq=64)  # the embedded 576-wide base
     try:
         with pytest.raises(AdapterError, match="made for another base"):
@@ -136,21 +142,12 @@ def test_refuses_an_hf_base_and_a_mismatched_adapter(tiny_base, real_tokenizer, 
         eng.close()
 
 
-def test_server_with_the_llama_cpp_engine(tiny_gguf_base, tiny_base, tiny_experts, tmp_path, monkeypatch):
+def test_server_with_the_llama_cpp_engine(make_state, tiny_gguf_experts):
     from fastapi.testclient import TestClient
 
-    from dmoe.serve.app import build_state, create_app
+    from dmoe.serve.app import create_app
 
-    monkeypatch.setenv("DMOE_HOME", str(tmp_path))
-    import yaml
-
-    experts = tmp_path / "experts"
-    for name in ("alpha", "beta"):  # experts recorded as trained on the GGUF (it holds the same weights)
-        shutil.copytree(tiny_experts / name, experts / name)
-        card = yaml.safe_load((experts / name / "expert.yaml").read_text())
-        card["base"] = tiny_gguf_base.identity.to_dict()
-        (experts / name / "expert.yaml").write_text(yaml.safe_dump(card))
-    st = build_state(str(tiny_gguf_base.path), experts, engine_kind="llamacpp", max_batch=4, max_seq=128, use_router=False)
+    st = make_state(tiny_gguf_experts, engine="llamacpp", use_router=False)
     with TestClient(create_app(st)) as client:
         r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -183,7 +180,7 @@ def _chat_ids(tok, qs):
 @pytest.fixture(scope="module")
 def real_torch_engine():
     model, tok, _ = load_base(None)
-    eng = Engine.from_base(model, tok, max_batch=8, max_seq=512, max_loras=3, max_rank=16)
+    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=512, max_loras=3, max_rank=16)
     for name in ("automotive", "cooking", "programming"):
         eng.load_expert(load_expert(BUNDLED / name))
     return eng
@@ -229,7 +226,7 @@ def test_embedded_quantized_base_keeps_hits_and_top1(real_torch_engine):
             sig = [re.compile(s) for s in expert.card.signature]
             want = real_torch_engine.generate(ids, [[(name, 1.0)]] * len(ids), params)
             got = eng.generate(ids, [[(name, 1.0)]] * len(ids), params)
-            hit = lambda out: any(s.search(tok.decode(out)) for s in sig)  # noqa: E731
+            hit = lambda out, sig=sig: any(s.search(tok.decode(out)) for s in sig)  # noqa: E731
             agree = total = 0
             for p, w, g in zip(ids, want, got):
                 assert hit(w) == hit(g), f"{name}: torch {'hit' if hit(w) else 'missed'}, llama.cpp did not: {tok.decode(g)!r}"

@@ -51,3 +51,56 @@ def test_no_adapter_rows_get_exactly_zero():
 
 def test_dense_is_chosen_only_for_narrow_slot_ranges():
     assert use_dense(4, 1) and use_dense(1, 1) and not use_dense(9, 2)
+
+
+# ---------------------------------------------------------------- the grid (vLLM's test_punica_ops.py)
+GRID_D, GRID_R, GRID_SLOTS, GRID_K = (32, 576, 1536), (1, 8, 16, 64), (1, 4, 8), (1, 2, 3)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _grid_case(d, r, slots, k, dtype, n=5, t=2):
+    """Inputs made in fp32 and rounded to ``dtype`` once, so the fp32 reference sees exactly
+    the values the kernel sees; every row but one picks k slots (one row has no adapter)."""
+    g = torch.Generator().manual_seed(d * 7919 + r * 131 + slots * 17 + k)
+    x = torch.randn(n, t, d, generator=g).to(dtype)
+    A = (torch.randn(slots, r, d, generator=g) / d ** 0.5).to(dtype)
+    B = (torch.randn(slots, r, d, generator=g) / r ** 0.5).to(dtype)
+    idx = torch.randint(0, slots, (n, k), generator=g)
+    idx[0] = -1
+    scale = torch.rand(n, k, generator=g) + 0.25
+    want = lora_delta_loop(x.float(), A.float(), B.float(), idx, scale)
+    return x, A, B, idx, scale, want
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype) -> None:
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:  # bf16: 8 mantissa bits on the inputs, the (N, T, S*r) intermediate and the output
+        tol = 3e-2 * float(want.abs().max()) + 1e-3
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=tol)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # the no-adapter row adds exactly nothing
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", GRID_K)
+@pytest.mark.parametrize("slots", GRID_SLOTS)
+@pytest.mark.parametrize("r", GRID_R)
+@pytest.mark.parametrize("d", GRID_D)
+def test_grid_dense_kernel_equals_reference(d, r, slots, k, dtype):
+    dt = DTYPES[dtype]
+    x, A, B, idx, scale, want = _grid_case(d, r, slots, k, dt)
+    used = idx[idx >= 0]
+    lo, hi = int(used.min()), int(used.max()) + 1
+    _close(lora_delta_dense(x, A[lo:hi], B[lo:hi], dense_weights(idx, scale, lo, hi).to(dt)), want, dt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", GRID_K)
+@pytest.mark.parametrize("slots", GRID_SLOTS)
+@pytest.mark.parametrize("r", GRID_R)
+@pytest.mark.parametrize("d", GRID_D)
+def test_grid_gather_kernel_equals_reference(d, r, slots, k, dtype):
+    dt = DTYPES[dtype]
+    x, A, B, idx, scale, want = _grid_case(d, r, slots, k, dt)
+    _close(lora_delta_gather(x, A, B, idx, scale.to(dt)), want, dt)

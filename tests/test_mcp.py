@@ -12,8 +12,8 @@ import pytest
 mcp = pytest.importorskip("mcp")
 from mcp import Client  # noqa: E402
 
-from dmoe.mcp.server import build_mcp  # noqa: E402
 from conftest import write_jsonl  # noqa: E402
+from dmoe.mcp.server import build_mcp  # noqa: E402
 
 
 def _data(result) -> object:

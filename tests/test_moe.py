@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
 from dmoe.cli import app
 from dmoe.config import ConfigError, MoEConfig, MoETrainConfig, load_train_config
 from dmoe.moe.layer import MoEMLP, NaiveMoEMLP, capacity_for
@@ -26,7 +27,6 @@ from dmoe.moe.model import (
     save_moe,
     upcycle,
 )
-from conftest import write_jsonl
 
 V = 211
 
@@ -281,7 +281,7 @@ def test_analyze_generate_and_cli(tiny_base, tmp_path):
     assert len(report["utilization"]) == 2 and set(report["domains"]) == {"car", "food"}
     assert all(0 < e <= report["max_entropy"] + 1e-6 for e in report["router_entropy"])
     assert (tmp_path / "m" / "analysis" / "utilization.png").stat().st_size > 1000
-    res = runner.invoke(app, ["moe", "generate", str(tmp_path / "m"), "hello", "what car", "--max-length", "4", "--temperature", "0.8", "--top-p", "0.9"])
+    res = runner.invoke(app, ["moe", "generate", str(tmp_path / "m"), "hello", "what car", "--max-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"])
     assert res.exit_code == 0 and res.output.count("A:") == 2, res.output
     res = runner.invoke(app, ["moe", "upcycle", "--base", str(tiny_base), "-o", str(tmp_path / "x"), "--num-experts", "1"])
     assert res.exit_code == 2 and "must be at least top_k" in _flat(res)
@@ -291,12 +291,12 @@ def test_analyze_generate_and_cli(tiny_base, tmp_path):
 
 def test_batched_generation_matches_single(tiny_base):
     from dmoe.base import load_base
-    from dmoe.moe.analyze import generate
+    from dmoe.generate import answer_questions
 
     model, tok, _ = load_base(str(tiny_base))
     upcycle(model, MoEConfig(num_experts=4, top_k=2, moe_layer_frequency=1, expert_init_noise=0.2))
-    both = generate(model, tok, ["a short prompt", "a much longer prompt with several more words in it"], max_length=6)
-    alone = generate(model, tok, ["a short prompt"], max_length=6)
+    both = answer_questions(model, tok, ["a short prompt", "a much longer prompt with several more words in it"], max_new_tokens=6)
+    alone = answer_questions(model, tok, ["a short prompt"], max_new_tokens=6)
     assert both[0] == alone[0]  # left padding is masked out of attention and of routing
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dmoe.base import load_base
-from dmoe.bench.hits import answer_all, read_questions
 from dmoe.config import load_train_config
+from dmoe.evals.hits import answer_all, read_questions
 from dmoe.experts import apply_expert, check_base, find_experts, load_expert
 from dmoe.train import train
 from dmoe.train.trainer import encode_dataset, evaluate, split_val

@@ -168,15 +168,17 @@ def test_router_for_other_experts_is_refused_with_the_fix(route_experts):
         load_router(route_experts / ROUTER_DIR, find_experts(route_experts), HashEncoder())
 
 
-def test_missing_router_falls_back_with_a_warning(route_experts):
+def test_missing_router_falls_back_with_a_logged_warning(route_experts, caplog):
     experts = find_experts(route_experts)
-    with pytest.warns(UserWarning, match="no trained router.*serves the base model"):
+    with caplog.at_level("WARNING", logger="dmoe.route"):
         router, note = startup_router(route_experts, experts)
     assert router is None and "dmoe route train" in note
+    assert re.search("no trained router.*serves the base model", caplog.records[-1].getMessage())
     rules = route_experts.parent / "k.yaml"
     rules.write_text(yaml.safe_dump({"rules": [{"expert": "space", "keywords": ["rocket"]}]}))
-    with pytest.warns(UserWarning, match="keyword rules"):
+    with caplog.at_level("WARNING", logger="dmoe.route"):
         router, _ = startup_router(route_experts, experts, keywords=rules)
+    assert "keyword rules" in caplog.records[-1].getMessage() and caplog.records[-1].levelname == "WARNING"
     assert router.route("a rocket").label == "space"
 
 
@@ -226,13 +228,17 @@ def test_cli_route_train_query_eval_and_errors(route_experts, tmp_path):
     from dmoe.cli import app
 
     cli = CliRunner()
-    missing = cli.invoke(app, ["route", "a rocket to the moon", "--experts", str(route_experts)])
+    missing = cli.invoke(app, ["route", "query", "a rocket to the moon", "--experts", str(route_experts)])
     assert missing.exit_code == 2 and "dmoe route train" in missing.output
     trained = cli.invoke(app, ["route", "train", "--experts", str(route_experts)])
     assert trained.exit_code == 0, trained.output
     assert (route_experts / ROUTER_DIR / "router.json").is_file() and "chose" in trained.output
-    query = cli.invoke(app, ["route", "Which telescope shows the galaxy best?", "--experts", str(route_experts), "--json"])
+    query = cli.invoke(app, ["route", "query", "Which telescope shows the galaxy best?", "--experts", str(route_experts), "--json"])
     assert query.exit_code == 0 and json.loads(query.output)["label"] == "space"
+    literal = cli.invoke(app, ["route", "query", "train", "--experts", str(route_experts), "--json"])  # a query that is a command's name
+    assert literal.exit_code == 0 and "label" in json.loads(literal.output)
+    helps = cli.invoke(app, ["route", "train", "--help"])
+    assert "--encoder" in helps.output and "--questions" not in helps.output  # its own options, not the group's
     qs = tmp_path / "q.jsonl"
     qs.write_text(json.dumps({"question": "Who is the best striker in the league this season?", "domain": "sports"}) + "\n"
                   + json.dumps({"question": "When is my dentist appointment?", "domain": "none"}) + "\n")

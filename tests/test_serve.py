@@ -1,12 +1,13 @@
 """The HTTP server on the tiny model: OpenAI + llama-server APIs, admin, bad input.
 
 A live uvicorn server on 127.0.0.1 (a free port) serves the tiny random Llama with
-three small experts; the official ``openai`` client and curl talk to it."""
+three small experts; the official ``openai`` client and curl talk to it. The
+module-scoped server is only read; tests that load, unload or change defaults get
+their own server. Mid-flight events fire from a hook after N engine steps."""
 
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -16,38 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmoe.serve.app import GracefulServer, build_state, create_app
+from conftest import StepHook
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app, make_server=None):
-        import uvicorn
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
-        self.server = make_server(config) if make_server else uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +36,29 @@ def roots(tmp_path_factory, tiny_experts):
 
 @pytest.fixture(scope="module")
 def server(tiny_base, roots):
-    st = build_state(str(tiny_base), roots / "experts", roots=[roots / "experts", roots / "spare"],
-                     max_batch=4, max_seq=96, max_loras=4, max_rank=8, max_queue=64)
-    with LiveServer(create_app(st)) as srv:
-        srv.state = st
+    """Read-only: no test changes its experts, defaults or router."""
+    from dmoe.runtime import ServeConfig, build_state
+    from dmoe.serve.http import ThreadedServer
+
+    st = build_state(ServeConfig.make(base=str(tiny_base), experts_dir=roots / "experts", roots=[roots / "spare"],
+                                      max_batch=4, max_seq=96, max_loras=4, max_rank=8, max_queue=64))
+    with ThreadedServer(st) as srv:
         yield srv
+
+
+@pytest.fixture
+def own_server(make_state, live_server, roots):
+    """A fresh server a test may change (load, unload, defaults, router)."""
+    servers = []
+
+    def make(after_step=None, **kw):
+        srv = live_server(make_state(roots / "experts", roots=[roots / "spare"], max_seq=96, **kw), after_step=after_step)
+        servers.append(srv)
+        return srv.__enter__()
+
+    yield make
+    for srv in servers:
+        srv.__exit__(None, None, None)
 
 
 def chat(url, content="hello there", **kw):
@@ -115,7 +105,8 @@ def test_model_field_per_request_lora_and_blend_differ_and_match(server):
     assert blend.json()["dmoe"]["experts"] == [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]
 
 
-def test_seed_curl_commands_work_verbatim(server):
+def test_seed_curl_commands_work_verbatim(own_server):
+    server = own_server()
     port = server.port
     base = ids(server.url)
     # seed 000's commands, with the port of this test server
@@ -156,7 +147,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, payload
     assert chat(server.url).status_code == 200
 
 
-def test_admin_load_unload_and_refusals(server, roots, tmp_path):
+def test_admin_load_unload_and_refusals(own_server, roots, tmp_path):
+    server = own_server()
     url = server.url
     r = httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60)
     assert r.status_code == 200, r.text
@@ -197,9 +189,9 @@ def test_admin_load_unload_and_refusals(server, roots, tmp_path):
     assert httpx.delete(f"{url}/v1/experts/gamma").status_code == 404
 
 
-def test_api_key_guards_admin_only(tiny_base, roots):
-    st = build_state(str(tiny_base), roots / "experts", api_key="s3cret", max_batch=2, max_seq=64, max_loras=2, max_rank=8)
-    with LiveServer(create_app(st)) as srv:
+def test_api_key_guards_admin_only(make_state, live_server, roots):
+    st = make_state(roots / "experts", api_key="s3cret", max_batch=2, max_seq=64, max_loras=2)
+    with live_server(st) as srv:
         assert httpx.delete(f"{srv.url}/v1/experts/alpha").status_code == 401
         assert httpx.post(f"{srv.url}/lora-adapters", json=[{"id": 0, "scale": 1}]).status_code == 401
         assert chat(srv.url, model="alpha").status_code == 200  # generation needs no key
@@ -213,17 +205,16 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
                 break
-    for _ in range(100):
-        if httpx.get(f"{server.url}/health").json()["running"] == 0:
-            break
-        time.sleep(0.05)
+    deadline = time.monotonic() + 30  # the disconnect reaches the engine within a few steps
+    while httpx.get(f"{server.url}/health").json()["running"] and time.monotonic() < deadline:
+        pass
     assert httpx.get(f"{server.url}/health").json()["running"] == 0
     assert chat(server.url).status_code == 200
 
 
-def test_over_budget_requests_queue_then_429(tiny_base, roots):
-    st = build_state(str(tiny_base), roots / "experts", max_batch=1, max_seq=96, max_loras=2, max_rank=8, max_queue=2)
-    with LiveServer(create_app(st)) as srv:
+def test_over_budget_requests_queue_then_429(make_state, live_server, roots):
+    st = make_state(roots / "experts", max_batch=1, max_seq=96, max_loras=2, max_queue=2)
+    with live_server(st) as srv:
         async def burst():
             async with httpx.AsyncClient(timeout=120) as c:
                 body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 60}
@@ -237,30 +228,40 @@ def test_over_budget_requests_queue_then_429(tiny_base, roots):
         assert "limit 2" in next(r for r in responses if r.status_code == 429).json()["error"]["message"]
 
 
-def test_concurrent_mixed_load_equals_each_request_alone(server, roots):
+def test_concurrent_mixed_load_equals_each_request_alone(make_state, live_server, roots):
     """32 concurrent greedy requests over base, 3 experts and a blend, while a global
-    /lora-adapters change and an expert load/unload happen mid-way."""
-    url = server.url
-    httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60).raise_for_status()
-    sets = [{"model": "base"}, {"model": "alpha"}, {"model": "beta"}, {"model": "gamma"},
-            {"experts": [{"name": "alpha", "scale": 0.5}, {"name": "gamma", "scale": 0.5}]}, {"lora": [{"id": 1, "scale": 1.0}]}]
-    jobs = [(f"question {i} about things", sets[i % len(sets)]) for i in range(32)]
+    /lora-adapters change and an expert reload happen mid-way (after 3 engine steps)."""
+    events: list[int] = []
+    mid = threading.Event()
+    st = make_state(roots / "experts", roots=[roots / "spare"], max_seq=96)
+    hook = StepHook(10**9, mid.set)  # armed below, once the reference runs are done
+    with live_server(st, after_step=hook) as srv:
+        url = srv.url
+        httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60).raise_for_status()
+        sets = [{"model": "base"}, {"model": "alpha"}, {"model": "beta"}, {"model": "gamma"},
+                {"experts": [{"name": "alpha", "scale": 0.5}, {"name": "gamma", "scale": 0.5}]}, {"lora": [{"id": 1, "scale": 1.0}]}]
+        jobs = [(f"question {i} about things", sets[i % len(sets)]) for i in range(32)]
 
-    def body(q, s):
-        return {"messages": [{"role": "user", "content": q}], "max_tokens": 12, "return_token_ids": True, **s}
+        def body(q, s):
+            return {"messages": [{"role": "user", "content": q}], "max_tokens": 12, "return_token_ids": True, **s}
 
-    alone = [ids(url, q, max_tokens=12, **s) for q, s in jobs]
+        alone = [ids(url, q, max_tokens=12, **s) for q, s in jobs]
+        hook.n = st.runner.steps + 3  # 3 steps into the concurrent load
 
-    async def together():
-        async with httpx.AsyncClient(timeout=300) as c:
-            tasks = [asyncio.create_task(c.post(f"{url}/v1/chat/completions", json=body(q, s))) for q, s in jobs]
-            await asyncio.sleep(0.2)
-            await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 1.0}])  # global change mid-flight
-            await c.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")})  # reload (refused while in use, or done)
-            await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 0.0}])
-            return await asyncio.gather(*tasks)
+        async def together():
+            async with httpx.AsyncClient(timeout=300) as c:
+                tasks = [asyncio.create_task(c.post(f"{url}/v1/chat/completions", json=body(q, s))) for q, s in jobs]
+                assert await asyncio.to_thread(mid.wait, 60), "the engine never reached step 3"
+                events.append(st.engine.stats().running)
+                await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 1.0}])  # global change mid-flight
+                reload = await c.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")})
+                events.append(reload.status_code)  # 409 while gamma serves requests, else 200
+                await c.post(f"{url}/lora-adapters", json=[{"id": 0, "scale": 0.0}])
+                return await asyncio.gather(*tasks)
 
-    got = [r.json()["choices"][0]["token_ids"] for r in asyncio.run(together())]
+        got = [r.json()["choices"][0]["token_ids"] for r in asyncio.run(together())]
+    assert events[0] > 0  # the changes really happened with requests in flight
+    assert events[1] in (200, 409)
     assert got == alone
     assert len({tuple(a) for a in alone}) >= len(sets)  # adapter sets and prompts really differ
 
@@ -272,15 +273,49 @@ def test_metrics_exposes_per_expert_counts(server):
     assert "dmoe_time_to_first_token_seconds_bucket" in text and "dmoe_kv_cache_bytes_total" in text
 
 
-@pytest.mark.parametrize("drain_s", [30.0, 0.2])
-def test_graceful_shutdown_finishes_or_cleanly_ends_requests_in_flight(tiny_base, roots, monkeypatch, drain_s):
+def _in_flight(st) -> int:
+    s = st.engine.stats()
+    return s.running + s.waiting
+
+
+@pytest.mark.parametrize("drain_s", [30.0, 0.3])
+def test_graceful_shutdown_finishes_or_cleanly_ends_requests_in_flight(make_state, live_server, roots, drain_s):
     """A stop signal: new requests get 503 at once; requests in flight finish within the
-    drain time, or end with a clean 503 / SSE error event, never a hang or a cut stream."""
-    st = build_state(str(tiny_base), roots / "experts", max_batch=4, max_seq=96, max_loras=2, max_rank=8)
-    step = st.engine.step
-    monkeypatch.setattr(st.engine, "step", lambda: (time.sleep(0.02), step())[1])  # keep requests in flight
-    srv = LiveServer(create_app(st), make_server=lambda cfg: GracefulServer(cfg, st, drain_s=drain_s))
+    drain time, or end with a clean 503 / SSE error event, never a hang or a cut stream.
+    The signal comes from an engine-step hook once both requests are running; it holds
+    the engine (so both stay in flight) until the test has probed the server, and with
+    the short drain until the drain is over."""
+    st = make_state(roots / "experts", max_seq=96, max_loras=2)
     results: dict[str, object] = {}
+    signalled, probed = threading.Event(), threading.Event()
+    holder: dict[str, object] = {}
+
+    def stop_signal():
+        results["running"] = st.engine.stats().running
+        threading.Thread(target=holder["srv"].server.handle_exit, args=(15, None)).start()  # SIGTERM
+        deadline = time.monotonic() + 30
+        while not st.runner.draining and time.monotonic() < deadline:
+            pass
+        signalled.set()
+        assert probed.wait(60)
+        while drain_s < 1 and not st.runner.stopping and time.monotonic() < deadline:
+            pass
+
+    fired = []
+
+    def after_step(steps: int) -> None:
+        # hold the engine until both requests are queued, then signal once both are running
+        if fired:
+            return
+        deadline = time.monotonic() + 30
+        while _in_flight(st) < 2 and time.monotonic() < deadline:
+            pass
+        if st.engine.stats().running == 2:
+            fired.append(steps)
+            stop_signal()
+
+    srv = live_server(st, drain_s=drain_s, after_step=after_step)
+    holder["srv"] = srv
 
     def full():
         results["full"] = chat(srv.url, max_tokens=60, model="alpha")
@@ -294,17 +329,16 @@ def test_graceful_shutdown_finishes_or_cleanly_ends_requests_in_flight(tiny_base
         workers = [threading.Thread(target=full), threading.Thread(target=streamed)]
         for w in workers:
             w.start()
-        while len(st.engine.running) < 2:
-            time.sleep(0.01)
-        srv.server.handle_exit(15, None)  # SIGTERM
-        time.sleep(0.05)
+        assert signalled.wait(60)
         late = chat(srv.url, max_tokens=4)
         assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
         assert httpx.get(f"{srv.url}/health").json()["status"] == "draining"
+        probed.set()
         for w in workers:
             w.join(timeout=30)
         srv.thread.join(timeout=30)
         assert not srv.thread.is_alive()  # the server exits by itself after the drain
+    assert results["running"] == 2
     events = results["events"]
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
@@ -319,8 +353,10 @@ def test_graceful_shutdown_finishes_or_cleanly_ends_requests_in_flight(tiny_base
         assert last["error"]["code"] == 503
 
 
-def test_model_auto_routes_per_request_and_reports_the_decision(server):
+def test_model_auto_routes_per_request_and_reports_the_decision(own_server):
     from dmoe.route.keyword import KeywordRouter, KeywordRules
+
+    server = own_server()
 
     r = chat(server.url, "anything at all", model="auto")  # the fixture's experts have no trained router
     assert r.status_code == 200
@@ -328,19 +364,16 @@ def test_model_auto_routes_per_request_and_reports_the_decision(server):
     assert r.headers["x-dmoe-route"].startswith("base;")
     rules = {"rules": [{"expert": "alpha", "keywords": ["apples"]}, {"expert": "beta", "keywords": ["bananas"]}]}
     server.state.router = KeywordRouter(KeywordRules.model_validate(rules))
-    try:
-        routed = chat(server.url, "I like apples", model="auto")
-        assert routed.headers["x-dmoe-route"] == "alpha=1.000;p=1.000"
-        assert routed.json()["dmoe"]["route"]["label"] == "alpha"
-        assert routed.json()["choices"][0]["token_ids"] == ids(server.url, "I like apples", model="alpha")
-        body = {"messages": [{"role": "user", "content": "bananas please"}], "max_tokens": 4, "stream": True, "model": "auto"}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as s:
-            first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: "))[6:])
-            assert s.headers["x-dmoe-route"].startswith("beta=")
-        assert first["dmoe"]["route"]["label"] == "beta"
-        explicit = chat(server.url, "I like apples", model="auto", experts=[{"name": "beta", "scale": 1.0}])
-        assert "route" not in explicit.json()["dmoe"]  # an explicit choice wins over auto
-        metrics = httpx.get(f"{server.url}/metrics").text
-        assert 'dmoe_route_decisions_total{route="alpha"} 1.0' in metrics
-    finally:
-        server.state.router = None
+    routed = chat(server.url, "I like apples", model="auto")
+    assert routed.headers["x-dmoe-route"] == "alpha=1.000;p=1.000"
+    assert routed.json()["dmoe"]["route"]["label"] == "alpha"
+    assert routed.json()["choices"][0]["token_ids"] == ids(server.url, "I like apples", model="alpha")
+    body = {"messages": [{"role": "user", "content": "bananas please"}], "max_tokens": 4, "stream": True, "model": "auto"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as s:
+        first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: "))[6:])
+        assert s.headers["x-dmoe-route"].startswith("beta=")
+    assert first["dmoe"]["route"]["label"] == "beta"
+    explicit = chat(server.url, "I like apples", model="auto", experts=[{"name": "beta", "scale": 1.0}])
+    assert "route" not in explicit.json()["dmoe"]  # an explicit choice wins over auto
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'dmoe_route_decisions_total{route="alpha"} 1.0' in metrics

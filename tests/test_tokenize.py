@@ -1,6 +1,6 @@
 import pytest
 
-from dmoe.data.formats import Conversation
+from dmoe.data.formats import Conversation, DatasetError
 from dmoe.data.tokenize import IGNORE_INDEX, NAMED_TEMPLATES, chat_template_for, encode, infer_seqlen
 
 
@@ -65,5 +65,5 @@ def test_infer_seqlen_matches_llamafactory():
 
 def test_named_and_unknown_templates(real_tokenizer):
     assert chat_template_for(real_tokenizer, "chatml") == NAMED_TEMPLATES["chatml"]
-    with pytest.raises(Exception, match="unknown template 'nope'"):
+    with pytest.raises(DatasetError, match="unknown template 'nope'"):
         chat_template_for(real_tokenizer, "nope")

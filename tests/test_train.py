@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dmoe.train.trainer as trainer_mod
 from dmoe.base import load_base
 from dmoe.config import load_train_config
 from dmoe.experts import apply_expert, load_expert
 from dmoe.train import train
-import dmoe.train.trainer as trainer_mod
 from dmoe.train.trainer import TrainError, causal_lm_loss_sum
 
 DMOE = [sys.executable, "-m", "dmoe.cli"]
@@ -177,3 +177,14 @@ def test_half_precision_the_cpu_cannot_do_warns_and_trains_in_fp32(tiny_train_cf
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["compute_dtype"] == "float32"
 
 
+
+
+def test_the_tiny_run_reproduces_the_pinned_golden_loss_curve(tiny_train_cfg, tmp_path):
+    """A silent change to training (data order, masking, loss normalisation, optimizer,
+    schedule, LoRA init) moves these numbers; an intended one re-pins them."""
+    golden = json.loads((Path(__file__).parent / "data" / "golden_loss.json").read_text())["losses"]
+    out = tmp_path / "golden"
+    train(load_train_config(None, tiny_train_cfg(out)), show_progress=False)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    got = [r["loss"] for r in rows if "loss" in r]
+    assert got == pytest.approx(golden, rel=1e-5, abs=1e-5), f"loss curve changed: {got}"

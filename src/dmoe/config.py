@@ -43,58 +43,58 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # model
-    model_name_or_path: str | None = Field(None, description="HF dir or .gguf; None = embedded SmolLM2")
-    template: str | None = Field(None, description="chat template name; None/'auto' = the tokenizer's own")
+    model_name_or_path: str | None = Field(default=None, description="HF dir or .gguf; None = embedded SmolLM2")
+    template: str | None = Field(default=None, description="chat template name; None/'auto' = the tokenizer's own")
     finetuning_type: Literal["lora"] = "lora"
 
     # LoRA
-    lora_rank: int = Field(8, ge=1, le=1024)
-    lora_alpha: float | None = Field(None, description="default 2 x lora_rank, as LlamaFactory")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target: str | list[str] = Field("all", description="'all' = every linear layer except lm_head")
+    lora_rank: int = Field(default=8, ge=1, le=1024)
+    lora_alpha: float | None = Field(default=None, description="default 2 x lora_rank, as LlamaFactory")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target: str | list[str] = Field(default="all", description="'all' = every linear layer except lm_head")
     use_rslora: bool = False
     use_dora: bool = False
 
     # data
     dataset: str | list[str] = Field(..., description="names in dataset_info.json (comma-separated ok)")
     dataset_dir: str = "data"
-    cutoff_len: int = Field(2048, ge=8)
-    max_samples: int | None = Field(None, ge=1)
-    val_size: float = Field(0.0, ge=0.0)
+    cutoff_len: int = Field(default=2048, ge=8)
+    max_samples: int | None = Field(default=None, ge=1)
+    val_size: float = Field(default=0.0, ge=0.0)
     train_on_prompt: bool = False
     mask_history: bool = False
 
     # optimisation
-    per_device_train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
-    learning_rate: float = Field(5e-5, gt=0)
+    per_device_train_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    num_train_epochs: float = Field(default=3.0, gt=0)
+    max_steps: int = Field(default=-1, description="> 0 overrides num_train_epochs")
+    learning_rate: float = Field(default=5e-5, gt=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
 
     # bookkeeping
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept; None = all")
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int = Field(default=500, ge=1)
+    save_total_limit: int | None = Field(default=2, ge=1, description="checkpoints kept; None = all")
     output_dir: str = "saves/expert"
     overwrite_output_dir: bool = False
     resume_from_checkpoint: str | bool | None = None
     seed: int = 42
 
     # dmoe's own keys
-    adapter_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = Field(default=
         "float32", description="dtype of the saved adapter; bfloat16 halves its size"
     )
 
     # dmoe's expert card (not LlamaFactory keys; all optional)
-    expert_name: str | None = Field(None, description="default: the output directory's name")
+    expert_name: str | None = Field(default=None, description="default: the output directory's name")
     expert_domain: str | None = None
     expert_description: str | None = None
     expert_signature: list[str] = Field(default_factory=list, description="regexes that mark an on-domain answer")
@@ -160,19 +160,19 @@ class MoEConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    num_experts: int = Field(8, ge=1, le=256)
-    top_k: int = Field(2, ge=1)
-    expert_capacity: int | None = Field(None, ge=1, description="tokens per expert per batch; None = no limit")
-    capacity_factor: float | None = Field(None, gt=0, description="capacity = factor * tokens * top_k / num_experts")
-    router_jitter_noise: float = Field(0.1, ge=0.0, lt=1.0, description="multiplicative router-input noise, training only")
-    router_aux_loss_coef: float = Field(0.01, ge=0.0)
-    router_z_loss_coef: float = Field(0.001, ge=0.0)
+    num_experts: int = Field(default=8, ge=1, le=256)
+    top_k: int = Field(default=2, ge=1)
+    expert_capacity: int | None = Field(default=None, ge=1, description="tokens per expert per batch; None = no limit")
+    capacity_factor: float | None = Field(default=None, gt=0, description="capacity = factor * tokens * top_k / num_experts")
+    router_jitter_noise: float = Field(default=0.1, ge=0.0, lt=1.0, description="multiplicative router-input noise, training only")
+    router_aux_loss_coef: float = Field(default=0.01, ge=0.0)
+    router_z_loss_coef: float = Field(default=0.001, ge=0.0)
     router_ignore_padding_tokens: bool = True
-    moe_layer_frequency: int = Field(2, ge=1, description="every n-th decoder layer from moe_layer_start")
-    moe_layer_start: int = Field(0, ge=0)
-    moe_layer_end: int | None = Field(None, ge=0, description="last decoder layer that may be MoE (inclusive); None = last")
-    normalize_top_k: bool = Field(True, description="top-k gates renormalised to sum to 1")
-    expert_init_noise: float = Field(0.0, ge=0.0, description="relative Gaussian noise added to each expert copy")
+    moe_layer_frequency: int = Field(default=2, ge=1, description="every n-th decoder layer from moe_layer_start")
+    moe_layer_start: int = Field(default=0, ge=0)
+    moe_layer_end: int | None = Field(default=None, ge=0, description="last decoder layer that may be MoE (inclusive); None = last")
+    normalize_top_k: bool = Field(default=True, description="top-k gates renormalised to sum to 1")
+    expert_init_noise: float = Field(default=0.0, ge=0.0, description="relative Gaussian noise added to each expert copy")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -192,7 +192,7 @@ class MoETrainConfig(TrainConfig):
 
     finetuning_type: Literal["full"] = "full"  # type: ignore[assignment]
     moe: MoEConfig = Field(default_factory=MoEConfig)
-    save_steps: int = Field(10**9, ge=1)
+    save_steps: int = Field(default=10**9, ge=1)
     output_dir: str = "saves/moe"
 
 

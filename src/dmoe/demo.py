@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,10 +23,12 @@ from rich.table import Table
 
 from dmoe.config import load_train_config
 from dmoe.data.generate import SIGNATURES
+from dmoe.errors import DmoeError
+from dmoe.paths import examples_dir
+from dmoe.runtime import ServeConfig, build_state
+from dmoe.serve.http import serve_in_thread
+from dmoe.train import train
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "examples" / "configs" / "automotive.yaml"
-BUNDLED = REPO / "examples" / "experts"
 QUESTIONS = [  # held-out questions (none is in training) and two off-domain ones
     ("automotive", "We live up in the Rockies and get a ton of snow. What should we drive?"),
     ("cooking", "How do I make a crispy-bottomed paella at home?"),
@@ -47,12 +48,6 @@ def _mark(text: str) -> str:
     return text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ask(url: str, model: str, question: str, max_tokens: int) -> tuple[str, str]:
     """(answer, the route taken: '' unless model is auto)."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
@@ -64,21 +59,21 @@ def _ask(url: str, model: str, question: str, max_tokens: int) -> tuple[str, str
 
 def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tokens: int = 64) -> dict[str, list[str]]:
     """Train (unless ``use_bundled``), serve, ask, print the table; returns answers per model."""
-    from dmoe.serve.app import build_state, serve_in_thread
-
+    config, bundled = examples_dir() / "configs" / "automotive.yaml", examples_dir() / "experts"
+    if not bundled.is_dir():
+        raise DmoeError(f"the demo needs the bundled examples; {bundled} does not exist: run it from the dmoe "
+                        "repository's root, or set DMOE_EXAMPLES to its examples folder")
     if not use_bundled:
-        from dmoe.train import train
-
-        cfg = load_train_config(CONFIG, [f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={steps}", "val_size=0",
+        cfg = load_train_config(config, [f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={steps}", "val_size=0",
                                          "learning_rate=5e-4", "warmup_ratio=0", "adapter_dtype=float32", f"expert_name={QUICK}"])
         console.rule(f"[bold]1. training the automotive expert for {steps} steps")
         res = train(cfg)
         console.print(f"loss {res.train_loss:.3f}, {res.tokens_per_s:.0f} tokens/s, {res.elapsed_s:.0f} s -> {out}")
 
     console.rule("[bold]2. one server, one copy of the base, every expert")
-    roots = [BUNDLED] + ([] if use_bundled else [out.parent])
-    st = build_state(None, BUNDLED, roots=roots, max_batch=16, max_seq=512)
-    with serve_in_thread(st, port=_free_port()) as url:
+    roots = [bundled] + ([] if use_bundled else [out.parent])
+    st = build_state(ServeConfig.make(experts_dir=bundled, roots=roots, max_batch=16, max_seq=512))
+    with serve_in_thread(st) as url:
         if not use_bundled:
             r = httpx.post(f"{url}/v1/experts", json={"path": str(out)}, timeout=60)
             r.raise_for_status()

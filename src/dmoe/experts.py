@@ -13,23 +13,28 @@ outside every root is refused, so a request can never load an arbitrary file.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from dmoe import DmoeError
-from dmoe.base import BaseIdentity, atomic_write_text
+from dmoe.base import BaseIdentity
 from dmoe.config import ConfigError, ExpertCard, load_expert_card
+from dmoe.errors import AdapterError, ExpertError, ExpertNotFoundError, OutsideRootsError
+from dmoe.io import atomic_write_text
 
 CARD_FILE = "expert.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class ExpertError(DmoeError):
-    """An expert is missing, malformed, outside the roots, or made for another base."""
+# PEFT tensor names of a decoder layer's LoRA pair: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -85,20 +90,20 @@ def find_experts(root: str | os.PathLike) -> list[Expert]:
     return experts
 
 
-def within_roots(path: Path, roots: list[Path]) -> bool:
+def within_roots(path: Path, roots: Sequence[Path]) -> bool:
     """True when ``path`` (symlinks resolved) lies inside one of ``roots``."""
     real = path.resolve()
     return any(real == r.resolve() or real.is_relative_to(r.resolve()) for r in roots)
 
 
-def resolve_expert(name_or_path: str, roots: list[str | os.PathLike]) -> Expert:
+def resolve_expert(name_or_path: str, roots: Sequence[str | os.PathLike]) -> Expert:
     """An expert by name (searched in ``roots``) or by path (which must lie inside a root)."""
     root_paths = [Path(r) for r in roots]
     as_path = Path(name_or_path).expanduser()
     looks_like_path = os.sep in name_or_path or name_or_path.startswith(".") or as_path.is_dir()
     if looks_like_path:
         if not within_roots(as_path, root_paths):
-            raise ExpertError(
+            raise OutsideRootsError(
                 f"expert path {name_or_path} is outside the expert roots ({', '.join(map(str, root_paths))}); "
                 "move it under a root or add its folder as a root"
             )
@@ -110,7 +115,7 @@ def resolve_expert(name_or_path: str, roots: list[str | os.PathLike]) -> Expert:
                 if e.name == name_or_path:
                     return e
                 known.append(e.name)
-    raise ExpertError(f"unknown expert '{name_or_path}'; known experts: {', '.join(sorted(known)) or 'none'}")
+    raise ExpertNotFoundError(f"unknown expert '{name_or_path}'; known experts: {', '.join(sorted(known)) or 'none'}")
 
 
 def check_base(expert: Expert, base: BaseIdentity) -> None:
@@ -125,6 +130,45 @@ def check_base(expert: Expert, base: BaseIdentity) -> None:
 def write_card(directory: Path, card: ExpertCard) -> None:
     """Write ``expert.yaml`` atomically."""
     atomic_write_text(directory / CARD_FILE, yaml.safe_dump(card.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True))
+
+
+def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """PEFT's on-disk LoRA format, validated: ``{'layers.i.proj': (A (r, in), B (out, r))}`` in
+    fp32, the rank, and the scaling (alpha/r, or alpha/sqrt(r) with rsLoRA). Anything that
+    is not a plain LoRA of decoder-layer projections is an AdapterError."""
+    cfg = expert.adapter_config()
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"expert '{expert.name}': peft_type {cfg.get('peft_type')!r} is not LoRA")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"expert '{expert.name}': DoRA adapters are not supported by the serving engine; train without use_dora")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"expert '{expert.name}': modules_to_save (full weight copies) cannot be served as LoRA")
+    r = int(cfg.get("r", 0))
+    alpha = float(cfg.get("lora_alpha", r))
+    if r <= 0:
+        raise AdapterError(f"expert '{expert.name}': adapter_config.json has no valid rank 'r'")
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    try:
+        weights = load_file(str(expert.path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"expert '{expert.name}': {ADAPTER_WEIGHTS} is not a valid safetensors file ({exc})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in weights.items():
+        m = _PEFT_KEY.search(key)
+        if not m:
+            raise AdapterError(f"expert '{expert.name}': unexpected tensor {key!r} (only LoRA A/B of decoder layers can be served)")
+        pairs.setdefault(f"layers.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = t
+    out = {}
+    for mod, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"expert '{expert.name}': {mod} lacks lora_{'B' if 'A' in ab else 'A'}")
+        A, B = ab["A"].float(), ab["B"].float()
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"expert '{expert.name}': {mod} holds NaN or infinite values")
+        out[mod] = (A, B)
+    if not out:
+        raise AdapterError(f"expert '{expert.name}': no LoRA tensors found")
+    return out, r, scaling
 
 
 def apply_expert(model, expert: Expert, scale: float = 1.0):

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoe.base import atomic_write_text
+from dmoe.io import atomic_write_text
 
 DOMAINS = ("automotive", "cooking", "programming")
 SIGNATURES = {

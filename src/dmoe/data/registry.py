@@ -30,7 +30,7 @@ class DatasetAttr(BaseModel):
     formatting: str = "alpaca"
     columns: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
-    num_samples: int | None = Field(None, ge=1, description="sample this many rows (with replacement if more)")
+    num_samples: int | None = Field(default=None, ge=1, description="sample this many rows (with replacement if more)")
     split: str = "train"
     ranking: bool = False
     # LlamaFactory hub keys: dmoe never downloads, so these are refused with a clear message.

@@ -14,74 +14,20 @@ steps, so no forward pass ever sees a half-written slot.
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from dmoe import DmoeError
 from dmoe.engine.model import LoRASlice, Transformer
-from dmoe.experts import ADAPTER_WEIGHTS, Expert
-
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-class AdapterError(DmoeError):
-    """An adapter cannot be loaded into the engine (nothing was changed)."""
-
-
-@dataclass
-class Resident:
-    name: str
-    slot: int
-    rank: int
-    path: str
-    modules: list[str] = field(default_factory=list)
+from dmoe.engine.protocol import Resident
+from dmoe.errors import AdapterError, AdapterInUseError, ExpertNotLoadedError
+from dmoe.experts import Expert, read_peft_adapter
 
 
 def lora_modules(model: Transformer) -> dict[str, LoRASlice]:
     """'layers.3.q_proj' -> its LoRASlice (the HF module names PEFT adapters use)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRASlice)}
-
-
-def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float]:
-    """{'layers.i.proj': (A (r, in), B (out, r))}, rank, and the scaling folded into B."""
-    cfg = expert.adapter_config()
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"expert '{expert.name}': peft_type {cfg.get('peft_type')!r} is not LoRA")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"expert '{expert.name}': DoRA adapters are not supported by the serving engine; train without use_dora")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"expert '{expert.name}': modules_to_save (full weight copies) cannot be served as LoRA")
-    r = int(cfg.get("r", 0))
-    alpha = float(cfg.get("lora_alpha", r))
-    if r <= 0:
-        raise AdapterError(f"expert '{expert.name}': adapter_config.json has no valid rank 'r'")
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    try:
-        weights = load_file(str(expert.path / ADAPTER_WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"expert '{expert.name}': {ADAPTER_WEIGHTS} is not a valid safetensors file ({exc})") from None
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in weights.items():
-        m = _KEY.search(key)
-        if not m:
-            raise AdapterError(f"expert '{expert.name}': unexpected tensor {key!r} (only LoRA A/B of decoder layers can be served)")
-        pairs.setdefault(f"layers.{m.group(1)}.{m.group(2)}", {})[m.group(3)] = t
-    out = {}
-    for mod, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"expert '{expert.name}': {mod} lacks lora_{'B' if 'A' in ab else 'A'}")
-        A, B = ab["A"].float(), ab["B"].float()
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(f"expert '{expert.name}': {mod} holds NaN or infinite values")
-        out[mod] = (A, B)
-    if not out:
-        raise AdapterError(f"expert '{expert.name}': no LoRA tensors found")
-    return out, r, scaling
 
 
 @dataclass
@@ -111,7 +57,7 @@ class AdapterSlots:
         for m in self.modules.values():
             A = torch.zeros(self.max_loras, rank, m.in_features, dtype=p.dtype, device=p.device)
             B = torch.zeros(self.max_loras, rank, m.out_features, dtype=p.dtype, device=p.device)
-            if m.A is not None:
+            if m.A is not None and m.B is not None:
                 A[:, :self.rank].copy_(m.A)
                 B[:, :self.rank].copy_(m.B)
             m.A, m.B = A, B
@@ -139,13 +85,13 @@ class AdapterSlots:
         ready = {mod: (A.to(dtype), (B * scaling).T.contiguous().to(dtype)) for mod, (A, B) in tensors.items()}
         return PreparedAdapter(expert.name, str(expert.path), r, ready)
 
-    def commit(self, prepared: "PreparedAdapter", in_use: set[int] = frozenset()) -> Resident:
+    def commit(self, prepared: "PreparedAdapter", in_use: AbstractSet[int] = frozenset()) -> Resident:
         """Write a prepared adapter into a free slot (replacing a same-named one not in use).
         Only copies: this is the part that runs under the engine lock, between two steps."""
         name, r = prepared.name, prepared.rank
         old = self.resident.get(name)
         if old is not None and old.slot in in_use:
-            raise AdapterError(f"expert '{name}' is serving requests; unload it when they finish or load under another name")
+            raise AdapterInUseError(f"expert '{name}' is in use by queued or running requests; reload it when they finish, or load it under another name")
         free = self.free_slots() if old is None else [old.slot]
         if not free:
             raise AdapterError(f"all {self.max_loras} adapter slots are taken; unload an expert or restart with more --max-loras")
@@ -153,6 +99,7 @@ class AdapterSlots:
         if r > self.rank:
             self._grow(r)
         for mod, m in self.modules.items():
+            assert m.A is not None and m.B is not None  # allocated by _grow
             m.A[slot].zero_()
             m.B[slot].zero_()
             if mod in prepared.tensors:
@@ -163,17 +110,18 @@ class AdapterSlots:
         self.resident[name] = res
         return res
 
-    def load(self, expert: Expert, in_use: set[int] = frozenset()) -> Resident:
+    def load(self, expert: Expert, in_use: AbstractSet[int] = frozenset()) -> Resident:
         """prepare + commit."""
         return self.commit(self.prepare(expert), in_use)
 
-    def unload(self, name: str, in_use: set[int] = frozenset()) -> None:
+    def unload(self, name: str, in_use: AbstractSet[int] = frozenset()) -> None:
         res = self.resident.get(name)
         if res is None:
-            raise AdapterError(f"expert '{name}' is not loaded; loaded: {', '.join(sorted(self.resident)) or 'none'}")
+            raise ExpertNotLoadedError(f"expert '{name}' is not loaded; loaded experts: {', '.join(sorted(self.resident)) or 'none'}")
         if res.slot in in_use:
-            raise AdapterError(f"expert '{name}' is serving requests; try again when they finish")
+            raise AdapterInUseError(f"expert '{name}' is in use by queued or running requests; unload it when they finish")
         for m in self.modules.values():  # a free slot holds zeros, so the dense kernel may span it
+            assert m.A is not None and m.B is not None
             m.A[res.slot].zero_()
             m.B[res.slot].zero_()
         del self.resident[name]

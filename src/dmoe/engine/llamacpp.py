@@ -2,7 +2,7 @@
 
     engine = LlamaCppEngine(resolve_base("model.gguf"), tokenizer)
     engine.load_expert(load_expert("examples/experts/cooking"))   # PEFT -> GGUF, cached
-    engine.generate([ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
+    generate(engine, [ids_a, ids_b], [[("cooking", 1.0)], []], SamplingParams(max_tokens=32))
 
 llama.cpp applies one adapter set to a whole context (``llama_set_adapters_lora``),
 so requests are grouped by adapter set. Each step picks the next group with work,
@@ -22,42 +22,45 @@ and cached under $DMOE_HOME/gguf-adapters, keyed by adapter and base content.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
 import threading
-from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dmoe import DmoeError
-from dmoe.base import BaseSpec, content_hash, dmoe_home
-from dmoe.engine.adapters import AdapterError, Resident
-from dmoe.engine.engine import (
+from dmoe.base import BaseSpec
+from dmoe.engine.protocol import EngineStats, Resident, generate
+from dmoe.engine.request import (
     Request,
-    RequestError,
+    RequestQueue,
     SamplingParams,
-    UnknownExpertError,
     append_token,
-    check_request,
+    check_prompt,
     check_scale,
-    drop_request,
-    enqueue_request,
-    generate_all,
-    sample,
+    sample_batch,
 )
-from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert
+from dmoe.errors import (
+    AdapterError,
+    AdapterInUseError,
+    EngineError,
+    ExpertNotLoadedError,
+    RequestError,
+    UnknownExpertError,
+)
+from dmoe.experts import Expert
+from dmoe.lora_gguf import ExportError, cached_adapter_gguf, check_adapter_fits
 
 
-class LlamaCppError(DmoeError):
+class LlamaCppError(EngineError):
     """llama.cpp is missing, or refused a model, an adapter or a batch."""
 
 
 def _llama_cpp():
     try:
-        import llama_cpp
+        import llama_cpp  # a compiled extension: imported only when this engine is used
     except ImportError as exc:  # pragma: no cover - part of the default install
         raise LlamaCppError(f"llama-cpp-python is not installed ({exc}); run: pip install 'llama-cpp-python>=0.3.36,<0.4'") from None
     return llama_cpp
@@ -78,36 +81,15 @@ def _silence_llama_logs() -> None:
         lc.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
 
 
-def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
-    """The expert as a GGUF adapter (f32, so the only difference from torch is the base's
-    quantisation), converted once and cached by the adapter's and the base's content."""
-    from dmoe.export.gguf import ExportError, write_adapter_gguf
-
-    key = content_hash([expert.path / ADAPTER_CONFIG, expert.path / ADAPTER_WEIGHTS])[:16]
-    path = dmoe_home() / "gguf-adapters" / f"{expert.name}-{key}-{base.identity.sha256[:12]}-f32.gguf"
-    if not path.is_file():
-        try:
-            write_adapter_gguf(expert, path, base, "f32")
-        except ExportError as exc:
-            raise AdapterError(str(exc)) from None
-    return path
-
-
 @dataclass
 class _Loaded:
     resident: Resident
-    handle: object  # llama_adapter_lora_p
-
-
-class _Slots:
-    """What the server reads of the torch engine's slots: the resident experts by name."""
-
-    def __init__(self) -> None:
-        self.resident: dict[str, Resident] = {}
+    handle: Any  # llama_adapter_lora_p (a ctypes pointer)
 
 
 class LlamaCppEngine:
-    """One GGUF base in llama.cpp, many GGUF adapters, requests grouped by adapter set."""
+    """One GGUF base in llama.cpp, many GGUF adapters, requests grouped by adapter set
+    (implements ``Engine``)."""
 
     def __init__(self, base: BaseSpec, tokenizer, *, max_batch: int = 8, max_seq: int = 2048,
                  max_prefill_tokens: int = 1024, n_threads: int | None = None, slice_steps: int = 4):
@@ -125,7 +107,7 @@ class LlamaCppEngine:
         self.slice_steps = max(1, slice_steps)  # decode steps a set keeps the context before the next set's turn
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
-        self._model = lc.llama_model_load_from_file(str(base.path).encode(), mp)
+        self._model: Any = lc.llama_model_load_from_file(str(base.path).encode(), mp)
         if not self._model:
             raise LlamaCppError(f"llama.cpp could not load {base.path}")
         cp = lc.llama_context_default_params()
@@ -135,23 +117,26 @@ class LlamaCppEngine:
         cp.n_batch = cp.n_ubatch = max(max_prefill_tokens + max_batch, 512)
         threads = n_threads or os.cpu_count() or 1
         cp.n_threads = cp.n_threads_batch = threads
-        self._ctx = lc.llama_init_from_model(self._model, cp)
+        self._ctx: Any = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise LlamaCppError("llama.cpp could not create a context")
-        self._mem = lc.llama_get_memory(self._ctx)
-        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
+        self._mem: Any = lc.llama_get_memory(self._ctx)
+        vocab: Any = lc.llama_model_get_vocab(self._model)
+        self.n_vocab = lc.llama_vocab_n_tokens(vocab)
         self._batch = lc.llama_batch_init(cp.n_batch, 0, 1)
         self._batch_cap = cp.n_batch
-        self.slots = _Slots()
         self._loaded: dict[str, _Loaded] = {}
         self._active: tuple = ()  # the adapter set now on the context
         self._turn = 0
         self._slice_left = 0
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.queue = RequestQueue("cpu")
         self.free_seqs = list(range(max_batch))
         self.lock = threading.RLock()
-        self._ids = itertools.count(1)
+        # KV bytes per token: K and V, every layer, f16 cells (llama.cpp's default cache type)
+        n_layer, n_embd = lc.llama_model_n_layer(self._model), lc.llama_model_n_embd(self._model)
+        n_head, n_head_kv = lc.llama_model_n_head(self._model), lc.llama_model_n_head_kv(self._model)
+        self._kv_per_token = 2 * 2 * n_layer * (n_embd // max(n_head, 1)) * n_head_kv
+        self._n_ctx = cp.n_ctx
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if eos is not None else set()
         self.adapter_switches = 0
@@ -172,13 +157,15 @@ class LlamaCppEngine:
                 self._model = None
 
     # -------------------------------------------------------------- adapters
+    @property
+    def resident(self) -> Mapping[str, Resident]:
+        return {name: item.resident for name, item in self._loaded.items()}
+
     def _in_use(self) -> set[str]:
-        return {n for r in itertools.chain(self.waiting, self.running) for n, _ in r.lora}
+        return {n for r in self.queue.in_flight() for n, _ in r.lora}
 
     def load_expert(self, expert: Expert) -> Resident:
         """Convert (cached) and check outside the lock; hand the file to llama.cpp between steps."""
-        from dmoe.export.gguf import ExportError, check_adapter_fits
-
         path = cached_adapter_gguf(expert, self.base)
         try:
             check_adapter_fits(path, self.base.path)
@@ -189,7 +176,8 @@ class LlamaCppEngine:
         with self.lock:
             old = self._loaded.get(expert.name)
             if old is not None and expert.name in self._in_use():
-                raise AdapterError(f"expert '{expert.name}' is in use by queued or running requests; retry when they finish")
+                raise AdapterInUseError(f"expert '{expert.name}' is in use by queued or running requests; reload it when they finish, "
+                                        "or load it under another name")
             handle = lc.llama_adapter_lora_init(self._model, str(path).encode())
             if not handle:
                 raise AdapterError(f"llama.cpp refused the adapter {path}")
@@ -197,32 +185,33 @@ class LlamaCppEngine:
                 self._drop(expert.name)
             res = Resident(expert.name, len(self._loaded), rank, str(expert.path))
             self._loaded[expert.name] = _Loaded(res, handle)
-            self.slots.resident[expert.name] = res
             return res
 
     def _drop(self, name: str) -> None:
         lc = _llama_cpp()
         item = self._loaded.pop(name)
-        self.slots.resident.pop(name, None)
         if any(n == name for n, _ in self._active):
             lc.llama_set_adapters_lora(self._ctx, None, 0, None)
             self._active = ()
         lc.llama_adapter_lora_free(item.handle)
 
+    def _unknown(self, name: str) -> str:
+        return f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}"
+
     def unload_expert(self, name: str) -> None:
         with self.lock:
             if name not in self._loaded:
-                raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
+                raise ExpertNotLoadedError(f"expert '{name}' is not loaded; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
             if name in self._in_use():
-                raise AdapterError(f"expert '{name}' is in use by queued or running requests; retry when they finish")
+                raise AdapterInUseError(f"expert '{name}' is in use by queued or running requests; unload it when they finish")
             self._drop(name)
 
-    def resolve(self, adapters: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    def _resolve(self, adapters: list[tuple[str, float]]) -> list[tuple[str, float]]:
         """Check names and scales; the set is kept by name (sorted), zero scales dropped."""
         out = []
         for name, scale in adapters:
             if name not in self._loaded:
-                raise UnknownExpertError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(self._loaded)) or 'none'}")
+                raise UnknownExpertError(self._unknown(name))
             if check_scale(name, scale) != 0:
                 out.append((name, float(scale)))
         return sorted(out)
@@ -240,18 +229,19 @@ class LlamaCppEngine:
         self.adapter_switches += 1
 
     # -------------------------------------------------------------- requests
-    def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
+    def submit(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
-        check_request(prompt_ids, params, self.max_seq)
+        check_prompt(prompt_ids, params, self.max_seq)
         if len(prompt_ids) > self.max_prefill_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine prefills at most {self.max_prefill_tokens}")
         bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
-        return enqueue_request(self, prompt_ids, adapters, params)
+        with self.lock:
+            return self.queue.add(prompt_ids, self._resolve(adapters), params)
 
-    def _finish_check(self, r: Request, tok: int) -> None:
-        append_token(r, tok, self.eos_ids, self.tokenizer)
+    def has_work(self) -> bool:
+        return self.queue.has_work()
 
     def _release(self, r: Request) -> None:
         if r.kv_slot >= 0:
@@ -263,7 +253,7 @@ class LlamaCppEngine:
         """The adapter set to run: the current one for up to ``slice_steps`` steps while it has
         work, then the next set with work, round-robin (running first, then waiting)."""
         keys: list[tuple] = []
-        for r in itertools.chain(self.running, self.waiting):
+        for r in self.queue.in_flight():
             k = tuple(r.lora)
             if k not in keys:
                 keys.append(k)
@@ -283,17 +273,18 @@ class LlamaCppEngine:
             key = self._next_group()
             if key is None:
                 return []
-            rows = [r for r in self.running if tuple(r.lora) == key]
+            queue = self.queue
+            rows = [r for r in queue.running if tuple(r.lora) == key]
             budget = self._batch_cap - len(rows)
             admitted = []
-            for r in list(self.waiting):
+            for r in list(queue.waiting):
                 if tuple(r.lora) != key or not self.free_seqs:
                     continue
                 if admitted and len(r.prompt_ids) > min(budget, self.max_prefill_tokens):
                     break
                 if len(r.prompt_ids) > budget:
                     break
-                self.waiting.remove(r)
+                queue.waiting.remove(r)
                 r.kv_slot = self.free_seqs.pop(0)
                 admitted.append(r)
                 budget -= len(r.prompt_ids)
@@ -324,23 +315,24 @@ class LlamaCppEngine:
             if rc != 0:
                 for r in admitted:  # give the new ones their place back; the running ones fail in the runner
                     self._release(r)
-                    self.waiting.appendleft(r)
+                    queue.waiting.appendleft(r)
                 raise LlamaCppError(f"llama_decode returned {rc} for {n} tokens")
-            self.running += admitted
-            for r, i in out_index:
-                ptr = lc.llama_get_logits_ith(self._ctx, i)
-                logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-                self._finish_check(r, sample(logits, r.params, r.generator))
-            for r in [r for r in self.running if r.done]:
+            queue.running += admitted
+            logits = torch.from_numpy(np.stack([
+                np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)) for _, i in out_index]))
+            reqs = [r for r, _ in out_index]
+            for r, tok in zip(reqs, sample_batch(logits, reqs)):
+                append_token(r, tok, self.eos_ids, self.tokenizer)
+            for r in [r for r in queue.running if r.done]:
                 self._release(r)
-            self.running = [r for r in self.running if not r.done]
-            return [r for r, _ in out_index]
+            queue.running = [r for r in queue.running if not r.done]
+            return reqs
 
     def logits(self, ids: list[int], adapters: list[tuple[str, float]]) -> torch.Tensor:
         """(len(ids), V) logits of one sequence under an adapter set, every position
         (teacher forcing, for parity checks). Waits for the step boundary; uses a free sequence."""
         lc = _llama_cpp()
-        key = tuple(self.resolve(adapters))
+        key = tuple(self._resolve(adapters))
         if len(ids) > self._batch_cap:
             raise RequestError(f"{len(ids)} tokens; at most {self._batch_cap} in one call")
         with self.lock:
@@ -365,9 +357,16 @@ class LlamaCppEngine:
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away); its sequence's KV cells are freed."""
         with self.lock:
-            drop_request(self, req)
+            self.queue.drop(req)
             self._release(req)
 
+    def stats(self) -> EngineStats:
+        with self.lock:
+            held = sum(len(r.prompt_ids) + len(r.output_ids) for r in self.queue.running)
+            return EngineStats(running=len(self.queue.running), waiting=len(self.queue.waiting), kv_tokens=held,
+                               kv_bytes_used=self._kv_per_token * held, kv_bytes_total=self._kv_per_token * self._n_ctx,
+                               experts=len(self._loaded), adapter_switches=self.adapter_switches)
+
     def generate(self, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]], params: SamplingParams) -> list[list[int]]:
-        """Run requests to completion together; returns each one's output ids."""
-        return generate_all(self, prompts, adapter_sets, params)
+        """Run requests to completion together (bounded); returns each one's output ids."""
+        return generate(self, prompts, adapter_sets, params)

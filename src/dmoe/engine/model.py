@@ -15,6 +15,7 @@ SwiGLU MLP, grouped-query attention) and Qwen2 (q/k/v biases).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmoe.engine.lora_ops import dense_weights, lora_delta_dense, lora_delta_gather, use_dense
+from dmoe.errors import DmoeError
 
+
+class UnsupportedModelError(DmoeError):
+    """The base's architecture (or a feature of it) is not implemented by this forward."""
+
+
+SUPPORTED = ("llama", "mistral", "qwen2")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -44,11 +52,12 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg) -> "ModelArgs":
         """Read an HF config; refuse what this forward does not implement."""
-        if cfg.model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"the torch engine supports llama, mistral and qwen2 models, not {cfg.model_type!r}")
+        if cfg.model_type not in SUPPORTED:
+            raise UnsupportedModelError(f"the torch engine supports {', '.join(SUPPORTED)} models, not {cfg.model_type!r}; "
+                                        "serve this base with --engine llamacpp (a GGUF base) or use dmoe generate")
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"RoPE scaling {rope.get('rope_type')!r} is not supported by the torch engine yet")
+            raise UnsupportedModelError(f"RoPE scaling {rope.get('rope_type')!r} is not supported by the torch engine yet")
         theta = rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(
@@ -66,7 +75,8 @@ class LoRABatch:
     ``active`` is False when no row of the step has an adapter. Otherwise the step's
     rows use slots in [lo, hi); ``w`` (N, hi - lo) is the dense form and ``idx``,
     ``scale`` (N, K) the sparse form of their choice (see ``lora_ops``); ``dense``
-    says which kernel runs.
+    says which kernel runs. Built on the host from the rows' Python (slot, scale)
+    lists and copied to the device once: nothing here reads a device tensor back.
     """
 
     def __init__(self):
@@ -77,19 +87,64 @@ class LoRABatch:
         self.idx: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
-    def set(self, idx: torch.Tensor, scale: torch.Tensor, dtype) -> None:
-        """Rows' (slot, weight) pairs, idx/scale (N, K) with slot -1 = none."""
-        used = idx[idx >= 0]
-        self.active = used.numel() > 0
+    def set(self, rows: Sequence[Sequence[tuple[int, float]]], dtype: torch.dtype, device: torch.device) -> None:
+        """Each row's (slot, scale) pairs; an empty row is the bare base."""
+        used = [s for row in rows for s, _ in row]
+        self.active = bool(used)
         if not self.active:
             return
-        self.lo, self.hi = int(used.min()), int(used.max()) + 1
-        self.dense = use_dense(self.hi - self.lo, idx.shape[1])
-        self.idx, self.scale = idx, scale.to(dtype)
-        self.w = dense_weights(idx, scale, self.lo, self.hi).to(dtype) if self.dense else None
+        k = max(len(row) for row in rows)
+        idx = torch.full((len(rows), k), -1, dtype=torch.long)  # (N, K), -1 = no adapter
+        scale = torch.zeros((len(rows), k))
+        for i, row in enumerate(rows):
+            for j, (s, w) in enumerate(row):
+                idx[i, j], scale[i, j] = s, w
+        self.lo, self.hi = min(used), max(used) + 1
+        self.dense = use_dense(self.hi - self.lo, k)
+        self.idx, self.scale = idx.to(device), scale.to(device=device, dtype=dtype)
+        self.w = dense_weights(idx, scale, self.lo, self.hi).to(device=device, dtype=dtype) if self.dense else None
 
     def clear(self) -> None:
         self.active = False
+
+
+@dataclass
+class StepInput:
+    """One forward pass's inputs. The tensors are on the model's device; ``span`` and
+    ``slot_range`` are Python ints the engine already knows, so the forward never
+    reads a device tensor back (no host syncs: ready for CUDA graphs)."""
+
+    tokens: torch.Tensor                # (B, T) token ids
+    pos: torch.Tensor                   # (B, T) each token's position in its own sequence
+    slots: torch.Tensor                 # (B,) each row's KV-cache slot
+    span: int                           # max position + 1: the cache columns attention reads
+    slot_range: tuple[int, int] | None  # (lo, hi) when the rows sit in KV slots lo..hi-1 in order
+    logits_at: torch.Tensor | None = None  # (B,) position whose logits each row returns; None = last
+
+    @classmethod
+    def build(cls, tokens: list[list[int]], positions: list[list[int]], slots: list[int], device,
+              logits_at: list[int] | None = None) -> "StepInput":
+        """From host lists (rows right-padded to one length by the caller)."""
+        lo = slots[0]
+        consecutive = slots == list(range(lo, lo + len(slots)))
+        return cls(
+            tokens=torch.tensor(tokens, dtype=torch.long).to(device),
+            pos=torch.tensor(positions, dtype=torch.long).to(device),
+            slots=torch.tensor(slots, dtype=torch.long).to(device),
+            span=max(max(p) for p in positions) + 1,
+            slot_range=(lo, lo + len(slots)) if consecutive else None,
+            logits_at=None if logits_at is None else torch.tensor(logits_at, dtype=torch.long).to(device),
+        )
+
+
+@dataclass
+class LayerInput:
+    """What every Block of one forward shares: the step plus RoPE and the attention mask."""
+
+    step: StepInput
+    cos: torch.Tensor   # (B, 1, T, hd)
+    sin: torch.Tensor   # (B, 1, T, hd)
+    mask: torch.Tensor  # (B, 1, T, span) True = may attend
 
 
 class LoRASlice(nn.Module):
@@ -120,11 +175,13 @@ class LoRALinear(nn.Module):
             return y
         start = 0
         for p in self.parts:
-            if p.A is not None:
+            if p.A is not None and p.B is not None:
                 out = y[..., start:start + p.out_features]
                 if b.dense:
+                    assert b.w is not None
                     out.add_(lora_delta_dense(x, p.A[b.lo:b.hi], p.B[b.lo:b.hi], b.w))
                 else:
+                    assert b.idx is not None and b.scale is not None
                     out.add_(lora_delta_gather(x, p.A, p.B, b.idx, b.scale))
             start += p.out_features
         return y
@@ -171,27 +228,27 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, pos, mask, slot_range):
-        a = self.a
+    def forward(self, x: torch.Tensor, li: LayerInput, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dim); this layer's cache (slots, max_seq, nkv, hd) is written in place."""
+        a, step = self.a, li.step
         B, T, _ = x.shape
         h = self.input_layernorm(x)
         q, k, v = self.qkv(h).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, li.cos, li.sin), apply_rope(k, li.cos, li.sin)
         # write this step's keys/values into each row's own cache slot at its own positions
-        rows = slots[:, None].expand(B, T)
-        k_cache[rows, pos] = k.transpose(1, 2)  # cache: (slots, seq, nkv, hd)
-        v_cache[rows, pos] = v.transpose(1, 2)
-        span = mask.shape[-1]
-        if slot_range is not None:  # rows sit in consecutive slots: read the cache in place
-            lo, hi = slot_range
-            keys, vals = k_cache[lo:hi, :span].transpose(1, 2), v_cache[lo:hi, :span].transpose(1, 2)  # (B, nkv, S, hd)
+        rows = step.slots[:, None].expand(B, T)
+        k_cache[rows, step.pos] = k.transpose(1, 2)  # cache: (slots, seq, nkv, hd)
+        v_cache[rows, step.pos] = v.transpose(1, 2)
+        if step.slot_range is not None:  # rows sit in consecutive slots: read the cache in place
+            lo, hi = step.slot_range
+            keys, vals = k_cache[lo:hi, :step.span].transpose(1, 2), v_cache[lo:hi, :step.span].transpose(1, 2)  # (B, nkv, S, hd)
         else:
-            keys, vals = k_cache[slots, :span].transpose(1, 2), v_cache[slots, :span].transpose(1, 2)
+            keys, vals = k_cache[step.slots, :step.span].transpose(1, 2), v_cache[step.slots, :step.span].transpose(1, 2)
         # grouped-query attention without copying K/V per head
-        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)  # (B, nh, T, hd)
+        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=li.mask, enable_gqa=a.n_heads != a.n_kv_heads)  # (B, nh, T, hd)
         x = x + self.o(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
         gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -219,21 +276,19 @@ class Transformer(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos: (B, T); slots: (B,). Row b attends to its slot's positions <= pos[b, t].
-
-        Returns (B, V) float logits at position ``logits_at[b]`` of each row (default: the last).
-        """
-        B, T = tokens.shape
-        x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta, x.dtype)
-        span = int(pos.max()) + 1
-        mask = torch.arange(span, device=tokens.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, S)
-        lo = int(slots[0])
-        slot_range = (lo, lo + B) if torch.equal(slots.cpu(), torch.arange(lo, lo + B)) else None
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Row b attends to its slot's positions <= pos[b, t]. Returns (B, V) float logits at
+        position ``step.logits_at[b]`` of each row (default: the last), on the model's device."""
+        B = step.tokens.shape[0]
+        x = self.embed_tokens(step.tokens)  # (B, T, dim)
+        cos, sin = rope_cos_sin(step.pos, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cols = torch.arange(step.span, device=x.device)
+        mask = cols[None, None, None, :] <= step.pos[:, None, :, None]  # (B, 1, T, span)
+        li = LayerInput(step, cos, sin, mask)
+        assert self.k_cache is not None and self.v_cache is not None, "allocate_cache() first"
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.k_cache[i], self.v_cache[i], slots, pos, mask, slot_range)
-        x = x[:, -1] if logits_at is None else x[torch.arange(B, device=x.device), logits_at]  # (B, H)
+            x = layer(x, li, self.k_cache[i], self.v_cache[i])
+        x = x[:, -1] if step.logits_at is None else x[torch.arange(B, device=x.device), step.logits_at]  # (B, dim)
         return self.lm_head(self.norm(x)).float()
 
 

@@ -22,7 +22,11 @@ an MCP tool error with a readable message; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
+import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +38,16 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ValidationError
 
 from dmoe import DmoeError
+from dmoe.base import load_base
+from dmoe.config import MoEConfig, MoETrainConfig
+from dmoe.engine.protocol import generate
+from dmoe.engine.request import SamplingParams
+from dmoe.experts import check_base, find_experts, resolve_expert
+from dmoe.generate import answer_questions
+from dmoe.moe.analyze import analyze, read_analysis_rows, write_heatmap
+from dmoe.moe.model import is_moe_dir, load_moe, parameter_counts, upcycle
+from dmoe.moe.train import train_moe
+from dmoe.runtime import ServeConfig, ServeState, build_state
 
 INSTRUCTIONS = ("dmoe: token-level MoE upcycling (moe_* tools) and LoRA domain experts over one base "
                 "(list_experts, route_query, chat, load_expert, set_expert_scale).")
@@ -94,15 +108,14 @@ class DmoeMCP:
             raise ToolError(f"unknown model_id '{model_id}'; loaded: {known}")
         return self.models[model_id]
 
-    def serve_state(self):
+    def serve_state(self) -> ServeState:
         """The expert engine (base + every expert of ``experts_dir`` + router), built on first use."""
         with self._serve_lock:
             if self._serve is None:
                 if self.experts_dir is None:
                     raise ToolError("no experts directory configured; start with: dmoe mcp --experts DIR")
-                from dmoe.serve.app import build_state
-
-                self._serve = build_state(self.base, self.experts_dir, max_batch=4, max_seq=1024, keywords=self.keywords)
+                self._serve = build_state(ServeConfig.make(base=self.base, experts_dir=self.experts_dir, max_batch=4,
+                                                           max_seq=1024, keywords=self.keywords))
             return self._serve
 
     def resolve_dataset(self, dataset: str) -> tuple[str, str]:
@@ -117,17 +130,12 @@ class DmoeMCP:
 
 
 def _registered(dataset_dir: Path, name: str) -> bool:
-    import json
-
     info = dataset_dir / "dataset_info.json"
     return info.is_file() and name in json.loads(info.read_text())
 
 
 def _tool_errors(fn):
     """DmoeError and pydantic errors become MCP tool errors with their message."""
-    import functools
-    import inspect
-
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def awrapper(*a, **kw):
@@ -165,9 +173,6 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     def moe_load_model(model_name: str = "embedded", num_experts: int = 8, expert_capacity: int | None = None,
                        moe_layer_frequency: int = 2, top_k: int = 2) -> dict:
         """Load a dense model (embedded, HF dir or .gguf) and upcycle it into a MoE, or load a saved MoE dir."""
-        from dmoe.base import load_base
-        from dmoe.config import MoEConfig
-        from dmoe.moe.model import is_moe_dir, load_moe, parameter_counts, upcycle
 
         if is_moe_dir(model_name):
             model, tok, cfg = load_moe(model_name)
@@ -187,8 +192,6 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     async def moe_train(model_id: str, dataset: str, output_dir: str, learning_rate: float = 1e-4, batch_size: int = 4,
                         num_epochs: float = 1.0, max_steps: int = -1, wait: bool = True, ctx: Context | None = None) -> dict:
         """Train a loaded MoE in the background (progress notifications while ``wait``); returns the job status."""
-        from dmoe.config import MoETrainConfig
-        from dmoe.moe.train import train_moe
 
         loaded = state.model(model_id)
         if loaded.training:
@@ -246,21 +249,18 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     @_tool_errors
     def moe_generate(model_id: str, prompt: str, max_length: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> dict:
         """Generate from a loaded MoE (max_length = new tokens)."""
-        from dmoe.moe.analyze import generate
-
         loaded = state.model(model_id)
         if loaded.training:
             raise ToolError(f"model {model_id} is training (job {loaded.training}); generate when it is done")
         with loaded.lock:
-            text = generate(loaded.model, loaded.tokenizer, [prompt], max_length, temperature, top_p)[0]
+            text = answer_questions(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=max_length,
+                                    temperature=temperature, top_p=top_p)[0]
         return {"model_id": model_id, "text": text}
 
     @mcp.tool()
     @_tool_errors
     def moe_analyze(model_id: str, data: str, output_dir: str | None = None) -> dict:
         """Expert utilization per layer, router entropy and experts per domain (heatmap PNG in output_dir)."""
-        from dmoe.moe.analyze import analyze, read_analysis_rows, write_heatmap
-
         loaded = state.model(model_id)
         if loaded.training:
             raise ToolError(f"model {model_id} is training (job {loaded.training}); analyze when it is done")
@@ -278,11 +278,10 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     def list_experts() -> list[dict]:
         """The loaded LoRA experts: name, domain, rank, scale used by chat."""
         st = state.serve_state()
-        from dmoe.experts import find_experts
-
-        cards = {e.name: e.card for e in find_experts(state.experts_dir)} if state.experts_dir.is_dir() else {}
+        folder = state.experts_dir
+        cards = {e.name: e.card for e in find_experts(folder)} if folder is not None and folder.is_dir() else {}
         out = []
-        for name, res in sorted(st.engine.slots.resident.items()):
+        for name, res in sorted(st.engine.resident.items()):
             card = cards.get(name)
             out.append({"name": name, "domain": card.domain if card else None, "description": card.description if card else None,
                         "rank": res.rank, "scale": state.scales.get(name, 1.0)})
@@ -301,8 +300,6 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     @_tool_errors
     def chat(message: str, expert: str = "auto", max_tokens: int = 128, temperature: float = 0.0) -> dict:
         """Answer with the routed expert (expert='auto'), a named expert, or 'base'."""
-        from dmoe.engine.engine import SamplingParams
-
         st = state.serve_state()
         if expert == "auto":
             if st.router is None:
@@ -317,7 +314,7 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
         prompt = st.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
         ids = st.tokenizer.encode(prompt, add_special_tokens=False)
         with state._serve_lock:  # the engine is stepped here, by one caller at a time
-            out = st.engine.generate([ids], [adapters], SamplingParams(max_tokens=max_tokens, temperature=temperature))[0]
+            out = generate(st.engine, [ids], [adapters], SamplingParams(max_tokens=max_tokens, temperature=temperature))[0]
         return {"text": st.tokenizer.decode(out, skip_special_tokens=True).strip(), "experts": [n for n, _ in adapters] or ["base"],
                 "route": route}
 
@@ -325,23 +322,19 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
     @_tool_errors
     def load_expert(name_or_path: str) -> dict:
         """Load (or reload) an expert from the experts directory while serving."""
-        from dmoe.experts import check_base, resolve_expert
-
         st = state.serve_state()
         e = resolve_expert(name_or_path, st.roots)
         check_base(e, st.base)
         res = st.engine.load_expert(e)
-        return {"name": res.name, "rank": res.rank, "loaded": sorted(st.engine.slots.resident)}
+        return {"name": res.name, "rank": res.rank, "loaded": sorted(st.engine.resident)}
 
     @mcp.tool()
     @_tool_errors
     def set_expert_scale(name: str, scale: float) -> dict:
         """The scale chat applies to an expert (0 = off, 1 = as trained)."""
-        import math
-
         st = state.serve_state()
-        if name not in st.engine.slots.resident:
-            raise ToolError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(st.engine.slots.resident)) or 'none'}")
+        if name not in st.engine.resident:
+            raise ToolError(f"unknown expert '{name}'; loaded experts: {', '.join(sorted(st.engine.resident)) or 'none'}")
         if not math.isfinite(scale):
             raise ToolError(f"scale must be a finite number, got {scale}")
         state.scales[name] = float(scale)

@@ -1,4 +1,4 @@
-"""Expert activation analysis from the router logits, and batched generation.
+"""Expert activation analysis from the router logits (generation: ``dmoe.generate``).
 
     report = analyze(model, tokenizer, rows)          # rows: [{"text": ..., "domain": ...}]
     write_heatmap(report, "utilization.png")
@@ -78,6 +78,7 @@ def analyze(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length:
             model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
             row_of_token = torch.arange(len(chunk)).unsqueeze(1).expand_as(mask)[mask]  # (N_valid,)
             for li, m in enumerate(layers):
+                assert m.last is not None and m.last.router_logits is not None, "the forward keeps router logits here"
                 logits = m.last.router_logits.cpu()
                 if logits.shape[0] != row_of_token.shape[0]:  # padding was not masked (config): keep real tokens
                     logits = logits.reshape(mask.shape[0], mask.shape[1], -1)[mask]
@@ -138,31 +139,3 @@ def write_heatmap(report: dict, path: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, out)
     return out
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_length: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, chat: bool = True) -> list[str]:
-    """Batched generation (left padding): ``max_length`` new tokens at most per prompt."""
-    if max_length < 1:
-        raise AnalyzeError(f"max_length must be at least 1, got {max_length}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise AnalyzeError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
-    if chat and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    else:
-        texts = list(prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    finally:
-        tokenizer.padding_side = side
-    torch.manual_seed(seed)
-    model.eval()
-    device = next(model.parameters()).device
-    sample = temperature > 0
-    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_length, do_sample=sample,
-                         temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]

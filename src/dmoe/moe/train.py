@@ -13,7 +13,6 @@ The model is written with ``save_moe`` at the end (atomically).
 from __future__ import annotations
 
 import json
-import math
 import random
 import threading
 import time
@@ -24,16 +23,20 @@ from typing import Callable
 import torch
 
 from dmoe import DmoeError
-from dmoe.base import atomic_write_text, load_base, resolve_base
+from dmoe.base import load_base, resolve_base
 from dmoe.config import MoETrainConfig
+from dmoe.io import atomic_write_text
 from dmoe.moe.model import collect_stats, is_moe_dir, load_moe, moe_layers, parameter_counts, router_losses, save_moe, upcycle
 from dmoe.train.batches import collate, epoch_batches
 from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar
 from dmoe.train.trainer import (
-    _device_and_dtype,
     causal_lm_loss_sum,
+    configure_optimizer,
+    device_and_dtype,
     encode_dataset,
     evaluate,
+    plan_steps,
+    schedule,
     split_val,
     training_attention,
 )
@@ -83,10 +86,10 @@ def train_moe(cfg: MoETrainConfig, *, show_progress: bool = True, on_log: Callab
     out = Path(cfg.output_dir)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device, amp_dtype = _device_and_dtype(cfg)
+    device, amp_dtype = device_and_dtype(cfg)
     if model is None:
         model, tokenizer = load_for_training(cfg, torch.float32, device)
-    model.to(device)
+    model.to(device)  # pyright: ignore[reportArgumentType] - transformers' stub of .to() is a generate overload
     examples, _ = encode_dataset(cfg, tokenizer)
     train_set, val_set = split_val(examples, cfg.val_size, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -99,14 +102,11 @@ def train_moe(cfg: MoETrainConfig, *, show_progress: bool = True, on_log: Callab
 
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     lengths = [len(e.input_ids) for e in train_set]
-    steps_per_epoch = max(1, math.ceil(len(train_set) / bs) // accum)
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = cfg.warmup_steps or math.ceil(total * cfg.warmup_ratio)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    steps_per_epoch, total = plan_steps(cfg, len(train_set))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    optimizer = configure_optimizer(named, cfg)  # no decay on norms, biases and the routers
+    scheduler = schedule(cfg, optimizer, total)
     out.mkdir(parents=True, exist_ok=True)
     (out / LOG_FILE).unlink(missing_ok=True)
     log = TrainLog(out)
@@ -115,6 +115,7 @@ def train_moe(cfg: MoETrainConfig, *, show_progress: bool = True, on_log: Callab
     step, window = 0, []
     eval_loss = None
     stopped = False
+    assert tokenizer is not None, "given with model, or loaded above"
     pad = tokenizer.pad_token_id
     with progress_bar(show_progress) as bar, training_attention(model, device, amp_dtype, cfg.cutoff_len):
         task = bar.add_task("moe train", total=total, completed=0, loss="-", tps="-")

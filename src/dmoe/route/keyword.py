@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class KeywordRouter:
         ranked = sorted(((e, n / total) for e, n in hits.items()), key=lambda x: -x[1])
         return ranked + [(c, 0.0) for c in self.classes if c not in hits]
 
-    def route(self, query, mode: str = "top1", *, context: list[str] = (), **kw) -> RouteDecision:
+    def route(self, query, mode: str = "top1", *, context: Sequence[str] = (), **kw) -> RouteDecision:
         """Route one query (``threshold`` mode behaves as ``top1``: keywords carry no confidence;
         ``context`` is accepted for the common router interface and not used)."""
         t0 = time.perf_counter()

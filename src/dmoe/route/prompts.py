@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def expert_rows(expert: Expert, data_dirs: list[Path]) -> tuple[list[str], list[
     return mine, general
 
 
-def routing_data(experts: list[Expert], data_dirs: list[Path] = (), general_files: list[Path] = ()) -> RoutingData:
+def routing_data(experts: list[Expert], data_dirs: Sequence[Path] = (), general_files: Sequence[Path] = ()) -> RoutingData:
     """Every expert's prompts and the none class, deduplicated."""
     per: dict[str, list[str]] = {}
     none: list[str] = read_prompt_file(GENERAL_PROMPTS)

@@ -24,14 +24,15 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from dmoe.base import atomic_write_text, content_hash
 from dmoe.experts import ADAPTER_WEIGHTS, Expert
+from dmoe.io import atomic_write_text, content_hash
 from dmoe.route.classifiers import KINDS, Classifier, fit
 from dmoe.route.decision import NONE, RouteDecision, decide
 from dmoe.route.encoders import Encoder
@@ -67,7 +68,7 @@ class EmbeddingRouter:
         probs = self.clf.predict_proba(self.encoder.encode(texts))
         return [sorted(zip(self.classes, map(float, row)), key=lambda x: -x[1]) for row in probs]
 
-    def route(self, query, mode: str = "threshold", *, context: list[str] = (), k: int = 2, min_prob: float = 0.2) -> RouteDecision:
+    def route(self, query, mode: str = "threshold", *, context: Sequence[str] = (), k: int = 2, min_prob: float = 0.2) -> RouteDecision:
         """Route one query. When it is not confident on its own and earlier user turns
         exist (``context``), the recent conversation is routed as a whole instead."""
         t0 = time.perf_counter()
@@ -77,7 +78,7 @@ class EmbeddingRouter:
         ranked = self.scores([text])[0]
         if context and ranked[0][1] < self.threshold:
             joined, _ = clean_query(" ".join([*context[-2:], text]))
-            with_context = self.scores([joined])[0]
+            with_context = self.scores([joined or text])[0]
             if with_context[0][1] > ranked[0][1]:
                 ranked, note = with_context, (note + "; " if note else "") + "routed with the conversation as context"
         experts, conf, reason = decide(ranked, mode, threshold=self.threshold, k=k, min_prob=min_prob)
@@ -173,8 +174,8 @@ def calibrate_threshold(probs: np.ndarray, y: np.ndarray, none_idx: int) -> tupl
 _QUERY_COST = ("centroid", "logreg", "knn")
 
 
-def train_router(experts: list[Expert], encoder: Encoder, *, data: RoutingData | None = None, data_dirs: list[Path] = (),
-                 general_files: list[Path] = (), cache: Path | None = None, seed: int = 0,
+def train_router(experts: list[Expert], encoder: Encoder, *, data: RoutingData | None = None, data_dirs: Sequence[Path] = (),
+                 general_files: Sequence[Path] = (), cache: Path | None = None, seed: int = 0,
                  kinds: tuple[str, ...] = KINDS) -> EmbeddingRouter:
     """Fit, select and calibrate a router for ``experts`` (see the module docstring)."""
     if not experts:

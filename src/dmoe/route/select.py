@@ -7,13 +7,15 @@ base model). Every fall-back comes with a warning that says why and what to run.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 from dmoe.experts import Expert
 from dmoe.route.keyword import KeywordRouter
 from dmoe.route.router import ROUTER_DIR, ROUTER_JSON, load_router
 from dmoe.route.text import RouteError
+
+log = logging.getLogger("dmoe.route")
 
 
 def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | None = None, encoder=None):
@@ -28,8 +30,8 @@ def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | No
         note = f"no trained router in {d} (train one: dmoe route train --experts {experts_dir})"
     if keywords is not None:
         note += f"; routing with the keyword rules {keywords}"
-        warnings.warn(note)
+        log.warning(note)
         return KeywordRouter.load(keywords), note
     note += "; model=auto serves the base model"
-    warnings.warn(note)
+    log.warning(note)
     return None, note

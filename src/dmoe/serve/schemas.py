@@ -31,7 +31,7 @@ class _Generation(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
 
     model: str | None = None
-    max_tokens: int | None = Field(None, description="default 256")
+    max_tokens: int | None = Field(default=None, description="default 256")
     max_completion_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -39,9 +39,9 @@ class _Generation(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    lora: list[LoraScale] | None = Field(None, description="llama-server: per-request adapter scales by id")
-    experts: list[ExpertScale] | None = Field(None, description="dmoe: a blend of experts by name")
-    return_token_ids: bool = Field(False, description="as vLLM: include the completion's token ids")
+    lora: list[LoraScale] | None = Field(default=None, description="llama-server: per-request adapter scales by id")
+    experts: list[ExpertScale] | None = Field(default=None, description="dmoe: a blend of experts by name")
+    return_token_ids: bool = Field(default=False, description="as vLLM: include the completion's token ids")
 
 
 class ChatRequest(_Generation):
@@ -54,4 +54,4 @@ class CompletionRequest(_Generation):
 
 class LoadExpertRequest(BaseModel):
     path: str
-    name: str | None = Field(None, description="must match the card's name if given")
+    name: str | None = Field(default=None, description="must match the card's name if given")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor], optimizer, scheduler, keep: int | None) -> Path:
+def save_checkpoint(output_dir: Path, state: TrainerState, trainable: Mapping[str, torch.Tensor], optimizer, scheduler, keep: int | None) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond ``keep``."""
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".checkpoint-{state.step}.tmp"

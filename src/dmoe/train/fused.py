@@ -122,7 +122,7 @@ def fused_lora(model, enabled: bool = True):
         yield len(layers)
     finally:
         for m in layers:
-            m.__dict__.pop("forward", None)
+            del m.forward  # the instance attribute; the class method shows again
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -169,12 +169,14 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Module, target
     bias-free linear layer (and ``fused``); otherwise ``F.cross_entropy`` on full logits.
     """
     weight = getattr(head, "weight", None)
-    fusable = fused and type(head) is torch.nn.Linear and head.bias is None and not weight.requires_grad
+    fusable = (fused and type(head) is torch.nn.Linear and head.bias is None and weight is not None
+               and not weight.requires_grad)
     if not fusable:
         logits = head(hidden).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, targets, reduction="sum")
+    assert weight is not None
     dtype = compute_dtype(hidden, weight)
     h, w = hidden.to(dtype), weight.to(dtype)
     chunk_rows = max(1, _CE_CHUNK_ELEMENTS // w.shape[0])

@@ -26,7 +26,7 @@ def read_log(output_dir: Path) -> list[dict]:
 def truncate_log(output_dir: Path, upto_step: int) -> None:
     """Keep the log rows of steps <= ``upto_step`` (a resume replays the rest)."""
     rows = [r for r in read_log(output_dir) if r.get("step", 0) <= upto_step]
-    from dmoe.base import atomic_write_text
+    from dmoe.io import atomic_write_text
 
     atomic_write_text(output_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 

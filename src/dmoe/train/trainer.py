@@ -31,17 +31,20 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from transformers import get_scheduler
 
 from dmoe import DmoeError
-from dmoe.base import BaseSpec, atomic_write_text, cpu_has_bf16, load_base, resolve_base
+from dmoe.base import BaseSpec, load_base, resolve_base
 from dmoe.config import ExpertCard, TrainConfig
 from dmoe.data import load_conversations
 from dmoe.data.tokenize import Encoded, chat_template_for, encode
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_card
+from dmoe.io import atomic_write_text, cpu_has_bf16
 from dmoe.train.batches import collate, epoch_batches
-from dmoe.train.fused import fused_lora, linear_cross_entropy_sum
 from dmoe.train.checkpoint import (
     TrainerState,
     clean_stale_tmp,
@@ -50,6 +53,7 @@ from dmoe.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from dmoe.train.fused import fused_lora, linear_cross_entropy_sum
 from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar, truncate_log
 
 SUMMARY_FILE = "summary.json"
@@ -92,7 +96,7 @@ def build_peft_model(model, cfg: TrainConfig):
 
     lora = LoraConfig(
         r=cfg.lora_rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # pyright: ignore[reportArgumentType] - PEFT annotates int, takes any float
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_target_modules(model, cfg.lora_target),
         use_rslora=cfg.use_rslora,
@@ -105,7 +109,7 @@ def build_peft_model(model, cfg: TrainConfig):
         return get_peft_model(model, lora)
 
 
-def encode_dataset(cfg: TrainConfig, tokenizer) -> tuple[list[Encoded], list[str]]:
+def encode_dataset(cfg: TrainConfig, tokenizer) -> tuple[list[Encoded], list[tuple[str, str]]]:
     """Tokenised, masked examples (rows left with nothing to learn are dropped), and
     the user prompts of the last turn of each kept conversation paired with its answer."""
     convs = load_conversations(cfg.datasets, cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
@@ -120,7 +124,7 @@ def encode_dataset(cfg: TrainConfig, tokenizer) -> tuple[list[Encoded], list[str
     if not examples:
         raise TrainError(f"no training example has a label token left after cutoff_len={cfg.cutoff_len}; raise cutoff_len")
     if len(examples) < len(convs):
-        warnings.warn(f"{len(convs) - len(examples)} examples had no answer token left after cutoff_len and were dropped")
+        warnings.warn(f"{len(convs) - len(examples)} examples had no answer token left after cutoff_len and were dropped", stacklevel=2)
     return examples, prompts
 
 
@@ -256,7 +260,7 @@ def prepare_output_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
+def device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
     """(device, autocast dtype or None). As in LlamaFactory, ``bf16``/``fp16`` mean mixed precision:
     the frozen base in that dtype, the LoRA weights in fp32, matmuls under autocast."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,28 +270,70 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
         if cfg.bf16 and cpu_has_bf16():
             return device, torch.bfloat16
         what = "fp16" if cfg.fp16 else "bf16 (this CPU has no AVX512-BF16/AMX)"
-        warnings.warn(f"{what} requested but training runs on a CPU that cannot do it fast: using float32")
+        warnings.warn(f"{what} requested but training runs on a CPU that cannot do it fast: using float32", stacklevel=2)
         return device, None
     if cfg.bf16 and torch.cuda.is_bf16_supported():
         return device, torch.bfloat16
     return device, torch.float16
 
 
-# ------------------------------------------------------------------ main loop
-def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None,
-          fused: bool = True) -> TrainResult:
-    """Train a LoRA expert as ``cfg`` says and write the expert directory.
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Norm weights and biases (1-D) and MoE routers keep their scale: no weight decay."""
+    return p.ndim < 2 or ".router." in f".{name}." or name.endswith("router.weight")
 
-    ``fused=False`` runs PEFT's own LoRA forward, the unfused head and loss, and
-    the model's own attention kernel: the same maths, slower (for benchmarks and checks)."""
+
+def configure_optimizer(named_params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay off where :func:`no_weight_decay` says."""
+    decay = [p for n, p in named_params.items() if not no_weight_decay(n, p)]
+    no_decay = [p for n, p in named_params.items() if no_weight_decay(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps): an epoch's tail that cannot fill a step is dropped."""
+    micro_per_epoch = math.ceil(n_train / cfg.per_device_train_batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    return steps_per_epoch, total
+
+
+def schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate schedule (``lr_scheduler_type``, warmup steps or ratio), as HF's Trainer builds it."""
+    warmup = cfg.warmup_steps or math.ceil(total_steps * cfg.warmup_ratio)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`loop` and :func:`save` use."""
+
+    cfg: TrainConfig
+    out: Path
+    model: Any                  # the PeftModel
+    tokenizer: Any
+    base: BaseSpec
+    train_set: list[Encoded]
+    val_set: list[Encoded]
+    turns: list[tuple[str, str]]
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainerState
+    steps_per_epoch: int
+    device: str
+    amp_dtype: torch.dtype | None
+    resumed_from: int | None = None
+
+
+def setup(cfg: TrainConfig, base: BaseSpec | None = None) -> Run:
+    """Output folder (or the checkpoint to resume), seeds, base + LoRA, data, optimizer, schedule."""
     resume_ckpt = prepare_output_dir(cfg)
     out = Path(cfg.output_dir)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-
-    device, amp_dtype = _device_and_dtype(cfg)
-    base = base or resolve_base(cfg.model_name_or_path)
-    model, tokenizer, base = load_base(base, dtype=amp_dtype or torch.float32, device=device)
+    device, amp_dtype = device_and_dtype(cfg)
+    model, tokenizer, base = load_base(base or resolve_base(cfg.model_name_or_path), dtype=amp_dtype or torch.float32, device=device)
     examples, turns = encode_dataset(cfg, tokenizer)
     train_set, val_set = split_val(examples, cfg.val_size, cfg.seed)
 
@@ -297,23 +343,9 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
         model.enable_input_require_grads()
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    lengths = [len(e.input_ids) for e in train_set]
-    micro_per_epoch = math.ceil(len(train_set) / bs)
-    steps_per_epoch = max(1, micro_per_epoch // accum)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
-    warmup = cfg.warmup_steps or math.ceil(total_steps * cfg.warmup_ratio)
-
-    from transformers import get_scheduler
-
-    decay = [p for n, p in trainable.items() if p.ndim >= 2]
-    no_decay = [p for n, p in trainable.items() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-    )
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_set))
+    optimizer = configure_optimizer(trainable, cfg)
+    scheduler = schedule(cfg, optimizer, total_steps)
 
     digest = data_digest(cfg, train_set)
     state = TrainerState(step=0, total_steps=total_steps, tokens_seen=0, elapsed_s=0.0, config_digest=digest)
@@ -329,34 +361,43 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
         truncate_log(out, state.step)
     elif not cfg.overwrite_output_dir:
         (out / LOG_FILE).unlink(missing_ok=True)
-
     atomic_write_text(out / "train_config.yaml", _dump_yaml(cfg))
-    log = TrainLog(out)
+    return Run(cfg, out, model, tokenizer, base, train_set, val_set, turns, trainable, optimizer, scheduler, state,
+               steps_per_epoch, device, amp_dtype, resumed_from)
+
+
+def loop(run: Run, *, show_progress: bool = True, fused: bool = True) -> TrainResult:
+    """Optimizer steps until ``total_steps``: logs, evals at epoch ends, atomic checkpoints."""
+    cfg, state, model = run.cfg, run.state, run.model
+    bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    lengths = [len(e.input_ids) for e in run.train_set]
+    log = TrainLog(run.out)
     kill_after = int(os.environ.get(_KILL_AFTER_STEP_ENV, "0") or 0)
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def micro_batches(step: int) -> list[list[int]]:
         # Optimizer step `step` (0-based) consumes micro-batches [step*accum, (step+1)*accum)
         # of the concatenated epoch orders; an epoch's tail that cannot fill a step is dropped.
-        epoch, within = divmod(step, steps_per_epoch)
+        epoch, within = divmod(step, run.steps_per_epoch)
         if epoch not in epoch_cache:
             epoch_cache.clear()
             epoch_cache[epoch] = epoch_batches(lengths, bs, cfg.seed, epoch)
         return epoch_cache[epoch][within * accum:(within + 1) * accum]
 
-    pad_id = tokenizer.pad_token_id
+    pad_id = run.tokenizer.pad_token_id
     t_start = time.perf_counter() - state.elapsed_s
     t_window, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
     last_loss = None
     eval_loss = None
     lm = model.get_base_model()
     with (progress_bar(show_progress) as bar, fused_lora(model, enabled=fused),
-          training_attention(lm, device, amp_dtype if fused else None, cfg.cutoff_len)):
-        task = bar.add_task("train", total=total_steps, completed=state.step, loss="-", tps="-")
-        while state.step < total_steps:
-            batches = [collate([train_set[i] for i in idx], pad_id) for idx in micro_batches(state.step)]
-            lr = scheduler.get_last_lr()[0]
-            step_loss, grad_norm, tokens = optimizer_step(model, batches, optimizer, scheduler, cfg.max_grad_norm, device, amp_dtype, fused)
+          training_attention(lm, run.device, run.amp_dtype if fused else None, cfg.cutoff_len)):
+        task = bar.add_task("train", total=state.total_steps, completed=state.step, loss="-", tps="-")
+        while state.step < state.total_steps:
+            batches = [collate([run.train_set[i] for i in idx], pad_id) for idx in micro_batches(state.step)]
+            lr = run.scheduler.get_last_lr()[0]
+            step_loss, grad_norm, tokens = optimizer_step(model, batches, run.optimizer, run.scheduler, cfg.max_grad_norm,
+                                                          run.device, run.amp_dtype, fused)
             state.tokens_seen += tokens
             tok_window += tokens
             state.step += 1
@@ -364,12 +405,12 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
             loss_window += step_loss
             n_window += 1
 
-            end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            end_of_epoch = state.step % run.steps_per_epoch == 0 or state.step == state.total_steps
+            if state.step % cfg.logging_steps == 0 or state.step == state.total_steps:
                 now = time.perf_counter()
                 tps = tok_window / max(now - t_window, 1e-9)
                 row = {
-                    "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                    "step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4),
                     "loss": round(loss_window / n_window, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                     "tokens_seen": state.tokens_seen, "tokens_per_s": round(tps, 1),
                     "elapsed_s": round(now - t_start, 2),
@@ -377,32 +418,44 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
                 log.write(row)
                 bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}")
                 t_window, tok_window, loss_window, n_window = now, 0, 0.0, 0
-            if val_set and end_of_epoch:
-                eval_loss = evaluate(model, val_set, pad_id, bs, amp_dtype, fused)
-                log.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "eval_loss": round(eval_loss, 6)})
+            if run.val_set and end_of_epoch:
+                eval_loss = evaluate(model, run.val_set, pad_id, bs, run.amp_dtype, fused)
+                log.write({"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), "eval_loss": round(eval_loss, 6)})
             bar.update(task, completed=state.step)
-            if state.step % cfg.save_steps == 0 and state.step < total_steps:
+            if state.step % cfg.save_steps == 0 and state.step < state.total_steps:
                 state.elapsed_s = time.perf_counter() - t_start
-                save_checkpoint(out, state, trainable, optimizer, scheduler, cfg.save_total_limit)
+                save_checkpoint(run.out, state, run.trainable, run.optimizer, run.scheduler, cfg.save_total_limit)
             if kill_after and state.step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     log.close()
     elapsed = time.perf_counter() - t_start
-    result = TrainResult(
-        output_dir=out, steps=state.step, train_loss=last_loss, eval_loss=eval_loss,
-        tokens_per_s=state.tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed, resumed_from=resumed_from,
+    return TrainResult(
+        output_dir=run.out, steps=state.step, train_loss=last_loss, eval_loss=eval_loss,
+        tokens_per_s=state.tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed, resumed_from=run.resumed_from,
     )
-    save_expert(model, cfg, base, len(train_set), example_prompts(turns, cfg.expert_signature), result)
-    result.model = model.eval()
-    for _, ck in list_checkpoints(out):
+
+
+def save(run: Run, result: TrainResult) -> TrainResult:
+    """The expert directory (adapter, card, log, plot, summary); then the checkpoints go."""
+    save_expert(run.model, run.cfg, run.base, len(run.train_set), example_prompts(run.turns, run.cfg.expert_signature), result)
+    result.model = run.model.eval()
+    for _, ck in list_checkpoints(run.out):
         shutil.rmtree(ck, ignore_errors=True)  # the expert is complete; checkpoints are no longer needed
     return result
 
 
+def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None,
+          fused: bool = True) -> TrainResult:
+    """Train a LoRA expert as ``cfg`` says and write the expert directory: setup -> loop -> save.
+
+    ``fused=False`` runs PEFT's own LoRA forward, the unfused head and loss, and
+    the model's own attention kernel: the same maths, slower (for benchmarks and checks)."""
+    run = setup(cfg, base)
+    return save(run, loop(run, show_progress=show_progress, fused=fused))
+
+
 # ------------------------------------------------------------------ save
 def _dump_yaml(cfg: TrainConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import httpx
 
 from dmoe import DmoeError
-from dmoe.base import atomic_write_text
-from dmoe.bench.hits import wilson
+from dmoe.evals.hits import wilson
+from dmoe.io import atomic_write_text
 
 
 class BenchError(DmoeError):
@@ -177,8 +177,8 @@ def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, par
     return ans
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
+def _pct(values: list[float | None], q: float) -> float | None:
+    xs = sorted(x for x in values if x is not None)
     return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 1) if xs else None
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server (one registry per app, so tests can run several)."""
+"""Prometheus metrics of a running server (one registry per server, so tests can run several)."""
 
 from __future__ import annotations
 
@@ -22,4 +22,6 @@ class Metrics:
         self.routes = Counter("dmoe_route_decisions_total", "model=auto decisions by chosen adapter set", ["route"], registry=self.registry)
         self.route_latency = Histogram("dmoe_route_seconds", "Time to route one request", buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
                                        registry=self.registry)
+        self.adapter_switches = Gauge("dmoe_adapter_switches", "Adapter-set changes on the llama.cpp context since start (0: torch)",
+                                      registry=self.registry)
         self.loaded_experts = Gauge("dmoe_loaded_experts", "Experts resident in adapter slots", registry=self.registry)

@@ -17,7 +17,7 @@ import io
 import json
 from pathlib import Path
 
-from dmoe.bench.behaviour import BenchError
+from dmoe.evals.behaviour import BenchError
 
 
 def _load(run: Path) -> dict:
@@ -48,21 +48,25 @@ def _plots(summary: dict, answers: list[dict]) -> list[tuple[str, str]]:
         rates = [(summary["modes"][mode]["hits"].get(d) or {}).get("rate") or 0 for d in domains]
         ax.bar([i + j * width for i in range(len(domains))], rates, width, label=mode)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
-    ax.set_ylim(0, 1.05), ax.set_ylabel("hit rate"), ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("hit rate")
+    ax.legend(fontsize=7, ncol=2)
     out.append(("Hit rate per domain and mode", _png(fig)))
     plt.close(fig)
     for title, key, label in (("Bleed on off-domain questions", "bleed", "bleed rate"), ("Throughput", "tokens_per_s", "tokens/s")):
         fig, ax = plt.subplots(figsize=(8, 3))
         vals = [(m[key].get("rate") or 0) if key == "bleed" else (m[key] or 0) for m in summary["modes"].values()]
         ax.bar(modes, vals, color="tab:red" if key == "bleed" else "tab:blue")
-        ax.set_ylabel(label), ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelsize=7)
         out.append((title, _png(fig)))
         plt.close(fig)
     lat = [[a["latency_s"] * 1e3 for a in answers if a["mode"] == m and a["latency_s"] and not a["error"]] for m in modes]
     if any(lat):
         fig, ax = plt.subplots(figsize=(8, 3))
         ax.boxplot([x or [0] for x in lat], tick_labels=modes)
-        ax.set_ylabel("request latency, ms"), ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel("request latency, ms")
+        ax.tick_params(axis="x", labelsize=7)
         out.append(("Latency distribution", _png(fig)))
         plt.close(fig)
     return out

@@ -1,6 +1,6 @@
 """Signature hit rates: does an expert show its signature in-domain, and stay out elsewhere?
 
-    from dmoe.bench.hits import expert_hit_rates
+    from dmoe.evals.hits import expert_hit_rates
     report = expert_hit_rates(model, tok, expert, heldout_rows)
 
 A *hit* is an answer matching any of the expert's signature regexes. In-domain hit

@@ -9,19 +9,17 @@ the engine while there is work and sleeps on a condition otherwise. Admin action
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dmoe.engine.engine import Engine, Request, RequestError, SamplingParams
+from dmoe.engine.protocol import Engine
+from dmoe.engine.request import Request, SamplingParams
+from dmoe.errors import QueueFull, ShuttingDown
 
-
-class QueueFull(RequestError):
-    """More requests than the server's queue bound."""
-
-
-class ShuttingDown(RequestError):
-    """The server is draining: no new requests."""
+log = logging.getLogger("dmoe.engine.runner")
 
 
 # A request's last message when the engine failed it or the server stopped before it finished.
@@ -43,16 +41,24 @@ class Stream:
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine, max_queue: int = 64, on_token=None):
+    """The engine's step loop on its own thread, bridging to asyncio handlers.
+
+    ``after_step`` (tests) is called on the loop thread after every engine step with the
+    number of steps so far: a hook that fires after N steps, rather than a sleep."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, on_token: Callable[[Stream, int], None] | None = None,
+                 after_step: Callable[[int], None] | None = None):
         self.engine = engine
         self.max_queue = max_queue
         self.on_token = on_token  # callback(stream, n_new_tokens) for metrics
+        self.after_step = after_step
+        self.steps = 0
         self._streams: dict[int, Stream] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._draining = False
         self._thread = threading.Thread(target=self._loop, name="dmoe-engine", daemon=True)
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -60,6 +66,11 @@ class EngineRunner:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def stopping(self) -> bool:
+        """The drain is over: the loop ends, and requests still in flight get ``shutdown``."""
+        return self._stop
 
     @property
     def alive(self) -> bool:
@@ -81,7 +92,7 @@ class EngineRunner:
             s.req.finish_reason = STOPPED
             s.loop.call_soon_threadsafe(s.queue.put_nowait, ([], STOPPED))
 
-    async def submit(self, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams, label: str = "base") -> Stream:
+    async def submit(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams, label: str = "base") -> Stream:
         """Queue a request (raises RequestError / QueueFull). The engine lock is taken
         off the event loop, so a running decode step never blocks other streams."""
         if self._draining or self._stop:
@@ -93,11 +104,12 @@ class EngineRunner:
             self._cond.notify_all()
         return stream
 
-    def _submit_bounded(self, prompt_ids, adapters, params) -> Request:
+    def _submit_bounded(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         # Check and enqueue under one lock, so a burst cannot overshoot the bound.
         with self.engine.lock:
-            if len(self.engine.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.engine.waiting)} requests already waiting (limit {self.max_queue}); retry later")
+            waiting = self.engine.stats().waiting
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests already waiting (limit {self.max_queue}); retry later")
             return self.engine.submit(prompt_ids, adapters, params)
 
     def cancel(self, stream: Stream) -> None:
@@ -108,18 +120,23 @@ class EngineRunner:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not (self.engine.waiting or self.engine.running):
+                while not self._stop and not self.engine.has_work():
                     self._cond.wait(timeout=0.5)
                 if self._stop:
                     return
             try:
                 advanced = self.engine.step()
-            except BaseException as exc:  # keep serving; fail only the requests of this step
+            except Exception as exc:  # keep serving; fail only the requests this engine had in flight
+                log.exception("engine step failed; failing the requests in flight")
                 self.error = exc
-                advanced = list(self.engine.running)
-                for r in advanced:
-                    self.engine.cancel(r)
-                    r.finish_reason = FAILED
+                with self.engine.lock:
+                    advanced = [s.req for s in self._streams.values() if not s.req.done]
+                    for r in advanced:
+                        self.engine.cancel(r)
+                        r.finish_reason = FAILED
+            self.steps += 1
+            if self.after_step is not None:
+                self.after_step(self.steps)
             for r in advanced:
                 stream = self._streams.get(r.id)
                 if stream is None:

@@ -1,0 +1,50 @@
+"""``dmoe serve``: the base and every expert from one copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dmoe.cli.common import BASE_HELP, console, experts_dir, experts_option, user_errors
+
+
+@user_errors
+def serve(
+    experts: Optional[Path] = experts_option("experts loaded at start, also an allowed root (default: $DMOE_EXPERTS or ./examples/experts)"),
+    root: list[Path] = typer.Option([], "--root", help="more folders experts may be loaded from at runtime"),
+    base: Optional[str] = typer.Option(None, help=BASE_HELP),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(8081, help="port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DMOE_API_KEY", help="guards every state-changing endpoint"),
+    max_batch: int = typer.Option(8, help="concurrent sequences (KV slots)"),
+    max_seq: int = typer.Option(2048, help="context length per sequence"),
+    max_loras: int = typer.Option(8, help="adapter slots"),
+    max_lora_rank: int = typer.Option(64, help="largest adapter rank that fits a slot"),
+    max_queue: int = typer.Option(64, help="queued requests beyond the batch before 429"),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16"),
+    drain: float = typer.Option(10.0, help="seconds requests in flight get to finish after SIGTERM/Ctrl-C"),
+    keywords: Optional[Path] = typer.Option(None, help="keyword rules YAML, used when no trained router matches"),
+    route_mode: str = typer.Option("threshold", help="model=auto: threshold, top1 or topk"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base; experts converted to GGUF)"),
+):
+    """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API).
+
+    Example: dmoe serve --experts examples/experts --port 8081
+    """
+    from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
+    from dmoe.serve.http import bind, run_server
+
+    folder = experts_dir(experts)
+    cfg = ServeConfig.make(base=base, experts_dir=folder, roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
+                           max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
+                           keywords=keywords, route_mode=route_mode, engine=engine)
+    sock = bind(host, port)  # a busy port fails now, before the model loads
+    st = build_state(cfg)
+    console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "
+                  f"on http://{host}:{sock.getsockname()[1]}")
+    level = logging.getLevelName(logging.getLogger("dmoe").getEffectiveLevel()).lower()
+    run_server(st, drain_s=drain, sock=sock, log_level=level if level in ("debug", "info") else "warning")

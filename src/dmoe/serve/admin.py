@@ -1,0 +1,110 @@
+"""llama-server's /lora-adapters, dmoe's /v1/experts (hot load / unload), /health, /metrics.
+
+Every state-changing route checks the API key first (when one is set), and validates
+the whole request before it changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+from pydantic import TypeAdapter, ValidationError
+
+from dmoe.engine.request import check_scale
+from dmoe.errors import ExpertError, RequestError, Unauthorized, UnknownExpertError
+from dmoe.experts import check_base, resolve_expert
+from dmoe.runtime import ServeState
+from dmoe.serve.openai import state
+from dmoe.serve.schemas import LoadExpertRequest, LoraScale
+
+router = APIRouter()
+_LORA_LIST = TypeAdapter(list[LoraScale])
+
+
+def require_key(st: ServeState, request: Request) -> None:
+    """The API key (``Authorization: Bearer`` or ``X-API-Key``), compared in constant time."""
+    if not st.api_key:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not secrets.compare_digest(given.encode(), st.api_key.encode()):
+        raise Unauthorized("this endpoint changes the server's state and needs the API key: send 'Authorization: Bearer <key>'")
+
+
+def _adapters(st: ServeState) -> list[dict]:
+    res = st.engine.resident
+    return [{"id": i, "path": res[n].path, "scale": st.defaults.get(n, 0.0)} for i, n in sorted(st.adapter_ids.items()) if n in res]
+
+
+@router.get("/lora-adapters")
+async def lora_adapters(request: Request):
+    return _adapters(state(request))
+
+
+@router.post("/lora-adapters")
+async def set_lora_adapters(request: Request):
+    # Parsed by hand: the seed's `curl -d '[...]'` sends no JSON content type, and llama-server accepts it.
+    st = state(request)
+    require_key(st, request)
+    try:
+        items = _LORA_LIST.validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestError(f"expected [{{\"id\": 0, \"scale\": 1.0}}, ...]: {exc.errors()[0]['msg']}") from None
+    new = dict(st.defaults)
+    for item in items:
+        name = st.adapter_ids.get(item.id)
+        if name is None:
+            raise UnknownExpertError(f"unknown lora id {item.id}; ids: {sorted(st.adapter_ids)}")
+        new[name] = check_scale(name, item.scale)
+    st.defaults = new  # one assignment: requests see the old defaults or the new, never a mix
+    return _adapters(st)
+
+
+@router.post("/v1/experts")
+async def load_expert(body: LoadExpertRequest, request: Request):
+    st = state(request)
+    require_key(st, request)
+    expert = resolve_expert(body.path, st.roots)
+    if body.name and body.name != expert.name:
+        raise ExpertError(f"the expert at {body.path} is named '{expert.name}', not '{body.name}'")
+    check_base(expert, st.base)
+    res = await asyncio.to_thread(st.engine.load_expert, expert)
+    st.register(expert.name)
+    return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path}
+
+
+@router.delete("/v1/experts/{name}")
+async def unload_expert(name: str, request: Request):
+    st = state(request)
+    require_key(st, request)
+    await asyncio.to_thread(st.engine.unload_expert, name)
+    st.forget(name)
+    return {"unloaded": name}
+
+
+@router.get("/health")
+async def health(request: Request):
+    st = state(request)
+    ok = st.runner is not None and st.runner.alive
+    status = "ok" if ok else "draining" if st.runner is not None and st.runner.draining else "down"
+    s = st.engine.stats()
+    return JSONResponse({"status": status, "experts": sorted(st.engine.resident), "running": s.running, "waiting": s.waiting},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    st = state(request)
+    s = st.engine.stats()
+    m = st.metrics
+    m.batch_size.set(s.running)
+    m.waiting.set(s.waiting)
+    m.kv_bytes.set(s.kv_bytes_used)
+    m.kv_bytes_total.set(s.kv_bytes_total)
+    m.loaded_experts.set(s.experts)
+    m.adapter_switches.set(s.adapter_switches)
+    return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")

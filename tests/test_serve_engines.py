@@ -1,0 +1,87 @@
+"""The same HTTP behaviour on both engines: typed errors map to the same status codes,
+and /metrics and /health read the engine through ``Engine.stats()``.
+
+The llama.cpp engine serves the tiny Llama written as an f32 GGUF (``tiny_gguf_base``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import StepHook
+
+pytest.importorskip("llama_cpp")
+ENGINES = ["torch", "llamacpp"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine_kind(request) -> str:
+    return request.param
+
+
+def _experts(kind, tiny_experts, tiny_gguf_experts):
+    return tiny_gguf_experts if kind == "llamacpp" else tiny_experts
+
+
+def test_unknown_expert_delete_is_404_and_unknown_model_is_404(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    with live_server(st) as srv:
+        r = httpx.delete(f"{srv.url}/v1/experts/nobody")
+        assert r.status_code == 404, r.text
+        assert "not loaded" in r.json()["error"]["message"] and "alpha" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "zeta", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
+        r = httpx.post(f"{srv.url}/v1/experts", json={"path": "nobody"})
+        assert r.status_code == 404 and "unknown expert 'nobody'" in r.json()["error"]["message"]
+        assert httpx.delete(f"{srv.url}/v1/experts/beta").status_code == 200
+        assert httpx.delete(f"{srv.url}/v1/experts/beta").status_code == 404
+        assert httpx.post(f"{srv.url}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_reload_or_unload_of_an_expert_in_use_is_409(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    """A hook after engine step 2 holds the engine while 'alpha' serves a request: a reload
+    and an unload of alpha are refused with 409; other experts still load."""
+    folder = _experts(engine_kind, tiny_experts, tiny_gguf_experts)
+    st = make_state(folder, engine=engine_kind, use_router=False)
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def while_in_flight():
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            seen["reload"] = c.post("/v1/experts", json={"path": str(folder / "alpha")}).status_code
+            seen["unload"] = c.delete("/v1/experts/alpha").status_code
+            seen["other"] = c.post("/v1/experts", json={"path": str(folder / "gamma")}).status_code
+            seen["running"] = c.get("/health").json()["running"]
+        done.set()
+
+    srv = live_server(st, after_step=StepHook(2, while_in_flight))  # runs on the engine thread, holding it
+    with srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 40,
+                                                          "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert done.wait(60)
+        assert seen["reload"] == 409 and seen["unload"] == 409, seen
+        assert seen["other"] == 200
+        # once the request is done, both work
+        assert httpx.post(f"{srv.url}/v1/experts", json={"path": str(folder / "alpha")}, timeout=60).status_code == 200
+        assert httpx.delete(f"{srv.url}/v1/experts/alpha").status_code == 200
+
+
+def test_metrics_and_health_read_engine_stats(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    with live_server(st) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "beta", "prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 200
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert 'dmoe_requests_total{expert="beta",status="length"} 1.0' in text
+        total = [line for line in text.splitlines() if line.startswith("dmoe_kv_cache_bytes_total ")]
+        assert total and float(total[0].split()[1]) > 0
+        assert "dmoe_loaded_experts 3.0" in text
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.url}/health").json()["running"] and time.monotonic() < deadline:
+            pass
+        assert httpx.get(f"{srv.url}/health").json() == {"status": "ok", "experts": ["alpha", "beta", "gamma"],
+                                                         "running": 0, "waiting": 0}
