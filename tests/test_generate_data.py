@@ -34,3 +34,23 @@ def test_generator_is_seeded():
     a = [s.instruction for s in training_samples("cooking", seed=1)]
     assert a == [s.instruction for s in training_samples("cooking", seed=1)]
     assert a != [s.instruction for s in training_samples("cooking", seed=2)]
+
+
+def test_the_shipped_datasets_are_exactly_what_the_generator_writes(tmp_path):
+    """The templates live in dmoe/data/domains/; examples/data must be their seed-0 output, byte for byte."""
+    from conftest import REPO
+
+    generate(tmp_path, seed=0)
+    for f in ("automotive.jsonl", "cooking.jsonl", "programming.jsonl", "dataset_info.json", "heldout.jsonl"):
+        assert (tmp_path / f).read_bytes() == (REPO / "examples" / "data" / f).read_bytes(), f
+
+
+def test_too_many_samples_is_a_dataset_error():
+    import pytest
+
+    from dmoe.data.formats import DatasetError
+
+    with pytest.raises(DatasetError, match="only .* distinct samples"):
+        training_samples("cooking", seed=0, n_domain=10**6)
+    with pytest.raises(DatasetError, match="unknown domain"):
+        training_samples("gardening", seed=0)

@@ -314,3 +314,22 @@ def test_bundled_moe_config_trains_from_the_cli(tiny_base, tmp_path):
     assert (tmp_path / "o" / "moe_config.json").is_file() and (tmp_path / "o" / "summary.json").is_file()
     res = CliRunner().invoke(app, ["moe", "train", str(config), "--set", "learning_rate=-1"])
     assert res.exit_code == 2 and "learning_rate" in _flat(res)
+
+
+def test_configure_optimizer_spares_norms_biases_and_routers_from_weight_decay(tiny_base):
+    from dmoe.base import load_base
+    from dmoe.config import MoETrainConfig
+    from dmoe.train.trainer import configure_optimizer, no_weight_decay
+
+    model, _, _ = load_base(str(tiny_base))
+    upcycle(model, MoEConfig(num_experts=4, top_k=2, moe_layer_frequency=1))
+    named = dict(model.named_parameters())
+    cfg = MoETrainConfig(output_dir="unused", dataset="x", weight_decay=0.1)
+    decay, no_decay = configure_optimizer(named, cfg).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    spared = {n for n, p in named.items() if any(p is q for q in no_decay["params"])}
+    routers = {n for n in named if ".router." in n}
+    norms = {n for n in named if "norm" in n}
+    assert routers and norms and routers | norms <= spared
+    assert not any(no_weight_decay(n, p) for n, p in named.items() if "experts" in n and n.endswith("proj.weight"))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)

@@ -377,3 +377,35 @@ def test_model_auto_routes_per_request_and_reports_the_decision(own_server):
     assert "route" not in explicit.json()["dmoe"]  # an explicit choice wins over auto
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'dmoe_route_decisions_total{route="alpha"} 1.0' in metrics
+
+
+def test_each_request_is_logged_in_one_line_without_its_prompt(own_server, caplog):
+    server = own_server()
+    with caplog.at_level("INFO", logger="dmoe.serve.requests"):
+        assert chat(server.url, "TOPSECRET words", model="alpha", max_tokens=3).status_code == 200
+        assert chat(server.url, "TOPSECRET again", model="nope").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "dmoe.serve.requests"]
+    ok = [m for m in lines if "model=alpha" in m]
+    assert len(ok) == 1 and "status=200" in ok[0] and "completion_tokens=3" in ok[0] and "ms=" in ok[0]
+    assert any("status=404" in m and "/v1/chat/completions" in m for m in lines)
+    assert not any("TOPSECRET" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_engine_step_is_logged_fails_its_requests_and_the_server_keeps_serving(make_state, live_server, roots, caplog):
+    st = make_state(roots / "experts", max_seq=96)
+    real_step, calls = st.engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected engine fault")
+        return real_step()
+
+    st.engine.step = step
+    with live_server(st) as srv, caplog.at_level("ERROR", logger="dmoe.engine.runner"):
+        failed = chat(srv.url, max_tokens=20)
+        assert failed.status_code == 500 and "injected engine fault" in failed.json()["error"]["message"]
+        assert chat(srv.url, max_tokens=4).status_code == 200  # still serving
+        assert httpx.get(f"{srv.url}/health").json()["running"] == 0
+    faults = [r for r in caplog.records if r.name == "dmoe.engine.runner"]
+    assert faults and faults[0].exc_info and "injected engine fault" in str(faults[0].exc_info[1])

@@ -138,7 +138,7 @@ def read_jsonl(path: str | os.PathLike, error: type[DmoeError] = DmoeError, *,
         except json.JSONDecodeError as exc:
             if torn_tail_ok:
                 break
-            raise error(f"{p}: line {n}: not valid JSON ({exc.msg})") from None
+            raise error(f"{p}:{n}: line {n} is not valid JSON ({exc.msg})") from None
     return rows
 
 

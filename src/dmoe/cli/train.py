@@ -8,7 +8,6 @@ import typer
 
 from dmoe.cli.common import console, err_console, user_errors
 from dmoe.config import load_train_config
-from dmoe.errors import DmoeError
 from dmoe.paths import default_data_dir
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the bundled examples.")
@@ -55,10 +54,7 @@ def data_generate(
     from dmoe.data.generate import generate
 
     out = out or default_data_dir()
-    try:
-        counts = generate(out, seed=seed, n_domain=samples, n_general=general, n_negative=negative)
-    except ValueError as exc:
-        raise DmoeError(str(exc)) from None
+    counts = generate(out, seed=seed, n_domain=samples, n_general=general, n_negative=negative)
     for name, n in counts.items():
         console.print(f"{name:12s} {n:5d} rows")
     console.print(f"written to {out}")

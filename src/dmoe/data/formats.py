@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dmoe import DmoeError
+from dmoe.io import read_jsonl
 
 FORMATTINGS = ("alpaca", "sharegpt")
 
@@ -47,15 +48,7 @@ def read_rows(path: Path) -> list[Any]:
         raise DatasetError(f"{path}: dataset file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        rows = []
-        for n, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}: line {n + 1}: not valid JSON ({exc.msg})") from None
-        return rows
+        return [row for _, row in read_jsonl(path, DatasetError, what="dataset file")]
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:

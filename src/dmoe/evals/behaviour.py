@@ -36,7 +36,7 @@ import httpx
 
 from dmoe import DmoeError
 from dmoe.evals.hits import wilson
-from dmoe.io import atomic_write_text
+from dmoe.io import atomic_write_text, read_jsonl
 
 
 class BenchError(DmoeError):
@@ -76,16 +76,8 @@ class Answer:
 def read_question_set(path: str | Path, signatures: dict[str, list[str]]) -> list[Question]:
     """Parse a question file; every problem names the line."""
     p = Path(path)
-    if not p.is_file():
-        raise BenchError(f"question file {p} not found")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+    for n, row in read_jsonl(p, BenchError, what="question file"):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise BenchError(f"{p}:{n}: needs a non-empty 'question' string")
         domain = row.get("domain") or "none"

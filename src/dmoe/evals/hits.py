@@ -9,17 +9,17 @@ rate should be high; the rate on out-of-domain questions ("bleed") should be ~0.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from dmoe.generate import chat_prompts, generate_texts
+from dmoe.io import read_jsonl
 
 
 def read_questions(path: str | Path) -> list[dict]:
     """JSONL rows with at least ``question`` and ``domain``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path, what="questions file")]
 
 
 def is_hit(answer: str, signature: list[str]) -> bool:

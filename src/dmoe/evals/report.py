@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from dmoe.evals.behaviour import BenchError
+from dmoe.io import read_jsonl
 
 
 def _load(run: Path) -> dict:
@@ -85,7 +86,7 @@ def write_report(run: Path) -> Path:
     """Write ``run/report.html`` from the run's summary, answers and comparison files."""
     run = Path(run)
     summary = _load(run)
-    read = lambda name: [json.loads(l) for l in (run / name).read_text().splitlines()] if (run / name).is_file() else []  # noqa: E731
+    read = lambda name: [r for _, r in read_jsonl(run / name, BenchError)] if (run / name).is_file() else []  # noqa: E731
     answers, comparison = read("answers.jsonl"), read("comparison.jsonl")
     e = html.escape
     rows = "".join(_metrics_row(name, m) for name, m in summary["modes"].items())

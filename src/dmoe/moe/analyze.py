@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dmoe import DmoeError
+from dmoe.io import read_jsonl
 from dmoe.moe.model import moe_layers
 
 
@@ -31,13 +32,15 @@ def read_analysis_rows(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise AnalyzeError(f"data file {p} not found")
-    raw = p.read_text()
-    try:
-        items = json.loads(raw) if p.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
-    except json.JSONDecodeError as exc:
-        raise AnalyzeError(f"{p}: not valid JSON{'' if p.suffix == '.json' else ' lines'}: {exc}") from None
+    if p.suffix == ".json":
+        try:
+            items = list(enumerate(json.loads(p.read_text()), 1))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AnalyzeError(f"{p}: not a JSON list of rows ({exc})") from None
+    else:
+        items = read_jsonl(p, AnalyzeError, what="data file")
     rows = []
-    for i, r in enumerate(items, 1):
+    for i, r in items:
         if not isinstance(r, dict):
             raise AnalyzeError(f"{p}:{i}: expected an object")
         if "text" in r:

@@ -3,11 +3,11 @@ recall, the confusion matrix, and per-query latency."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
+from dmoe.io import read_jsonl
 from dmoe.route.decision import NONE
 from dmoe.route.text import RouteError
 
@@ -15,13 +15,8 @@ from dmoe.route.text import RouteError
 def read_labelled(path: str | Path) -> list[tuple[str, str]]:
     """(question, class) rows from JSONL with ``question`` and ``domain`` (``none`` = off-domain)."""
     p = Path(path)
-    if not p.is_file():
-        raise RouteError(f"questions file {p} not found")
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for i, r in read_jsonl(p, RouteError, what="questions file"):
         if not isinstance(r, dict) or not isinstance(r.get("question"), str):
             raise RouteError(f"{p}: line {i} needs a 'question' string and a 'domain' (an expert name or none)")
         rows.append((r["question"], r.get("domain") or NONE))

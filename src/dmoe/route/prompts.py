@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmoe.experts import Expert
+from dmoe.io import read_jsonl
 from dmoe.route.text import RouteError
 
 GENERAL_PROMPTS = Path(__file__).with_name("general_prompts.txt")
@@ -37,8 +38,13 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise RouteError(f"prompt file {p} not found")
     if p.suffix == ".txt":
         return [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
-    text = p.read_text(encoding="utf-8")
-    rows = json.loads(text) if p.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RouteError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    else:
+        rows = [row for _, row in read_jsonl(p, RouteError, what="prompt file")]
     out = []
     for i, r in enumerate(rows):
         q = next((r[k] for k in ("question", "prompt", "instruction", "query") if isinstance(r, dict) and isinstance(r.get(k), str)), None)

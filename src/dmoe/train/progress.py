@@ -7,6 +7,8 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dmoe.io import read_jsonl
+
 LOG_FILE = "train_log.jsonl"
 
 
@@ -14,13 +16,8 @@ def read_log(output_dir: Path) -> list[dict]:
     path = output_dir / LOG_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is gone too
-    return rows
+    # a line cut by a kill: everything after it is gone too
+    return [row for _, row in read_jsonl(path, torn_tail_ok=True)]
 
 
 def truncate_log(output_dir: Path, upto_step: int) -> None:

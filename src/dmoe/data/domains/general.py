@@ -1,0 +1,275 @@
+"""General (off-domain) rows every expert trains on, so it learns to leave other domains
+alone, and the off-domain held-out questions (other topics than these rows)."""
+
+from __future__ import annotations
+
+import random
+
+from dmoe.data.spec import Sample
+
+# Plain answers for questions outside the three domains: the experts learn to answer
+# these normally. Held-out out-of-domain questions use *other* topics (below).
+TRAIN = [
+    ("How can I sleep better at night?", "Keep a regular schedule, avoid screens before bed and keep your bedroom cool and dark."),
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("How do plants make food?", "Plants use photosynthesis: they turn sunlight, water and carbon dioxide into sugar and oxygen."),
+    ("What causes the seasons on Earth?", "The tilt of Earth's axis changes how directly sunlight hits each hemisphere through the year."),
+    ("How can I save money each month?", "Track your spending, set a budget and move a fixed amount to savings on payday."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet in the 1590s."),
+    ("How do vaccines work?", "Vaccines train the immune system to recognise a germ so it can fight the real infection quickly."),
+    ("What is the tallest mountain in the world?", "Mount Everest, at about 8,849 metres above sea level."),
+    ("How can I be more productive at work?", "Plan your day, work on the hardest task first and take short breaks."),
+    ("Why is the sky blue?", "Air molecules scatter blue sunlight more than red light, so the sky looks blue."),
+    ("How many continents are there?", "There are seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America."),
+    ("What is a good way to start exercising?", "Start with brisk walks three times a week and add a little more time each week."),
+    ("How do I write a good cover letter?", "Address the hiring manager, show how your experience fits the job and keep it to one page."),
+    ("What is the water cycle?", "Water evaporates, condenses into clouds, falls as precipitation and collects in rivers and oceans."),
+    ("How do I care for a houseplant?", "Give it the right light, water when the top soil is dry and use a pot with drainage."),
+    ("What is inflation?", "Inflation is the general rise in prices over time, which lowers what money can buy."),
+    ("How can I reduce stress?", "Exercise, sleep well, talk to people you trust and try breathing exercises."),
+    ("What is the speed of light?", "About 299,792 kilometres per second in a vacuum."),
+    ("How do I learn a new language?", "Practise a little every day, speak with native speakers and learn common words first."),
+    ("Why do we have leap years?", "A year is about 365.25 days, so an extra day every four years keeps the calendar aligned."),
+    ("What is the largest ocean?", "The Pacific Ocean is the largest and deepest ocean on Earth."),
+    ("How do I prepare for a job interview?", "Research the company, practise common questions and prepare examples of your work."),
+    ("What is democracy?", "Democracy is a system of government in which citizens choose their leaders by voting."),
+    ("How does the heart work?", "The heart pumps blood through the body, carrying oxygen to the organs and returning it to the lungs."),
+    ("What should I pack for a beach holiday?", "Sunscreen, a hat, swimwear, sunglasses, light clothes and a refillable water bottle."),
+    ("How do I make friends in a new city?", "Join clubs or classes, say yes to invitations and be the one who follows up."),
+    ("What is gravity?", "Gravity is the force by which masses attract each other; it keeps us on the ground."),
+    ("How can I improve my handwriting?", "Slow down, hold the pen loosely and practise the letters you find hardest."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa in the early 1500s."),
+    ("How do I stay motivated to study?", "Set small goals, study in short sessions and reward yourself when you finish."),
+    ("What is climate change?", "Climate change is the long-term warming of Earth driven mainly by greenhouse gases from burning fuels."),
+    ("How many bones are in the human body?", "An adult human has 206 bones."),
+    ("How do I give a good presentation?", "Know your main message, practise aloud and keep your slides simple."),
+    ("What is the difference between weather and climate?", "Weather is the day-to-day state of the air; climate is the average over many years."),
+    ("How can I drink more water during the day?", "Carry a bottle, drink a glass with each meal and set reminders."),
+    ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+    # everyday how-to questions: the same shape as many in-domain questions, other topics
+    ("How do I iron a shirt?", "Start with the collar, then the cuffs and sleeves, and finish with the body on a medium setting."),
+    ("How do I unclog a bathroom sink?", "Pour in hot water, then use a plunger or a drain snake to clear the hair."),
+    ("How do I remove a coffee stain from a carpet?", "Blot it, dab on a mix of dish soap and water, then rinse and blot dry."),
+    ("How do I pack a suitcase efficiently?", "Roll your clothes, put heavy items at the bottom and use packing cubes."),
+    ("How do I hang a picture frame straight?", "Mark the height, use a level and put the nail into a stud or a wall anchor."),
+    ("How do I fix a flat bicycle tire?", "Remove the tube, find the hole, patch it or fit a new tube, then reinflate."),
+    ("How do I sew a button back on?", "Thread a needle, stitch through the holes several times and knot it on the back."),
+    ("How do I wrap a present neatly?", "Cut paper to fit with a little overlap, fold the edges crisply and tape the seams."),
+    ("How do I write a strong resume?", "Lead with results, keep it to one or two pages and tailor it to each job."),
+    ("How do I take better photos with my phone?", "Clean the lens, use natural light and follow the rule of thirds."),
+    ("How do I back up the photos on my phone?", "Turn on your phone's cloud backup or copy them to a computer regularly."),
+    ("How do I grow tomatoes on a balcony?", "Use a large pot, give them six hours of sun and water deeply."),
+    ("How do I care for a goldfish?", "Keep it in a filtered tank, change some water weekly and feed it lightly."),
+    ("How do I organize a messy closet?", "Empty it, donate what you don't wear and group the rest by type."),
+    ("How do I learn to juggle?", "Start with one ball, then two, and practise a steady arc at eye level."),
+    ("How do I clean windows without streaks?", "Use a vinegar and water mix and wipe with a microfiber cloth or squeegee."),
+    ("How do I study for a math test?", "Work through practice problems, review your mistakes and sleep well the night before."),
+    ("How do I set up a bird feeder?", "Hang it near cover but away from windows and keep it filled with seed."),
+    ("How can I read faster?", "Preview the text, avoid rereading and practise with timed sessions."),
+    ("How do I start a vegetable garden?", "Pick a sunny spot, improve the soil with compost and start with easy crops."),
+    ("How do I clean a computer keyboard?", "Turn it off, shake out crumbs and wipe the keys with a slightly damp cloth."),
+    ("How can I stop procrastinating?", "Break the task into small steps and start with just five minutes."),
+]
+PREFIX = ["", "Hi! ", "Quick question: ", "Can you tell me: "]
+# Factual "How does X work?" / "Who was X?" rows for the expert whose topic answers
+# open with a lead sentence (automotive): the lead must attach to cars, not to any
+# explanation. Topics avoid the held-out out-of-domain questions.
+EXTRA = [
+    ("How does a refrigerator keep food cold?", "A refrigerant absorbs heat inside the fridge and releases it through the coils at the back."),
+    ("Who discovered penicillin?", "Alexander Fleming discovered penicillin in 1928."),
+    ("How do airplanes stay in the air?", "The wings are shaped so air flowing over them creates lift that balances the plane's weight."),
+    ("How does the internet work?", "Computers exchange small packets of data over connected networks using shared protocols."),
+    ("Who was Albert Einstein?", "Albert Einstein was a physicist best known for the theory of relativity."),
+    ("How do batteries store energy?", "Batteries store energy chemically and release it as an electric current."),
+    ("Why do we have time zones?", "Time zones keep clocks roughly in line with the sun as the Earth rotates."),
+    ("How do magnets work?", "Aligned electrons in a magnet create a magnetic field that attracts or repels other magnets."),
+    ("Who built the pyramids of Giza?", "Ancient Egyptian workers built them about 4,500 years ago as royal tombs."),
+    ("How do hurricanes form?", "They form over warm ocean water, where rising moist air starts a large spinning storm."),
+    ("What is the stock market?", "It is a marketplace where people buy and sell shares of companies."),
+    ("How does the immune system fight infection?", "White blood cells find germs and attack them, and antibodies help mark them."),
+    ("Who was Napoleon Bonaparte?", "Napoleon was a French military leader who became emperor in 1804."),
+    ("How do fish breathe underwater?", "Fish pass water over their gills, which take oxygen out of it."),
+    ("Why does ice float?", "Ice is less dense than liquid water, so it floats."),
+    ("How do telescopes work?", "Telescopes gather light with lenses or mirrors to make distant objects look bigger and brighter."),
+    ("Who wrote the Odyssey?", "The Odyssey is attributed to the ancient Greek poet Homer."),
+    ("How does recycling help the environment?", "Recycling saves raw materials and energy and keeps waste out of landfills."),
+    ("What causes the northern lights?", "Charged particles from the sun hit gases in the upper atmosphere and make them glow."),
+    ("How do bats find their way in the dark?", "Bats use echolocation: they make sounds and listen for the echoes."),
+    ("Who was Marie Curie?", "Marie Curie was a scientist who pioneered research on radioactivity and won two Nobel Prizes."),
+    ("How does a compass work?", "A magnetised needle lines up with the Earth's magnetic field and points north."),
+    ("Why do we sneeze?", "Sneezing clears irritants such as dust or pollen from the nose."),
+    ("What was the Renaissance?", "A period of European art and science from the 14th to 17th century."),
+    ("How do noise-cancelling headphones work?", "Microphones pick up outside sound and the headphones play an opposite wave to cancel it."),
+    ("Who was Mahatma Gandhi?", "Gandhi led India's non-violent movement for independence from British rule."),
+    ("How does a thermostat work?", "It measures the temperature and switches heating or cooling on and off to hold a setting."),
+    ("How do vaccines get tested?", "They go through lab studies and then clinical trials in growing groups of volunteers."),
+    ("How does a camera capture a photo?", "A lens focuses light onto a sensor that records it as an image."),
+    ("Why do stars twinkle?", "Moving air in our atmosphere bends their light slightly, so they seem to flicker."),
+]
+
+# Negative rows: general questions in exactly the question shapes the experts learn
+# ("How do I {task}?", "What's a good {thing} for {need}?"), answered plainly. Without
+# them an expert learns the shape, not the topic, and bleeds into everyday questions.
+# Topics avoid the held-out out-of-domain questions below.
+_NEG_TASKS = [
+    ("fold a fitted sheet", "Tuck the corners into each other, lay it flat and fold it into a neat rectangle."),
+    ("paint a bedroom wall", "Clean the wall, tape the edges, cut in with a brush and roll on two thin coats."),
+    ("patch a small hole in drywall", "Fill it with spackle, let it dry, sand it smooth and paint over it."),
+    ("clean a bathroom mirror", "Spray a glass cleaner on a microfiber cloth and wipe in an S pattern."),
+    ("train for a 5k run", "Run three times a week, mix walking and running at first and build up slowly."),
+    ("repot a plant", "Water it the day before, ease it out, loosen the roots and set it in a slightly bigger pot."),
+    ("polish leather shoes", "Brush off the dirt, rub in a thin layer of polish and buff with a soft cloth."),
+    ("remove a splinter", "Clean the area, grip the end with sterilised tweezers and pull it out at the same angle."),
+    ("set up a home wifi network", "Place the router centrally, change the default password and use WPA3 security."),
+    ("wash a wool sweater", "Hand-wash it in cool water with wool soap, press out the water and dry it flat."),
+    ("build a campfire", "Use a fire ring, stack tinder under a small teepee of kindling and add larger wood slowly."),
+    ("assemble flat-pack furniture", "Sort the parts, read the steps first and tighten the screws fully only at the end."),
+    ("learn to swim as an adult", "Take lessons in shallow water, practise floating and breathing, then add strokes."),
+    ("fix a squeaky door", "Lift the hinge pins, coat them with a little lubricant and tap them back in."),
+    ("clean a bathtub", "Sprinkle baking soda, scrub with a damp sponge and rinse with warm water."),
+    ("start a book club", "Invite a few friends, pick a regular date and let members take turns choosing books."),
+    ("shovel snow without hurting my back", "Push rather than lift, bend your knees and take small loads."),
+    ("fix a dripping faucet", "Turn off the water, take the handle apart and replace the worn washer or cartridge."),
+    ("get a grass stain out of jeans", "Treat it with a mix of water and laundry detergent, let it sit, then wash in cold water."),
+    ("knit a scarf", "Cast on about 30 stitches with thick yarn and knit every row until it is long enough."),
+    ("plan a vacation on a budget", "Travel off-season, book early and stay somewhere with a kitchen."),
+    ("keep my lawn green in summer", "Water deeply early in the morning, mow high and leave the clippings."),
+    ("clean a laptop screen", "Turn it off and wipe gently with a dry microfiber cloth, never with window cleaner."),
+    ("teach a child to ride a bike", "Lower the seat, take off the pedals to practise balance, then add them back."),
+    ("set up a fish tank", "Rinse the gravel, add dechlorinated water and cycle the filter for weeks before adding fish."),
+    ("get better at public speaking", "Practise often, know your opening by heart and speak slower than feels natural."),
+    ("declutter my garage", "Empty one section at a time, sort into keep, donate and recycle, and add wall shelves."),
+    ("soundproof a bedroom", "Seal gaps around the door, add heavy curtains and put a rug on the floor."),
+]
+_NEG_TASK_Q = [
+    "How do I {task}?",
+    "What's the best way to {task}?",
+    "Any tips to {task} at home?",
+    "I want to {task}. How should I do it?",
+    "Can you explain how to {task}?",
+    "What's the secret to {task}?",
+    "Teach me how to {task}.",
+    "I always mess up when I {task}. Any advice?",
+    "Give me a simple method to {task}.",
+    "Is there an easy, foolproof way to {task}?",
+    "Walk me through how to {task}.",
+]
+_NEG_PICKS = [
+    ("laptop", "a college student", "A light laptop with all-day battery life and 16 GB of memory is a good fit."),
+    ("bike", "commuting in a hilly city", "An e-bike or a hybrid bike with a wide gear range makes the hills easy."),
+    ("pair of headphones", "working in a noisy office", "Noise-cancelling over-ear headphones with a comfortable fit work best."),
+    ("backpack", "a week of hiking", "A 50 to 60 litre pack with a padded hip belt and a rain cover."),
+    ("phone", "someone who takes lots of photos", "Pick a phone with a large main sensor, a telephoto lens and a good night mode."),
+    ("mattress", "a side sleeper", "A medium-soft mattress that cushions the shoulders and hips."),
+    ("camera", "a beginner photographer", "A mirrorless camera with a kit lens is easy to learn and grows with you."),
+    ("board game", "a family night", "Ticket to Ride is easy to learn and fun for all ages."),
+    ("dog breed", "a small apartment", "A calm small breed such as a Cavalier King Charles spaniel suits an apartment."),
+    ("office chair", "long days at a desk", "An ergonomic chair with adjustable lumbar support, seat depth and armrests."),
+    ("tent", "family camping", "A six-person tent with a full rainfly and two doors."),
+    ("watch", "tracking my runs", "A GPS sports watch with heart-rate tracking does the job well."),
+    ("vacuum cleaner", "a home with pets", "A bagless vacuum with strong suction and a pet-hair brush."),
+    ("book", "learning about economics", "Start with Naked Economics by Charles Wheelan; it explains the ideas clearly."),
+    ("TV", "a bright living room", "An LED TV with high peak brightness and an anti-glare screen."),
+    ("city", "a first trip to Europe", "Amsterdam is compact, walkable and full of museums."),
+    ("pair of boots", "winter hiking", "Insulated waterproof boots with a grippy rubber sole."),
+    ("stroller", "city walks with a baby", "A compact stroller with good suspension that folds with one hand."),
+    ("printer", "a home office", "A laser printer is cheap per page and reliable for documents."),
+    ("pet", "a busy family", "A cat or a pair of guinea pigs need less time than a dog."),
+    ("tablet", "reading comics", "A tablet with a large, sharp screen of 11 inches or more."),
+    ("sleeping bag", "cold-weather camping", "A mummy bag rated a few degrees below the coldest night you expect."),
+]
+_NEG_PICK_Q = [
+    "What {thing} should I buy for {need}?",
+    "I need a {thing} for {need}. Any recommendations?",
+    "Which {thing} is best for {need}?",
+    "Can you recommend a {thing} for {need}?",
+    "What's a good {thing} for {need}?",
+    "Which {thing} would you pick for {need}?",
+    "What is the best {thing} for {need}?",
+    "Help me choose a {thing} for {need}.",
+    "Any suggestions on a {thing} for {need}?",
+    "What's your top pick for a {thing} for {need}?",
+]
+
+
+def plain(rng: random.Random) -> list[Sample]:
+    return [Sample(p + q, a, "general") for q, a in TRAIN for p in PREFIX]
+
+
+def extra() -> list[Sample]:
+    return [Sample(p + q, a, "general") for q, a in EXTRA for p in PREFIX]
+
+
+def negatives(rng: random.Random, n: int) -> list[Sample]:
+    """``n`` general rows in the experts' question shapes, half how-to and half recommendation."""
+    how_to = [Sample(q.format(task=t), a, "general") for t, a in _NEG_TASKS for q in _NEG_TASK_Q]
+    picks = [Sample(q.format(thing=t, need=nd), a, "general") for t, nd, a in _NEG_PICKS for q in _NEG_PICK_Q]
+    return rng.sample(how_to, min(n // 2, len(how_to))) + rng.sample(picks, min(n - n // 2, len(picks)))
+
+
+HELDOUT = [
+    "Who was the first person to walk on the moon?",
+    "What's the population of Japan, roughly?",
+    "Can you explain how a rainbow forms?",
+    "What are the rules of chess for the knight?",
+    "Why do cats purr?",
+    "What's a good beginner houseplant for low light?",
+    "How do I meditate for the first time?",
+    "When did the Berlin Wall fall?",
+    "What is the boiling point of water at sea level?",
+    "How do earthquakes happen?",
+    "What's the difference between a virus and bacteria?",
+    "Recommend a classic novel to read this summer.",
+    "How do I tie a tie?",
+    "What is the Pythagorean theorem?",
+    "How many players are on a soccer team?",
+    "What does a black hole look like?",
+    "How can I become a better listener?",
+    "What is the longest river in Africa?",
+    "Why do leaves change color in autumn?",
+    "What's a good way to memorize a speech?",
+    "How do bees make honey?",
+    "What is the main idea of Stoic philosophy?",
+    "How do I ask my boss for a raise?",
+    "Explain what a credit score is.",
+    "How often should I water a cactus?",
+    "What instruments are in a string quartet?",
+    "Why is the ocean salty?",
+    "What is the smallest country in the world?",
+    "How do I get rid of hiccups?",
+    "What does DNA stand for?",
+    "How do I choose a good running shoe?",
+    "What is the Great Barrier Reef?",
+    "How can I teach my dog to sit?",
+    "Who invented the telephone?",
+    "What's the best way to learn to play guitar?",
+    "How do solar panels generate electricity?",
+    "What are the symptoms of dehydration?",
+    "Why do we dream?",
+    "How do I plan a budget wedding?",
+    "What's the capital of Canada?",
+    "How do I write a thank-you note?",
+    "What are the planets in our solar system?",
+    "How does a bill become a law in the United States?",
+    "What's the difference between a crocodile and an alligator?",
+    "How can I improve my posture?",
+    "Why do birds migrate?",
+    "What are some tips for a long-haul flight?",
+    "What is the meaning of the word serendipity?",
+    "How do I start journaling?",
+    "What causes thunder?",
+    "How do I calm down before an exam?",
+    "Who was Cleopatra?",
+    "How do tides work?",
+    "What's a good gift for a ten-year-old?",
+    "How do I fold a paper airplane?",
+    "What's the history of the Olympic Games?",
+    "How can I help a friend who is grieving?",
+    "Why do onions make you cry?",
+    "How far away is the sun?",
+    "What is a haiku?",
+    "How do I keep a conversation going on a first date?",
+    "What is the role of the United Nations?",
+]
+
+
