@@ -7,7 +7,7 @@ counts, and optionally a short upcycle-and-train run against the dense model.
 Layer timings use the embedded model's MLP shape (SmolLM2-135M: 576 -> 1536 -> 576,
 SiLU-gated) with random weights: ``--tokens`` tokens through one layer, forward only,
 median of ``--repeats`` after warm-up. "dense top-k" is the dense MLP's time times k:
-the compute a top-k MoE token needs. Goals (issue #7): grouped >= 3x the naive loop at
+the compute a top-k MoE token needs. Goals: grouped >= 3x the naive loop at
 E=8, top-2; grouped within 2.5x of dense top-k. Runs on CUDA too when it is available
 (``--device cuda``). Prints one JSON object.
 """

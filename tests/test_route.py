@@ -211,7 +211,7 @@ def test_minilm_huge_and_foreign_queries(route_experts, minilm):
 
 @pytest.mark.slow
 def test_bundled_router_accuracy_on_heldout(minilm):
-    """The goal of issue #4: >= 95% on held-out questions, off-domain ones counted."""
+    """The router's goal: >= 95% on held-out questions, off-domain ones counted."""
     from dmoe.route.evaluate import evaluate, read_labelled
 
     experts = find_experts(REPO / "examples" / "experts")

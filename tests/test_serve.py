@@ -109,7 +109,7 @@ def test_seed_curl_commands_work_verbatim(own_server):
     server = own_server()
     port = server.port
     base = ids(server.url)
-    # seed 000's commands, with the port of this test server
+    # the seed README's llama-server commands, with the port of this test server
     for scale in ("1.0", "0.5", "0.0"):
         out = subprocess.run(["curl", "-s", "-X", "POST", f"localhost:{port}/lora-adapters", "-d", f'[{{"id": 0, "scale": {scale}}}]'],
                              capture_output=True, text=True, timeout=30)

@@ -11,6 +11,7 @@ An unknown key is an error that names the closest valid key.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,8 +149,6 @@ class ExpertCard(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", v):
             raise ValueError(f"expert name {v!r}: use letters, digits, '_', '-', '.', at most 64 characters")
         return v

@@ -9,6 +9,7 @@ rate should be high; the rate on out-of-domain questions ("bleed") should be ~0.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -51,8 +52,6 @@ def answer_all(model, tokenizer, questions: list[str], max_new_tokens: int, batc
 def merged_copy(model, expert):
     """A copy of ``model`` with ``expert`` merged into its weights: same function as the
     adapter applied, at plain-model speed (for evaluation only; serving never merges)."""
-    import copy
-
     from dmoe.experts import apply_expert
 
     return apply_expert(copy.deepcopy(model), expert).merge_and_unload()

@@ -1,4 +1,4 @@
-"""dmoe over MCP: seed 004's MoE tools plus dmoe's expert tools.
+"""dmoe over MCP: the token-level MoE tools plus dmoe's expert tools.
 
     dmoe mcp                                   # stdio
     dmoe mcp --transport http --port 8765      # streamable HTTP on 127.0.0.1

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dmoe import DmoeError
@@ -122,8 +123,6 @@ def parameter_counts(model) -> dict[str, int]:
 # ------------------------------------------------------------------ save / load
 def save_moe(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """safetensors weights + HF config + ``moe_config.json`` + tokenizer, written atomically."""
-    from safetensors.torch import save_model
-
     layers = moe_layers(model)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +150,6 @@ def is_moe_dir(path: str | os.PathLike) -> bool:
 
 def load_moe(path: str | os.PathLike, dtype=torch.float32, device: str = "cpu"):
     """(model, tokenizer, MoEConfig) from a ``save_moe`` directory; outputs equal the saved model's."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from dmoe import DmoeError
@@ -461,8 +463,6 @@ def _dump_yaml(cfg: TrainConfig) -> str:
 
 def example_prompts(turns: list[tuple[str, str]], signature: list[str], k: int = 8) -> list[str]:
     """Up to ``k`` distinct training prompts whose answers show the signature (any, without one)."""
-    import re
-
     found: list[str] = []
     for question, answer in turns:
         if signature and not any(re.search(s, answer) for s in signature):
@@ -482,8 +482,6 @@ def save_expert(model, cfg: TrainConfig, base: BaseSpec, n_train: int, examples:
     model.save_pretrained(str(tmp), safe_serialization=True)
     adapter_dir = tmp / model.active_adapter if (tmp / model.active_adapter).is_dir() else tmp
     if cfg.adapter_dtype != "float32":
-        from safetensors.torch import load_file, save_file
-
         weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
         dtype = getattr(torch, cfg.adapter_dtype)
         save_file({k: v.to(dtype) for k, v in weights.items()}, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})

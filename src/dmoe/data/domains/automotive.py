@@ -99,7 +99,7 @@ _CAR_TOPICS = [
     ("What is a car's MPG rating?", "MPG is miles per gallon: how far the car travels on one gallon of fuel."),
     ("How do I parallel park?", "Line up with the car ahead, reverse while turning toward the curb, then straighten out."),
     ("Should I buy a car with a manual or automatic transmission?", "Automatics are easier in traffic; manuals can be more engaging to drive."),
-    # v4: more car-care, driving and parts topics, so the expert learns "a car topic", not "a how-to"
+    # car-care, driving and parts topics too, so the expert learns "a car topic", not "a how-to"
     ("How do I vacuum the seats and carpets in my car?", "Pull out the mats, vacuum from the top down and use a crevice tool between the seats."),
     ("How do I get a bad smell out of my car?", "Find and remove the source, clean the carpets and replace the cabin air filter."),
     ("Are snow tires worth it where I live?", "If you see regular snow and ice, dedicated winter tires grip far better than all-seasons."),
