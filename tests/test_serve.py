@@ -51,8 +51,9 @@ def own_server(make_state, live_server, roots):
     """A fresh server a test may change (load, unload, defaults, router)."""
     servers = []
 
-    def make(after_step=None, **kw):
-        srv = live_server(make_state(roots / "experts", roots=[roots / "spare"], max_seq=96, **kw), after_step=after_step)
+    def make(after_step=None, extra_roots=(), **kw):
+        st = make_state(roots / "experts", roots=[roots / "spare", *extra_roots], max_seq=96, **kw)
+        srv = live_server(st, after_step=after_step)
         servers.append(srv)
         return srv.__enter__()
 
@@ -148,7 +149,9 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, payload
 
 
 def test_admin_load_unload_and_refusals(own_server, roots, tmp_path):
-    server = own_server()
+    bad = tmp_path / "bad"  # this test's own root for broken experts; the shared roots stay as they are
+    bad.mkdir()
+    server = own_server(extra_roots=[bad])
     url = server.url
     r = httpx.post(f"{url}/v1/experts", json={"path": str(roots / "spare" / "gamma")}, timeout=60)
     assert r.status_code == 200, r.text
@@ -162,7 +165,6 @@ def test_admin_load_unload_and_refusals(own_server, roots, tmp_path):
         assert r.status_code == 403 and "outside the expert roots" in r.json()["error"]["message"]
     before = ids(url, model="beta")
     # corrupt, pickled, wrong-shape and wrong-base adapters under an allowed root: refused, nothing changes
-    bad = roots / "spare"
     cases = {}
     for name in ("corrupt", "pickled", "wide", "otherbase"):
         d = bad / name
@@ -409,3 +411,71 @@ def test_a_failing_engine_step_is_logged_fails_its_requests_and_the_server_keeps
         assert httpx.get(f"{srv.url}/health").json()["running"] == 0
     faults = [r for r in caplog.records if r.name == "dmoe.engine.runner"]
     assert faults and faults[0].exc_info and "injected engine fault" in str(faults[0].exc_info[1])
+
+
+# ---------------------------------------------------------------- OpenAI fields: honoured or refused by name
+@pytest.mark.parametrize("extra, words", [
+    ({"presence_penalty": 0.5}, "presence_penalty: penalties are not implemented"),
+    ({"frequency_penalty": -1.0}, "frequency_penalty"),
+    ({"logprobs": True}, "logprobs: log-probabilities are not returned yet"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format: type 'json_object'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools: function calling is not supported"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"n": 17}, "n:"),
+    ({"stop": [str(i) for i in range(9)]}, "at most 8 stop strings"),
+    ({"frobnicate": 1, "best_of": 2}, "unknown fields best_of, frobnicate"),
+    ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
+])
+def test_fields_dmoe_cannot_honour_are_refused_by_name(server, extra, words):
+    r = chat(server.url, **extra)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_no_op_values_of_unimplemented_fields_are_accepted(server):
+    r = chat(server.url, presence_penalty=0, frequency_penalty=0.0, logprobs=False, top_logprobs=None, logit_bias={},
+             response_format={"type": "text"}, tools=[], tool_choice="none", user="someone", n=1)
+    assert r.status_code == 200, r.text
+
+
+def test_lenient_server_ignores_unknown_fields_but_still_refuses_known_unsupported_ones(own_server):
+    srv = own_server(lenient=True)
+    assert chat(srv.url, frobnicate=1).status_code == 200
+    assert chat(srv.url, logprobs=True).status_code == 400
+
+
+def test_n_choices_seeded_streamed_and_not_with_the_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "tell me something"}]
+    kw = {"model": "alpha", "messages": msgs, "max_tokens": 8, "temperature": 1.0, "top_p": 0.95}
+    three = client.chat.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.message.content for c in three.choices]
+    assert texts[0] == client.chat.completions.create(seed=11, **kw).choices[0].message.content  # choice i uses seed + i
+    assert texts[1] == client.chat.completions.create(seed=12, **kw).choices[0].message.content
+    assert texts == [c.message.content for c in client.chat.completions.create(n=3, seed=11, **kw).choices]  # reproducible
+    assert three.usage.completion_tokens == 24 and three.usage.prompt_tokens > 0
+    stream = client.chat.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True}, **kw)
+    got, usage_chunks, finishes = ["", "", ""], [], {}
+    for chunk in stream:
+        if not chunk.choices:
+            usage_chunks.append(chunk.usage)
+            continue
+        for ch in chunk.choices:
+            got[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert got == texts and finishes == {0: "length", 1: "length", 2: "length"}
+    assert len(usage_chunks) == 1 and usage_chunks[0].completion_tokens == 24
+    greedy = client.completions.create(model="base", prompt="The capital of", max_tokens=5, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.usage.completion_tokens == 10
+
+
+def test_ignore_eos_and_chat_template_kwargs(server):
+    r = chat(server.url, max_tokens=7, ignore_eos=True, chat_template_kwargs={"enable_thinking": False})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
+    assert chat(server.url, chat_template_kwargs=["not", "a", "dict"]).status_code == 400

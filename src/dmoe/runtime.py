@@ -49,6 +49,7 @@ class ServeConfig(BaseModel):
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = True
+    lenient: bool = Field(default=False, description="ignore unknown request fields instead of a 400 naming them")
 
     @classmethod
     def make(cls, **values: Any) -> "ServeConfig":
@@ -80,6 +81,7 @@ class ServeState:
     router: Any = None  # EmbeddingRouter | KeywordRouter | None (auto -> base)
     route_mode: str = "threshold"
     router_note: str = ""
+    lenient: bool = False  # unknown request fields are ignored rather than refused
 
     def next_id(self) -> int:
         return max(self.adapter_ids, default=-1) + 1
@@ -116,7 +118,7 @@ def build_state(cfg: ServeConfig) -> ServeState:
     """The engine with every expert of ``cfg.experts_dir`` loaded, and the router."""
     engine, tok, base = build_engine(cfg)
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
-                    max_queue=cfg.max_queue, route_mode=cfg.route_mode)
+                    max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient)
     experts_dir = cfg.experts_dir
     experts = find_experts(experts_dir) if experts_dir is not None and experts_dir.is_dir() else []
     for expert in experts:

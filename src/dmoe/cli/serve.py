@@ -30,6 +30,7 @@ def serve(
     route_mode: str = typer.Option("threshold", help="model=auto: threshold, top1 or topk"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base; experts converted to GGUF)"),
+    lenient: bool = typer.Option(False, "--lenient", help="ignore unknown request fields (default: a 400 that names them)"),
 ):
     """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API).
 
@@ -41,7 +42,7 @@ def serve(
     folder = experts_dir(experts)
     cfg = ServeConfig.make(base=base, experts_dir=folder, roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
-                           keywords=keywords, route_mode=route_mode, engine=engine)
+                           keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient)
     sock = bind(host, port)  # a busy port fails now, before the model loads
     st = build_state(cfg)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from dmoe.base import BaseSpec, hf_dir, load_base
 from dmoe.experts import Expert, apply_expert, check_base
-from dmoe.export.gguf import ExportError
+from dmoe.io import atomic_dir
+from dmoe.lora_gguf import ExportError
 
 
 def merge_expert(expert: Expert, out_dir: str | os.PathLike, base: BaseSpec | str | None = None, scale: float = 1.0) -> Path:
@@ -21,17 +21,11 @@ def merge_expert(expert: Expert, out_dir: str | os.PathLike, base: BaseSpec | st
     model, tok, spec = load_base(base)
     check_base(expert, spec.identity)
     merged = apply_expert(model, expert, scale).merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         merged.config._name_or_path = f"{spec.identity.name}+{expert.name}"
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         src = hf_dir(spec) / "dmoe_source.json"  # keeps the tokenizer's llama.cpp pre-tokenizer name findable
         if src.is_file():
             shutil.copy(src, tmp / "dmoe_source.json")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -26,6 +26,7 @@ import functools
 import inspect
 import itertools
 import json
+import logging
 import math
 import threading
 import time
@@ -48,6 +49,8 @@ from dmoe.moe.analyze import analyze, read_analysis_rows, write_heatmap
 from dmoe.moe.model import is_moe_dir, load_moe, parameter_counts, upcycle
 from dmoe.moe.train import train_moe
 from dmoe.runtime import ServeConfig, ServeState, build_state
+
+log = logging.getLogger("dmoe.mcp")
 
 INSTRUCTIONS = ("dmoe: token-level MoE upcycling (moe_* tools) and LoRA domain experts over one base "
                 "(list_experts, route_query, chat, load_expert, set_expert_scale).")
@@ -215,7 +218,9 @@ def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_
                 with loaded.lock:
                     res = train_moe(cfg, show_progress=False, on_log=on_log, stop=job.stop, model=loaded.model, tokenizer=loaded.tokenizer)
                 job.state = "stopped" if res.stopped else "done"
-            except BaseException as exc:  # the job fails; the server does not
+            except Exception as exc:  # the job fails; the server does not
+                if not isinstance(exc, DmoeError):
+                    log.exception("training job %s failed", job.id)
                 job.state, job.error = "failed", str(exc)
             finally:
                 job.finished = time.time()

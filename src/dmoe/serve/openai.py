@@ -79,12 +79,27 @@ def choose_adapters(st: ServeState, body: ChatRequest | CompletionRequest) -> li
     return [(n, s) for n, s in st.defaults.items() if s != 0 and n in loaded]
 
 
-def sampling(body: ChatRequest | CompletionRequest) -> SamplingParams:
-    """The request's sampling parameters; SamplingParams checks every value itself."""
+def check_fields(st: ServeState, body: ChatRequest | CompletionRequest) -> None:
+    """Every field is honoured or refused, never silently ignored (``--lenient``: unknown
+    fields are ignored; fields dmoe knows but cannot honour are still refused)."""
+    problems = body.unsupported()
+    unknown = sorted(body.model_extra or {})
+    if unknown and not st.lenient:
+        problems.append(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: dmoe does not ignore fields it "
+                        "does not support (start the server with --lenient to ignore unknown fields)")
+    if problems:
+        raise RequestError("; ".join(problems))
+
+
+def sampling(body: ChatRequest | CompletionRequest) -> list[SamplingParams]:
+    """The sampling parameters of each of the ``n`` choices (SamplingParams checks every value).
+    A seeded request gives choice i the seed ``seed + i``: reproducible, and not n copies."""
     max_tokens = body.max_completion_tokens or body.max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop)
+    return [SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, temperature=body.temperature,
+                           top_p=body.top_p, top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
+                           ignore_eos=body.ignore_eos)
+            for i in range(body.n)]
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -124,7 +139,8 @@ def failure(st: ServeState, finish: str) -> Exception | None:
 
 @dataclass
 class Completion:
-    """One request in flight: what it asked, what serves it, and how to shape its chunks."""
+    """One request in flight (``n`` engine requests, one per choice): what it asked, what
+    serves it, and how its chunks and its final body are shaped for chat or text."""
 
     st: ServeState
     kind: str  # "chat" | "text"
@@ -133,8 +149,9 @@ class Completion:
     adapters: list[tuple[str, float]]
     decision: RouteDecision | None
     prompt_ids: list[int]
-    stream: Stream
+    streams: list[Stream]
     return_token_ids: bool
+    include_usage: bool = False
     id: str = ""
     created: int = 0
     started: float = 0.0
@@ -153,39 +170,55 @@ class Completion:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: str | None, *, role: bool = False, finish: str | None = None, n_out: int | None = None) -> dict:
-        """One SSE chunk: the opening one (``role``), a text delta, or the closing one (``finish``)."""
+    def chunk(self, delta: str | None, *, index: int = 0, role: bool = False, finish: str | None = None,
+              n_out: int | None = None) -> dict:
+        """One SSE chunk of choice ``index``: the opening one (``role``), a text delta, or the closing one (``finish``)."""
         if self.kind == "chat":
             d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-            out = {**self._head("chat.completion.chunk"), "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+            out = {**self._head("chat.completion.chunk"), "choices": [{"index": index, "delta": d, "finish_reason": finish}]}
             if role and self.decision is not None:
                 out["dmoe"] = {"route": self.decision.to_dict()}
         else:
-            out = {**self._head("text_completion"), "choices": [{"index": 0, "text": delta or "", "finish_reason": finish}]}
+            out = {**self._head("text_completion"), "choices": [{"index": index, "text": delta or "", "finish_reason": finish}]}
         if n_out is not None:
             out["usage"] = usage(len(self.prompt_ids), n_out)
         return out
 
-    def final(self, text: str, finish: str, ids: list[int]) -> JSONResponse:
-        """A non-streamed response: one choice, usage, and the adapter set that served it."""
-        if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish}
-            head = self._head("text_completion")
-        if self.return_token_ids:
-            choice["token_ids"] = ids
+    def usage_chunk(self, n_out: int) -> dict:
+        """``stream_options.include_usage``: a last chunk with no choices and the whole request's usage."""
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage(len(self.prompt_ids), n_out)}
+
+    def final(self, results: list[tuple[str, str, list[int]]]) -> JSONResponse:
+        """A non-streamed response: one choice per result, usage, and the adapter set that served it."""
+        choices = []
+        for i, (text, finish, ids) in enumerate(results):
+            if self.kind == "chat":
+                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text, "finish_reason": finish}
+            if self.return_token_ids:
+                choice["token_ids"] = ids
+            choices.append(choice)
         info: dict[str, Any] = {"experts": [{"name": n, "scale": s} for n, s in self.adapters]}
         if self.decision is not None:
             info["route"] = self.decision.to_dict()
-        return JSONResponse({**head, "choices": [choice], "usage": usage(len(self.prompt_ids), len(ids)), "dmoe": info},
+        head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        n_out = sum(len(ids) for _, _, ids in results)
+        return JSONResponse({**head, "choices": choices, "usage": usage(len(self.prompt_ids), n_out), "dmoe": info},
                             headers=self.headers())
 
     def log(self, status: int | str, n_out: int) -> None:
         """One line per request; never the prompt's text."""
-        log.info("%s model=%s adapters=%s status=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", self.id, self.model,
-                 label(self.adapters), status, len(self.prompt_ids), n_out, (time.perf_counter() - self.started) * 1e3)
+        log.info("%s model=%s adapters=%s n=%d status=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", self.id, self.model,
+                 label(self.adapters), len(self.streams), status, len(self.prompt_ids), n_out,
+                 (time.perf_counter() - self.started) * 1e3)
+
+    def cancel_all(self) -> None:
+        assert self.st.runner is not None
+        for stream in self.streams:
+            if not stream.req.done:
+                self.st.runner.cancel(stream)
 
 
 async def submit(st: ServeState, prompt_ids: list[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Stream:
@@ -201,9 +234,9 @@ async def submit(st: ServeState, prompt_ids: list[int], adapters: list[tuple[str
     return stream
 
 
-async def run_to_end(c: Completion) -> tuple[str, str, list[int]]:
-    """Wait for the whole completion; (text, finish_reason, completion token ids)."""
-    st, stream = c.st, c.stream
+async def collect(c: Completion, i: int) -> tuple[str, str, list[int]]:
+    """Wait for choice ``i`` to finish; (text, finish_reason, completion token ids)."""
+    st, stream = c.st, c.streams[i]
     ids: list[int] = []
     finish = None
     try:
@@ -214,67 +247,112 @@ async def run_to_end(c: Completion) -> tuple[str, str, list[int]]:
         assert st.runner is not None
         st.runner.cancel(stream)
         st.metrics.requests.labels(stream.label, "cancelled").inc()
-        c.log("cancelled", len(ids))
         raise
     st.metrics.requests.labels(stream.label, finish).inc()
     if (err := failure(st, finish)) is not None:
-        c.log(status_of(err)[0], len(ids))
         raise err
     text = st.tokenizer.decode(ids, skip_special_tokens=True)
     text, stopped = cut_at_stop(text, c.params.stop)
-    c.log(200, len(ids))
+    if stopped and not stream.req.done:
+        assert st.runner is not None
+        st.runner.cancel(stream)
     return text, ("stop" if stopped else finish), ids
 
 
-async def sse(c: Completion) -> AsyncIterator[str]:
-    """Server-sent events; a disconnect cancels the request and frees its slot."""
-    st, stream = c.st, c.stream
-    assert st.runner is not None
-    ids: list[int] = []
-    sent_text = ""
-    finish = None
+async def run_to_end(c: Completion) -> JSONResponse:
+    """All choices, then one response (or the first choice's error: the others are cancelled)."""
+    tasks = [asyncio.ensure_future(collect(c, i)) for i in range(len(c.streams))]
     try:
-        yield f"data: {json.dumps(c.chunk(None, role=True))}\n\n"
-        while finish is None:
-            new, finish = await stream.queue.get()
-            if (err := failure(st, finish)) is not None:
-                status, code = status_of(err)
-                yield f"data: {json.dumps(error_body(str(err), status, code))}\n\n"
-                yield "data: [DONE]\n\n"
+        results = await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        c.log("cancelled", 0)
+        raise
+    except Exception as exc:
+        for t in tasks:
+            t.cancel()
+        c.cancel_all()
+        c.log(status_of(exc)[0], 0)
+        raise
+    c.log(200, sum(len(ids) for _, _, ids in results))
+    return c.final(results)
+
+
+async def sse(c: Completion) -> AsyncIterator[str]:
+    """Server-sent events, the n choices interleaved as their tokens arrive; a disconnect
+    cancels every choice's request and frees its slot."""
+    st = c.st
+    assert st.runner is not None
+    n = len(c.streams)
+    ids: list[list[int]] = [[] for _ in range(n)]
+    sent = [""] * n
+    pending: dict[int, asyncio.Future] = {}
+    total = 0
+    try:
+        for i in range(n):
+            yield f"data: {json.dumps(c.chunk(None, index=i, role=True))}\n\n"
+        pending = {i: asyncio.ensure_future(c.streams[i].queue.get()) for i in range(n)}
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            for i in [i for i, f in pending.items() if f in done]:
+                new, finish = pending.pop(i).result()
+                stream = c.streams[i]
+                if (err := failure(st, finish)) is not None:
+                    status, code = status_of(err)
+                    yield f"data: {json.dumps(error_body(str(err), status, code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    st.metrics.requests.labels(stream.label, finish).inc()
+                    c.log(status, total)
+                    for f in pending.values():
+                        f.cancel()
+                    pending.clear()
+                    c.cancel_all()
+                    return
+                ids[i] += new
+                text = st.tokenizer.decode(ids[i], skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, c.params.stop)
+                if stopped:
+                    finish = "stop"
+                if not (text.endswith("\ufffd") and finish is None) and len(text) > len(sent[i]):  # wait for half a UTF-8 char
+                    yield f"data: {json.dumps(c.chunk(text[len(sent[i]):], index=i))}\n\n"
+                    sent[i] = text
+                if finish is None:
+                    pending[i] = asyncio.ensure_future(stream.queue.get())
+                    continue
+                if finish == "stop" and not stream.req.done:
+                    st.runner.cancel(stream)
+                total += len(ids[i])
+                yield f"data: {json.dumps(c.chunk(None, index=i, finish=finish, n_out=len(ids[i])))}\n\n"
                 st.metrics.requests.labels(stream.label, finish).inc()
-                c.log(status, len(ids))
-                return
-            ids += new
-            text = st.tokenizer.decode(ids, skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, c.params.stop)
-            if stopped:
-                finish = "stop"
-            if text.endswith("\ufffd") and finish is None:
-                continue  # half a UTF-8 character: wait for the rest
-            if len(text) > len(sent_text):
-                yield f"data: {json.dumps(c.chunk(text[len(sent_text):]))}\n\n"
-                sent_text = text
-        if finish == "stop" and not stream.req.done:
-            st.runner.cancel(stream)
-        yield f"data: {json.dumps(c.chunk(None, finish=finish, n_out=len(ids)))}\n\n"
+        if c.include_usage:
+            yield f"data: {json.dumps(c.usage_chunk(total))}\n\n"
         yield "data: [DONE]\n\n"
-        st.metrics.requests.labels(stream.label, finish).inc()
-        c.log(200, len(ids))
+        c.log(200, total)
     except (asyncio.CancelledError, GeneratorExit):
-        st.runner.cancel(stream)
-        st.metrics.requests.labels(stream.label, "cancelled").inc()
-        c.log("cancelled", len(ids))
+        for f in pending.values():
+            f.cancel()
+        c.cancel_all()
+        for stream in c.streams:
+            st.metrics.requests.labels(stream.label, "cancelled").inc()
+        c.log("cancelled", total)
         raise
 
 
 async def respond(st: ServeState, kind: str, body: ChatRequest | CompletionRequest, prompt_ids: list[int],
-                  params: SamplingParams, adapters: list[tuple[str, float]], decision: RouteDecision | None):
-    stream = await submit(st, prompt_ids, adapters, params)
-    c = Completion(st, kind, body.model or label(adapters), params, adapters, decision, prompt_ids, stream, body.return_token_ids)
+                  params: list[SamplingParams], adapters: list[tuple[str, float]], decision: RouteDecision | None):
+    streams: list[Stream] = []
+    try:
+        for p in params:
+            streams.append(await submit(st, prompt_ids, adapters, p))
+    except Exception:
+        assert st.runner is not None
+        for stream in streams:  # a later choice was refused (the queue is full): drop the earlier ones
+            st.runner.cancel(stream)
+        raise
+    c = Completion(st, kind, body.model or label(adapters), params[0], adapters, decision, prompt_ids, streams,
+                   body.return_token_ids, include_usage=bool(body.stream_options and body.stream_options.include_usage))
     if body.stream:
         return StreamingResponse(sse(c), media_type="text/event-stream", headers=c.headers())
-    text, finish, ids = await run_to_end(c)
-    return c.final(text, finish, ids)
+    return await run_to_end(c)
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -284,6 +362,7 @@ def _message_text(content: str | list[dict[str, Any]] | None) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     st = state(request)
+    check_fields(st, body)
     if not body.messages:
         raise RequestError("messages is empty; send at least one user message")
     params = sampling(body)
@@ -296,7 +375,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     else:
         adapters = choose_adapters(st, body)
     try:
-        prompt_ids = st.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        prompt_ids = st.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                      **(body.chat_template_kwargs or {}))
         if hasattr(prompt_ids, "input_ids") or isinstance(prompt_ids, dict):
             prompt_ids = prompt_ids["input_ids"]
     except Exception as exc:  # jinja raises its own types: a template that rejects the roles, for instance
@@ -307,6 +387,7 @@ async def chat_completions(body: ChatRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     st = state(request)
+    check_fields(st, body)
     prompt = body.prompt if isinstance(body.prompt, str) else (body.prompt[0] if len(body.prompt) == 1 else None)
     if prompt is None:
         raise RequestError("prompt must be one string (batches of prompts: send one request each)")

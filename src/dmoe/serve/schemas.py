@@ -27,8 +27,21 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+MAX_N = 16  # choices per request at most
+MAX_STOP = 8  # stop strings at most
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="a last chunk with empty choices and the usage")
+
+
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
+    """Every field here is honoured or refused with a 400 that names it; an unknown field is
+    refused too (``dmoe serve --lenient`` ignores unknown fields instead, for clients that send junk)."""
+
+    model_config = ConfigDict(extra="allow")  # kept, so unknown fields can be named in the 400
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, description="default 256")
@@ -36,16 +49,56 @@ class _Generation(BaseModel):
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, description="per-request generator: the same seed samples the same text")
+    stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices; sampled ones use seed, seed+1, ... when a seed is given")
+    ignore_eos: bool = Field(default=False, description="llama-server: generate exactly max_tokens (benchmarks)")
+    user: str | None = Field(default=None, description="the client's end-user id (accepted, not used)")
+    # OpenAI fields dmoe does not implement yet: accepted at their no-op value, refused otherwise
+    presence_penalty: float = Field(default=0.0, description="only 0 (not implemented)")
+    frequency_penalty: float = Field(default=0.0, description="only 0 (not implemented)")
+    logprobs: bool | int | None = Field(default=None, description="not implemented: false/null only")
+    top_logprobs: int | None = Field(default=None, description="not implemented: null/0 only")
+    logit_bias: dict[str, float] | None = Field(default=None, description="not implemented: empty only")
+    response_format: dict[str, Any] | None = Field(default=None, description='{"type": "text"} only')
+    tools: list[dict[str, Any]] | None = Field(default=None, description="not implemented: empty only")
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none" only')
+    # dmoe's and llama-server's extensions
     lora: list[LoraScale] | None = Field(default=None, description="llama-server: per-request adapter scales by id")
     experts: list[ExpertScale] | None = Field(default=None, description="dmoe: a blend of experts by name")
     return_token_ids: bool = Field(default=False, description="as vLLM: include the completion's token ids")
 
+    def unsupported(self) -> list[str]:
+        """Why each field this request sets cannot be honoured (empty: all fine)."""
+        out = []
+        if self.presence_penalty:
+            out.append("presence_penalty: penalties are not implemented; send 0 or leave it out")
+        if self.frequency_penalty:
+            out.append("frequency_penalty: penalties are not implemented; send 0 or leave it out")
+        if self.logprobs:
+            out.append("logprobs: log-probabilities are not returned yet; leave it out")
+        if self.top_logprobs:
+            out.append("top_logprobs: log-probabilities are not returned yet; leave it out")
+        if self.logit_bias:
+            out.append("logit_bias: not implemented; leave it out")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            out.append(f"response_format: type {self.response_format.get('type')!r} (constrained decoding) is not "
+                       "implemented yet; only {\"type\": \"text\"}")
+        if self.tools:
+            out.append("tools: function calling is not supported; send the request without tools")
+        if self.tool_choice not in (None, "none"):
+            out.append("tool_choice: function calling is not supported")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            out.append(f"stop: at most {MAX_STOP} stop strings, got {len(self.stop)}")
+        return out
+
 
 class ChatRequest(_Generation):
     messages: list[Message]
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="extra variables for the chat template (e.g. enable_thinking), as vLLM and llama-server")
 
 
 class CompletionRequest(_Generation):
