@@ -114,7 +114,8 @@ def test_seed_curl_commands_work_verbatim(own_server):
     for scale in ("1.0", "0.5", "0.0"):
         out = subprocess.run(["curl", "-s", "-X", "POST", f"localhost:{port}/lora-adapters", "-d", f'[{{"id": 0, "scale": {scale}}}]'],
                              capture_output=True, text=True, timeout=30)
-        assert json.loads(out.stdout)[0]["scale"] == float(scale)
+        assert json.loads(out.stdout) == {"success": True}  # llama-server's answer
+        assert httpx.get(f"{server.url}/lora-adapters").json()[0]["scale"] == float(scale)
         if scale == "1.0":
             on = chat(server.url).json()
             assert on["dmoe"]["experts"] == [{"name": "alpha", "scale": 1.0}]
@@ -479,3 +480,22 @@ def test_ignore_eos_and_chat_template_kwargs(server):
     r = chat(server.url, max_tokens=7, ignore_eos=True, chat_template_kwargs={"enable_thinking": False})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
     assert chat(server.url, chat_template_kwargs=["not", "a", "dict"]).status_code == 400
+
+
+def test_posting_lora_adapters_switches_like_llama_server(own_server):
+    """Unlisted adapters go to 0: posting id 1 after id 0 switches experts, it does not blend them."""
+    srv = own_server()
+    post = lambda body: httpx.post(f"{srv.url}/lora-adapters", json=body)  # noqa: E731
+    assert post([{"id": 0, "scale": 1.0}]).json() == {"success": True}
+    assert post([{"id": 1, "scale": 1.0}]).status_code == 200
+    scales = {a["id"]: a["scale"] for a in httpx.get(f"{srv.url}/lora-adapters").json()}
+    assert scales == {0: 0.0, 1: 1.0}
+    assert chat(srv.url).json()["dmoe"]["experts"] == [{"name": "beta", "scale": 1.0}]
+    assert ids(srv.url) == ids(srv.url, model="beta")
+    assert post([]).status_code == 200 and chat(srv.url).json()["dmoe"]["experts"] == []  # [] = every adapter off
+    for body in ({"id": 0, "scale": 1}, "x", None):
+        r = httpx.post(f"{srv.url}/lora-adapters", content=json.dumps(body))
+        assert r.status_code == 400 and "must be an array" in r.json()["error"]["message"]
+    r = post([{"id": 7, "scale": 1}])
+    assert r.status_code == 404 and "unknown lora id 7" in r.json()["error"]["message"]
+    assert {a["id"]: a["scale"] for a in httpx.get(f"{srv.url}/lora-adapters").json()} == {0: 0.0, 1: 0.0}  # unchanged

@@ -7,6 +7,7 @@ the whole request before it changes anything.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 
 from fastapi import APIRouter, Request
@@ -47,21 +48,30 @@ async def lora_adapters(request: Request):
 
 @router.post("/lora-adapters")
 async def set_lora_adapters(request: Request):
+    """llama-server's semantics: the listed adapters get their scales and every other adapter
+    gets 0, so posting ``[{"id": 1, "scale": 1}]`` switches from expert 0 to expert 1 (it does
+    not blend them). Answers ``{"success": true}``; ``GET /lora-adapters`` shows the scales."""
     # Parsed by hand: the seed's `curl -d '[...]'` sends no JSON content type, and llama-server accepts it.
     st = state(request)
     require_key(st, request)
     try:
-        items = _LORA_LIST.validate_json(await request.body())
+        raw = json.loads(await request.body() or b"null")
+    except json.JSONDecodeError:
+        raw = None
+    if not isinstance(raw, list):
+        raise RequestError('Request body must be an array: [{"id": 0, "scale": 1.0}, ...]')
+    try:
+        items = _LORA_LIST.validate_python(raw)
     except ValidationError as exc:
         raise RequestError(f"expected [{{\"id\": 0, \"scale\": 1.0}}, ...]: {exc.errors()[0]['msg']}") from None
-    new = dict(st.defaults)
+    new: dict[str, float] = {}
     for item in items:
         name = st.adapter_ids.get(item.id)
         if name is None:
             raise UnknownExpertError(f"unknown lora id {item.id}; ids: {sorted(st.adapter_ids)}")
         new[name] = check_scale(name, item.scale)
     st.defaults = new  # one assignment: requests see the old defaults or the new, never a mix
-    return _adapters(st)
+    return {"success": True}
 
 
 @router.post("/v1/experts")
