@@ -9,7 +9,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.dmoe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast experts clean-venv
+.PHONY: install demo lint llama-server test test-fast experts clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,13 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/pyright
 
-test: lint
+# The real llama-server for the conformance tests: built once from the llama.cpp that
+# llama-cpp-python vendors (its sdist), server target only, every core, cached under
+# $$DMOE_HOME (default ~/.cache/dmoe). If it cannot be built, those tests skip with the reason.
+llama-server: install
+	$(VENV)/bin/dmoe llama-server build || echo "llama-server could not be built: its conformance tests will skip"
+
+test: lint llama-server
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
