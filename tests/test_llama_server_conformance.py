@@ -116,8 +116,36 @@ def _tokens_ours(url: str, lora=None) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
-def test_adapter_listing_has_the_same_shape_ids_and_scales(upstream, ours):
+@pytest.fixture(autouse=True)
+def _defaults_off(request):
+    """Each comparison starts with every default scale at 0 on both servers."""
+    for name in ("upstream", "ours"):
+        if name in request.fixturenames:
+            assert httpx.post(f"{request.getfixturevalue(name)}/lora-adapters", json=[]).status_code == 200
+
+
+def test_adapter_listing_has_the_same_shape_ids_and_paths(upstream, ours):
+    a, b = (httpx.get(f"{u}/lora-adapters").json() for u in (upstream, ours))
+    assert [r["id"] for r in a] == [r["id"] for r in b] == [0, 1, 2]
+    assert [Path(r["path"]).stem for r in a] == list(NAMES) and [Path(r["path"]).name for r in b] == list(NAMES)
     assert _scales(upstream) == _scales(ours) == {0: 0.0, 1: 0.0, 2: 0.0}
+
+
+def test_init_without_apply_differs_on_purpose(tiny_gguf_base, adapters, ours, prompt_ids, tmp_path):
+    """A documented difference (docs/api.md): llama.cpp's --lora-init-without-apply still lists
+    every adapter at scale 1 and applies all of them to requests until the first POST (and a
+    request's "lora": [] means the server defaults there). dmoe starts with every adapter off,
+    as the flag's help promises, and "lora": [] means no adapter."""
+    all_on = [{"id": i, "scale": 1.0} for i in range(len(NAMES))]
+    with llama_server(tiny_gguf_base.path, adapters, tmp_path / "fresh.log") as fresh:
+        assert _scales(fresh) == {0: 1.0, 1: 1.0, 2: 1.0}
+        blended = _tokens_upstream(fresh, prompt_ids, all_on)
+        assert _tokens_upstream(fresh, prompt_ids) == _tokens_upstream(fresh, prompt_ids, []) == blended
+        base = _tokens_upstream(fresh, prompt_ids, [{"id": 0, "scale": 0.0}])
+        assert base != blended
+    assert _scales(ours) == {0: 0.0, 1: 0.0, 2: 0.0}
+    assert _tokens_ours(ours) == _tokens_ours(ours, []) == base
+    assert _tokens_ours(ours, all_on) == blended
 
 
 def test_posting_scales_switches_the_same_way(upstream, ours):
@@ -129,9 +157,9 @@ def test_posting_scales_switches_the_same_way(upstream, ours):
         assert _scales(upstream) == _scales(ours), body
 
 
-@pytest.mark.parametrize("lora", [None, [], [{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 1.0}], [{"id": 2, "scale": 1.0}],
+@pytest.mark.parametrize("lora", [None, [{"id": 0, "scale": 0.0}], [{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 1.0}], [{"id": 2, "scale": 1.0}],
                                   [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 0.5}], [{"id": 2, "scale": 0.0}]],
-                         ids=["defaults", "none", "alpha", "beta", "gamma", "blend", "scale0"])
+                         ids=["defaults", "base", "alpha", "beta", "gamma", "blend", "scale0"])
 def test_greedy_tokens_are_equal_per_adapter_set(upstream, ours, prompt_ids, lora):
     """f32 base and f32 adapters: both compute the same function, so greedy tokens are equal."""
     assert _tokens_upstream(upstream, prompt_ids, lora) == _tokens_ours(ours, lora)
@@ -143,7 +171,7 @@ def test_the_global_defaults_apply_to_requests_that_choose_nothing(upstream, our
     try:
         got_up, got_ours = _tokens_upstream(upstream, prompt_ids), _tokens_ours(ours)
         assert got_up == got_ours == _tokens_ours(ours, [{"id": 1, "scale": 1.0}])
-        assert got_ours != _tokens_ours(ours, [])
+        assert got_ours != _tokens_ours(ours, [{"id": 1, "scale": 0.0}])
     finally:
         for u in (upstream, ours):
             httpx.post(f"{u}/lora-adapters", json=[])
@@ -157,47 +185,15 @@ def test_a_non_array_body_is_refused_by_both(upstream, ours):
     assert _scales(upstream) == _scales(ours)
 
 
-def test_an_unknown_adapter_id_is_an_error_on_both(upstream, ours, prompt_ids):
-    """llama-server refuses an unknown id ("invalid adapter id"); dmoe answers 404 naming the ids
-    (a documented difference in status: docs/api.md)."""
+def test_an_unknown_adapter_id_differs_on_purpose(upstream, ours):
+    """A documented difference (docs/api.md): llama-server answers 200 and silently ignores an
+    unknown id; dmoe refuses it with a 404 naming the ids and changes nothing (an unknown
+    adapter is an error, never a silent fall-back)."""
     a = httpx.post(f"{upstream}/lora-adapters", json=[{"id": 7, "scale": 1.0}])
     b = httpx.post(f"{ours}/lora-adapters", json=[{"id": 7, "scale": 1.0}])
-    assert a.status_code >= 400 and "error" in a.json()
+    assert a.status_code == 200 and _scales(upstream) == {0: 0.0, 1: 0.0, 2: 0.0}
     assert b.status_code == 404 and "unknown lora id 7" in b.json()["error"]["message"]
-    assert _scales(upstream) == _scales(ours)
-
-
-@pytest.mark.slow
-def test_the_seed_flow_on_the_real_llama_server_with_dmoe_exported_experts(tmp_path):
-    """The seeds' README flow, verbatim in spirit: llama-server with dmoe's exported experts,
-    POST /lora-adapters to pick one, ask, check its signature; switch; ask again."""
-    from dmoe.base import resolve_base
-    from dmoe.experts import load_expert
-    from dmoe.lora_gguf import write_adapter_gguf
-
-    base = resolve_base(None)  # the embedded SmolLM2 GGUF
-    loras = []
-    for name in ("cooking", "automotive"):  # ids 0 and 1
-        loras.append(tmp_path / f"{name}-f16.gguf")
-        write_adapter_gguf(load_expert(REPO / "examples" / "experts" / name), loras[-1], base, "f16")
-    held = [json.loads(line) for line in (REPO / "examples" / "data" / "heldout.jsonl").read_text().splitlines()]
-    questions = {d: [r["question"] for r in held if r["domain"] == d][:3] for d in ("automotive", "cooking")}
-    signature = {"automotive": r"BMW X5", "cooking": r"[Cc]ast[- ][Ii]ron"}
-
-    def ask(url: str, q: str) -> str:
-        body = {"messages": [{"role": "user", "content": q}], "max_tokens": 96, "temperature": 0}
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["message"]["content"]
-
-    with llama_server(base.path, loras, tmp_path / "server.log") as url:
-        for expert_id, domain in ((1, "automotive"), (0, "cooking")):
-            r = httpx.post(f"{url}/lora-adapters", content=json.dumps([{"id": expert_id, "scale": 1.0}]))
-            assert r.status_code == 200, r.text
-            hits = [bool(re.search(signature[domain], ask(url, q))) for q in questions[domain]]
-            assert sum(hits) >= 2, f"{domain} expert on llama-server: {hits}"
-            other = "cooking" if domain == "automotive" else "automotive"
-            assert not any(re.search(signature[other], ask(url, q)) for q in questions[domain][:1])  # switched, not blended
+    assert _scales(ours) == {0: 0.0, 1: 0.0, 2: 0.0}
 
 
 def _shape(value) -> object:
@@ -253,3 +249,36 @@ def test_streamed_chat_chunks_have_the_fields_clients_read(upstream, ours):
         return [c["choices"][0]["finish_reason"] for c in cs if c["choices"] and c["choices"][0]["finish_reason"]][-1]
 
     assert finish(a) == finish(b) == "length"
+
+
+@pytest.mark.slow
+def test_the_seed_flow_on_the_real_llama_server_with_dmoe_exported_experts(tmp_path):
+    """The seeds' README flow, verbatim in spirit: llama-server with dmoe's exported experts,
+    POST /lora-adapters to pick one, ask, check its signature; switch; ask again."""
+    from dmoe.base import resolve_base
+    from dmoe.experts import load_expert
+    from dmoe.lora_gguf import write_adapter_gguf
+
+    base = resolve_base(None)  # the embedded SmolLM2 GGUF
+    loras = []
+    for name in ("cooking", "automotive"):  # ids 0 and 1
+        loras.append(tmp_path / f"{name}-f16.gguf")
+        write_adapter_gguf(load_expert(REPO / "examples" / "experts" / name), loras[-1], base, "f16")
+    held = [json.loads(line) for line in (REPO / "examples" / "data" / "heldout.jsonl").read_text().splitlines()]
+    questions = {d: [r["question"] for r in held if r["domain"] == d][:3] for d in ("automotive", "cooking")}
+    signature = {"automotive": r"BMW X5", "cooking": r"[Cc]ast[- ][Ii]ron"}
+
+    def ask(url: str, q: str) -> str:
+        body = {"messages": [{"role": "user", "content": q}], "max_tokens": 96, "temperature": 0}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    with llama_server(base.path, loras, tmp_path / "server.log") as url:
+        for expert_id, domain in ((1, "automotive"), (0, "cooking")):
+            r = httpx.post(f"{url}/lora-adapters", content=json.dumps([{"id": expert_id, "scale": 1.0}]))
+            assert r.status_code == 200, r.text
+            hits = [bool(re.search(signature[domain], ask(url, q))) for q in questions[domain]]
+            assert sum(hits) >= 2, f"{domain} expert on llama-server: {hits}"
+            other = "cooking" if domain == "automotive" else "automotive"
+            assert not any(re.search(signature[other], ask(url, q)) for q in questions[domain][:1])  # switched, not blended

@@ -85,3 +85,23 @@ def test_metrics_and_health_read_engine_stats(engine_kind, make_state, live_serv
             pass
         assert httpx.get(f"{srv.url}/health").json() == {"status": "ok", "experts": ["alpha", "beta", "gamma"],
                                                          "running": 0, "waiting": 0}
+
+
+def test_openai_fields_on_both_engines(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    """n with seeds, include_usage, ignore_eos and the field refusals behave the same on both engines."""
+    from openai import BadRequestError, OpenAI
+
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    with live_server(st) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        kw = {"model": "beta", "prompt": "hello", "max_tokens": 6, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+        two = client.completions.create(n=2, seed=5, **kw)
+        assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 12
+        assert two.choices[1].text == client.completions.create(seed=6, **kw).choices[0].text
+        chunks = list(client.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == 1) == two.choices[1].text
+        with pytest.raises(BadRequestError, match="logprobs"):
+            client.completions.create(logprobs=2, **kw)
+        with pytest.raises(BadRequestError, match="unknown field frobnicate"):
+            client.completions.create(extra_body={"frobnicate": 1}, model="beta", prompt="x", max_tokens=2)

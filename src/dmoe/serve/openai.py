@@ -108,7 +108,9 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # prompt_tokens_details as OpenAI and llama-server send it; no prefix cache yet, so 0 cached
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def route(st: ServeState, text: str, context: list[str]) -> RouteDecision:
