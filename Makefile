@@ -39,7 +39,8 @@ lint: install
 
 # The real llama-server for the conformance tests: built once from the llama.cpp that
 # llama-cpp-python vendors (its sdist), server target only, every core, cached under
-# $$DMOE_HOME (default ~/.cache/dmoe). If it cannot be built, those tests skip with the reason.
+# $$DMOE_HOME (default ~/.cache/dmoe): 211 s cold on 2 cores, seconds after that. If it cannot
+# be built, those tests skip with the reason.
 llama-server: install
 	$(VENV)/bin/dmoe llama-server build || echo "llama-server could not be built: its conformance tests will skip"
 
