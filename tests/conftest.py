@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-from dmoe.engine.protocol import Engine, run_until_done
 from dmoe.engine.request import Request, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,19 +115,6 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def prompts() -> list[list[int]]:
-    return [list(p) for p in PROMPTS]
-
-
-def generate_bounded(engine: Engine, prompts: list[list[int]], adapter_sets: list[list[tuple[str, float]]],
-                     params: SamplingParams = GREEDY) -> list[list[int]]:
-    """Submit all, step until done with a bound (a stuck engine fails the test, never hangs it)."""
-    reqs = [engine.submit(p, a, params) for p, a in zip(prompts, adapter_sets, strict=True)]
-    run_until_done(engine, reqs)
-    return [r.output_ids for r in reqs]
 
 
 class StepHook:

@@ -499,3 +499,16 @@ def test_posting_lora_adapters_switches_like_llama_server(own_server):
     r = post([{"id": 7, "scale": 1}])
     assert r.status_code == 404 and "unknown lora id 7" in r.json()["error"]["message"]
     assert {a["id"]: a["scale"] for a in httpx.get(f"{srv.url}/lora-adapters").json()} == {0: 0.0, 1: 0.0}  # unchanged
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([{"role": "user", "content": "hi", "name": "bob"}], "messages[0]: unknown field name"),
+    ([{"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[1]: part type 'image_url' is not supported"),
+])
+def test_message_fields_and_parts_dmoe_would_drop_are_refused(server, messages, words):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    ok = httpx.post(f"{server.url}/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2})
+    assert ok.status_code == 200

@@ -79,7 +79,7 @@ def find_experts(root: str | os.PathLike) -> list[Expert]:
     """The experts in ``root`` (the root itself, or its immediate subdirectories), by name."""
     r = Path(root)
     if not r.is_dir():
-        raise ExpertError(f"experts directory {r} not found")
+        raise ExpertError(f"experts directory {r} not found; pass --experts DIR or set $DMOE_EXPERTS")
     candidates = [r] if is_expert_dir(r) else sorted(p for p in r.iterdir() if p.is_dir() and is_expert_dir(p))
     experts = [load_expert(p) for p in candidates]
     seen: dict[str, Path] = {}

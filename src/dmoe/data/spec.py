@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,4 +29,3 @@ class DomainSpec:
     extra_rows: int = 0                           # more in-domain rows than the default
     extra_negatives: int = 0                      # more general rows in the experts' question shapes
     extra_general: bool = False                   # add the factual general rows (general.EXTRA)
-    tags: dict[str, str] = field(default_factory=dict)

@@ -83,12 +83,28 @@ def check_fields(st: ServeState, body: ChatRequest | CompletionRequest) -> None:
     """Every field is honoured or refused, never silently ignored (``--lenient``: unknown
     fields are ignored; fields dmoe knows but cannot honour are still refused)."""
     problems = body.unsupported()
+    if isinstance(body, ChatRequest):
+        problems += message_problems(body, st.lenient)
     unknown = sorted(body.model_extra or {})
     if unknown and not st.lenient:
         problems.append(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: dmoe does not ignore fields it "
                         "does not support (start the server with --lenient to ignore unknown fields)")
     if problems:
         raise RequestError("; ".join(problems))
+
+
+def message_problems(body: ChatRequest, lenient: bool) -> list[str]:
+    """Message fields and content parts dmoe would otherwise drop: refused by name (``--lenient``
+    ignores unknown message fields; a non-text part is refused even then, as its content would be lost)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        if m.model_extra and not lenient:
+            out.append(f"messages[{i}]: unknown field{'s' if len(m.model_extra) > 1 else ''} {', '.join(sorted(m.model_extra))} "
+                       "(only role and content are used)")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text", ""), str):
+                out.append(f"messages[{i}].content[{j}]: part type {part.get('type')!r} is not supported; send text parts only")
+    return out
 
 
 def sampling(body: ChatRequest | CompletionRequest) -> list[SamplingParams]:
