@@ -216,9 +216,9 @@ def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
         return bytes(v).decode("utf-8") if f.types and f.types[0] == g.GGUFValueType.STRING else v[0].item()
 
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
-    alpha = field_value("adapter.lora.alpha")
+    alpha, adapter_type = field_value("adapter.lora.alpha"), field_value("adapter.type")
     return GGUFInfo(str(field_value("general.type") or "model"), str(field_value("general.architecture") or "?"),
-                    None if field_value("adapter.type") is None else str(field_value("adapter.type")), None if alpha is None else float(alpha), shapes)
+                    None if adapter_type is None else str(adapter_type), None if alpha is None else float(alpha), shapes)
 
 
 def check_adapter_fits(adapter: str | os.PathLike, base: str | os.PathLike) -> GGUFInfo:

@@ -281,7 +281,7 @@ def device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype | None]:
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     """Norm weights and biases (1-D) and MoE routers keep their scale: no weight decay."""
-    return p.ndim < 2 or ".router." in f".{name}." or name.endswith("router.weight")
+    return p.ndim < 2 or ".router." in f".{name}."
 
 
 def configure_optimizer(named_params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
