@@ -282,3 +282,50 @@ def test_the_seed_flow_on_the_real_llama_server_with_dmoe_exported_experts(tmp_p
             assert sum(hits) >= 2, f"{domain} expert on llama-server: {hits}"
             other = "cooking" if domain == "automotive" else "automotive"
             assert not any(re.search(signature[other], ask(url, q)) for q in questions[domain][:1])  # switched, not blended
+
+
+@pytest.mark.slow
+def test_dmoe_bench_gives_the_same_hit_rates_against_llama_server_and_dmoe_serve(tmp_path):
+    """`dmoe bench --modes lora:0=1,...` (the same command, the same question set) against the
+    real llama-server serving dmoe's exported experts, and against `dmoe serve` with the same
+    experts: every per-domain hit rate and the bleed agree within their 95% Wilson intervals
+    (the intervals overlap). The bases differ on purpose: llama-server computes in Q4_1, dmoe's
+    torch engine in fp32 from the same GGUF, so greedy answers may differ; hit rates must not."""
+    from typer.testing import CliRunner
+
+    from dmoe.base import resolve_base
+    from dmoe.cli import app
+    from dmoe.experts import load_expert
+    from dmoe.lora_gguf import write_adapter_gguf
+    from dmoe.runtime import ServeConfig, build_state
+    from dmoe.serve.http import serve_in_thread
+
+    experts = REPO / "examples" / "experts"
+    base = resolve_base(None)
+    st = build_state(ServeConfig.make(experts_dir=experts, use_router=False, max_batch=4))
+    summaries = {}
+    with serve_in_thread(st) as ours_url:
+        order = [Path(r["path"]).name for r in httpx.get(f"{ours_url}/lora-adapters").json()]  # dmoe's ids
+        loras = []
+        for name in order:  # llama-server gets the same ids: --lora in dmoe's order
+            loras.append(tmp_path / f"{name}-f16.gguf")
+            write_adapter_gguf(load_expert(experts / name), loras[-1], base, "f16")
+        modes = ",".join(f"lora:{i}=1" for i in range(len(order)))
+        args = ["bench", "--modes", modes, "--limit", "8", "--max-tokens", "64", "--parallel", "2", "--experts", str(experts),
+                "--out", str(tmp_path / "res")]
+        with llama_server(base.path, loras, tmp_path / "server.log") as upstream_url:
+            for who, url in (("llama-server", upstream_url), ("dmoe", ours_url)):
+                r = CliRunner().invoke(app, [*args, "--url", url, "--run-id", who])
+                assert r.exit_code == 0, r.output
+                summaries[who] = json.loads((tmp_path / "res" / who / "summary.json").read_text())["modes"]
+    compared = 0
+    for mode, theirs in summaries["llama-server"].items():
+        ours = summaries["dmoe"][mode]
+        for what in [*(("hits", d) for d in theirs["hits"]), ("bleed", None)]:
+            a = theirs[what[0]][what[1]] if what[1] else theirs["bleed"]
+            b = ours[what[0]][what[1]] if what[1] else ours["bleed"]
+            assert a["n"] == b["n"] > 0
+            assert a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1], (mode, what, a, b)
+            compared += 1
+    own = [summaries["dmoe"][f"lora:{i}=1"]["hits"][name]["hits"] for i, name in enumerate(order)]
+    assert compared == len(order) * (len(order) + 1) and all(h >= 5 for h in own)  # each expert hits its own domain

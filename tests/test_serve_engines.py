@@ -101,7 +101,96 @@ def test_openai_fields_on_both_engines(engine_kind, make_state, live_server, tin
         chunks = list(client.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True}, **kw))
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
         assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == 1) == two.choices[1].text
-        with pytest.raises(BadRequestError, match="logprobs"):
-            client.completions.create(logprobs=2, **kw)
+        with pytest.raises(BadRequestError, match="tools"):
+            client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
         with pytest.raises(BadRequestError, match="unknown field frobnicate"):
             client.completions.create(extra_body={"frobnicate": 1}, model="beta", prompt="x", max_tokens=2)
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 5},
+                                           "n": {"enum": [1, 2, 3]}},
+          "required": ["ok", "tag", "n"], "additionalProperties": False}
+
+
+def test_logprobs_streamed_and_not_with_the_openai_client(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    """Chat: logprobs + top_logprobs; completions: logprobs=k. Greedy, so the chosen token is
+    the top one; the streamed entries equal the whole response's; completions' tokens spell the text."""
+    from openai import OpenAI
+
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    with live_server(st) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        kw = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+              "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+        whole = client.chat.completions.create(**kw)
+        content = whole.choices[0].logprobs.content
+        assert len(content) == whole.usage.completion_tokens == 6
+        for e in content:
+            assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+            assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.logprob <= 0
+            assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        streamed = [x for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                    for x in c.choices[0].logprobs.content]
+        assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+        assert client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs is None
+        text = client.completions.create(model="alpha", prompt="hello", max_tokens=5, logprobs=2, extra_body={"ignore_eos": True})
+        lp = text.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+        assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+        if "\ufffd" not in "".join(lp.tokens):
+            assert "".join(lp.tokens) == text.choices[0].text
+
+
+def test_structured_output_streamed_and_not_with_the_openai_client(engine_kind, make_state, live_server, tiny_experts,
+                                                                   tiny_gguf_experts):
+    """A random model writes schema-valid JSON only because of the mask: json_schema (OpenAI),
+    json_schema and grammar (llama-server's fields), on both engines, streamed and not."""
+    import json
+
+    import jsonschema
+    from openai import OpenAI
+
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    with live_server(st) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        rf = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True}}
+        msgs = [{"role": "user", "content": "reply in json"}]
+        for temperature in (0.0, 1.0):
+            r = client.chat.completions.create(model="beta", messages=msgs, max_tokens=60, temperature=temperature, seed=3,
+                                               response_format=rf)
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            chunks = client.chat.completions.create(model="beta", messages=msgs, max_tokens=60, temperature=temperature,
+                                                    seed=3, response_format=rf, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+        r = client.completions.create(model="alpha", prompt="json:", max_tokens=60, extra_body={"json_schema": SCHEMA})
+        jsonschema.validate(json.loads(r.choices[0].text), SCHEMA)
+        r = client.completions.create(model="alpha", prompt="yes or no?", max_tokens=10,
+                                      extra_body={"grammar": 'root ::= "yes" | "no"'})
+        assert r.choices[0].text in ("yes", "no")
+
+
+def test_penalties_and_logit_bias_reach_the_engine(engine_kind, make_state, live_server, tiny_experts, tiny_gguf_experts):
+    """The API's penalties give what the engine gives for the same parameters (and change the output)."""
+    from openai import OpenAI
+
+    from dmoe.engine.request import SamplingParams
+
+    st = make_state(_experts(engine_kind, tiny_experts, tiny_gguf_experts), engine=engine_kind, use_router=False)
+    prompt = st.tokenizer.encode("hello", add_special_tokens=False)
+    bias = ((1000, 10.0),)  # token 1000 wins until the penalties of its repeats outweigh the bias
+    plain = SamplingParams(max_tokens=12, ignore_eos=True, logit_bias=bias)
+    penal = SamplingParams(max_tokens=12, ignore_eos=True, logit_bias=bias, frequency_penalty=2.0, presence_penalty=2.0,
+                           repetition_penalty=1.3)
+    want_plain, want_penal = (st.engine.generate([prompt], [[("gamma", 1.0)]], p)[0] for p in (plain, penal))
+    assert want_plain == [1000] * 12 and want_penal[0] == 1000 and want_penal != want_plain
+    with live_server(st) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        kw = {"model": "gamma", "prompt": "hello", "max_tokens": 12}
+        got = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, logit_bias={"1000": 10.0},
+                                        extra_body={"ignore_eos": True, "repeat_penalty": 1.3, "return_token_ids": True}, **kw)
+        assert got.choices[0].model_extra["token_ids"] == want_penal
+        biased = client.completions.create(logit_bias={"1000": 10.0}, extra_body={"ignore_eos": True, "return_token_ids": True},
+                                           **kw)
+        assert biased.choices[0].model_extra["token_ids"] == want_plain

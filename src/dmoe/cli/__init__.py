@@ -6,7 +6,7 @@ torchtune's ``_cli`` does; each group lives in its own module.
     dmoe data generate --out DIR                bundled example datasets          (train.py)
     dmoe experts list DIR                       experts found in DIR              (experts.py)
     dmoe generate "question" [--expert NAME]    one-shot generation               (generate.py)
-    dmoe chat [--expert NAME]                   interactive chat                  (generate.py)
+    dmoe chat [--expert NAME]                   interactive chat, streamed        (chat.py)
     dmoe serve [--engine llamacpp]              the OpenAI + llama-server API     (serve.py)
     dmoe route train | eval | query "text"      the router                        (route.py)
     dmoe bench [--modes ...] | compare A B      behavioural A/B benchmark         (bench.py)
@@ -24,7 +24,7 @@ from __future__ import annotations
 import typer
 
 from dmoe import __version__
-from dmoe.cli import bench, demo, experts, export, generate, llama_server, mcp, moe, route, serve, train
+from dmoe.cli import bench, chat, demo, experts, export, generate, llama_server, mcp, moe, route, serve, train
 from dmoe.cli.common import LOG_LEVELS, console, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dmoe: LoRA domain experts over one shared base model.")
@@ -52,7 +52,7 @@ app.command()(train.train)
 app.add_typer(train.data_app, name="data")
 app.add_typer(experts.experts_app, name="experts")
 app.command()(generate.generate)
-app.command()(generate.chat)
+app.command()(chat.chat)
 app.command()(serve.serve)
 app.add_typer(route.route_app, name="route")
 app.add_typer(bench.bench_app, name="bench")

@@ -31,6 +31,7 @@ def bench(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
     seed: int = typer.Option(0, help="sampling seed sent with every request"),
     repeat: int = typer.Option(1, min=1, help="ask every question this many times"),
+    limit: Optional[int] = typer.Option(None, min=1, help="the first N questions of each domain (quick runs)"),
     out: Path = typer.Option(Path("results"), help="results/<run-id>/ gets the logs and summary.json"),
     run_id: Optional[str] = typer.Option(None, help="default: the current date and time"),
     no_think: bool = typer.Option(False, "--no-think", help="thinking models (Qwen3): append /no_think, enable_thinking false"),
@@ -41,14 +42,14 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from dmoe.evals.behaviour import BenchRun, parse_mode, read_question_set, seed_tables
+    from dmoe.evals.behaviour import BenchRun, limit_per_domain, parse_mode, read_question_set, seed_tables
     from dmoe.evals.report import write_report
     from dmoe.experts import find_experts
 
     folder = experts_dir(experts)
     found = find_experts(folder) if folder.is_dir() else []
     signatures = {(e.card.domain or e.name): e.card.signature for e in found if e.card.signature}
-    qs = read_question_set(questions or default_data_dir() / "heldout.jsonl", signatures)
+    qs = limit_per_domain(read_question_set(questions or default_data_dir() / "heldout.jsonl", signatures), limit)
     names = modes.split(",") if modes else ["vanilla", *(f"expert:{e.name}" for e in found), "auto"]
     mode_list = [parse_mode(m) for m in names]
     run_dir = out / (run_id or time.strftime("%Y%m%d-%H%M%S"))
@@ -81,6 +82,8 @@ def bench(
                       str(m["ttft_ms"]["p50"]), f"{m['latency_ms']['p50']}/{m['latency_ms']['p95']}", str(m["errors"]))
     console.print(table)
     console.print(f"report: {write_report(run_dir)} (logs, comparison.jsonl, summary.json beside it)")
+    if "failed" in summary["status"]:
+        raise typer.Exit(1)  # a run with failed requests is not a result; the logs say why
 
 
 @bench_app.command("compare")

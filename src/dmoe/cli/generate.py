@@ -1,4 +1,4 @@
-"""``dmoe generate`` and ``dmoe chat``: the base model or one expert, in the terminal."""
+"""``dmoe generate``: the base model or one expert answers questions, in the terminal."""
 
 from __future__ import annotations
 
@@ -61,36 +61,3 @@ def generate(
             typer.echo(json.dumps({"question": q, "expert": expert, "answer": a}))
         else:
             console.print(f"[bold]Q:[/] {q}\n[bold]A:[/] {a}\n", highlight=False)
-
-
-@user_errors
-def chat(
-    expert: Optional[str] = typer.Option(None, "--expert", "-e", help="expert name or path; omit for the bare base"),
-    scale: float = typer.Option(1.0, help="adapter scale"),
-    base: Optional[str] = typer.Option(None, help=BASE_HELP),
-    experts: Optional[Path] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
-    max_tokens: int = typer.Option(192, help="new tokens per reply at most"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-):
-    """Chat in the terminal (empty line or Ctrl-D quits).
-
-    Example: dmoe chat --expert cooking
-    """
-    from dmoe.generate import generate_texts
-
-    found = _find(expert, experts)
-    model, tok = _load(base, found, scale)
-    history: list[dict] = []
-    console.print(f"chatting with {expert or 'the base model'}; empty line quits")
-    while True:
-        try:
-            line = console.input("[bold]you> [/]")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        history.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        answer = generate_texts(model, tok, [prompt], max_new_tokens=max_tokens, temperature=temperature)[0]
-        history.append({"role": "assistant", "content": answer})
-        console.print(f"[bold]{expert or 'base'}>[/] {answer}", highlight=False)

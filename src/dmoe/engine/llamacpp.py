@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dmoe.base import BaseSpec
+from dmoe.engine.grammar import new_matcher
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
     Request,
@@ -40,8 +41,8 @@ from dmoe.engine.request import (
     append_token,
     check_prompt,
     check_scale,
-    sample_batch,
 )
+from dmoe.engine.sampling import sample_batch
 from dmoe.errors import (
     AdapterError,
     AdapterInUseError,
@@ -231,14 +232,12 @@ class LlamaCppEngine:
     # -------------------------------------------------------------- requests
     def submit(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
-        check_prompt(prompt_ids, params, self.max_seq)
+        check_prompt(prompt_ids, params, self.max_seq, self.n_vocab)
         if len(prompt_ids) > self.max_prefill_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine prefills at most {self.max_prefill_tokens}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        matcher = new_matcher(self.tokenizer, self.n_vocab, params.grammar)  # outside the lock: it can take 100 ms
         with self.lock:
-            return self.queue.add(prompt_ids, self._resolve(adapters), params)
+            return self.queue.add(prompt_ids, self._resolve(adapters), params, matcher)
 
     def has_work(self) -> bool:
         return self.queue.has_work()

@@ -50,6 +50,7 @@ class Engine(Protocol):
     """One base model, many adapters, continuous batching with a per-request adapter set."""
 
     tokenizer: Any
+    n_vocab: int  # rows of the logits (may exceed the tokenizer's vocabulary)
     max_batch: int
     max_seq: int
     lock: threading.RLock  # held by each step; admin changes and submits take it between steps

@@ -1,5 +1,6 @@
 """What both engines share about a request: its sampling parameters (validated once,
-here), the request itself, the queue it waits in, sampling, and the end-of-request rule.
+here), the request itself, the queue it waits in, and the end-of-request rule
+(sampling itself is ``sampling.py``).
 
     params = SamplingParams(max_tokens=32, temperature=0.7, seed=1)   # a bad value raises RequestError
     queue = RequestQueue(device)
@@ -19,8 +20,8 @@ import torch
 
 from dmoe.errors import RequestError, UnknownExpertError
 
-__all__ = ["Request", "RequestError", "RequestQueue", "SamplingParams", "UnknownExpertError",
-           "append_token", "check_prompt", "check_scale", "sample_batch"]
+__all__ = ["MAX_LOGPROBS", "Request", "RequestError", "RequestQueue", "SamplingParams", "UnknownExpertError",
+           "append_token", "check_prompt", "check_scale"]
 
 
 def _finite(value: Any, what: str) -> float:
@@ -34,6 +35,9 @@ def check_scale(name: str, scale: Any) -> float:
     return _finite(scale, f"scale for expert '{name}'")
 
 
+MAX_LOGPROBS = 20  # top log-probabilities per token at most (OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. Every value is checked here, once, when it is made."""
@@ -45,6 +49,12 @@ class SamplingParams:
     seed: int | None = None     # per-request generator: the same seed gives the same sample
     stop: tuple[str, ...] = ()  # stop strings (the text is cut before them)
     ignore_eos: bool = False    # generate exactly max_tokens (benchmarks)
+    presence_penalty: float = 0.0    # OpenAI: minus this for every token already in the output, in [-2, 2]
+    frequency_penalty: float = 0.0   # OpenAI: minus this times the token's count in the output, in [-2, 2]
+    repetition_penalty: float = 1.0  # HF/llama.cpp: tokens of the prompt and output, logit / p if > 0 else * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    logprobs: int | None = None      # None: off; k: the sampled token's log-probability and the k most likely
+    grammar: str | None = None       # an llguidance grammar the output must match (engine/grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -59,10 +69,28 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= _finite(getattr(self, name), name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if _finite(self.repetition_penalty, "repetition_penalty") <= 0:
+            raise RequestError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for tok, bias in self.logit_bias:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise RequestError(f"logit_bias: token ids must be integers >= 0, got {tok!r}")
+            if not -100 <= _finite(bias, f"logit_bias for token {tok}") <= 100:
+                raise RequestError(f"logit_bias for token {tok} must be in [-100, 100], got {bias!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"top log-probabilities must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits are changed before sampling (penalties or a bias; the grammar is per request)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
 
 @dataclass(eq=False)  # identity, not value: two requests with the same prompt are two requests
@@ -78,6 +106,9 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" (| the runner's "error"/"shutdown")
     kv_slot: int = -1
     generator: torch.Generator | None = None
+    matcher: Any = None  # the grammar's llguidance matcher (params.grammar), made at submit
+    # params.logprobs: per output token, (its log-probability, [(token id, log-probability)] of the k most likely)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -93,8 +124,9 @@ class RequestQueue:
         self.running: list[Request] = []
         self._ids = itertools.count(1)
 
-    def add(self, prompt_ids: Sequence[int], lora: list[tuple[Any, float]], params: SamplingParams) -> Request:
-        req = Request(list(prompt_ids), lora, params, id=next(self._ids))
+    def add(self, prompt_ids: Sequence[int], lora: list[tuple[Any, float]], params: SamplingParams,
+            matcher: Any = None) -> Request:
+        req = Request(list(prompt_ids), lora, params, id=next(self._ids), matcher=matcher)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.waiting.append(req)
@@ -115,47 +147,28 @@ class RequestQueue:
         return bool(self.waiting or self.running)
 
 
-def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, max_seq: int) -> None:
+def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, max_seq: int, n_vocab: int) -> None:
     """What every engine refuses before queueing a request."""
     if not prompt_ids:
         raise RequestError("the prompt is empty")
+    bad = [t for t in prompt_ids if not 0 <= t < n_vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary of {n_vocab}")
+    bad = [t for t, _ in params.logit_bias if t >= n_vocab]
+    if bad:
+        raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary of {n_vocab}")
     if len(prompt_ids) + params.max_tokens > max_seq:
         raise RequestError(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {max_seq} tokens"
         )
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """One token (a 0-d tensor, on the logits' device) from a (V,) row, without a host sync:
-    the Gumbel-style ``argmax(probs / Exp(1))`` draw of gpt-fast's
-    ``multinomial_sample_one_no_sync`` instead of ``torch.multinomial``."""
-    logits = logits.float() / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cut = torch.cumsum(sorted_p, 0) - sorted_p > p.top_p  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(cut, 0.0))
-    q = torch.empty_like(probs).exponential_(1, generator=gen)
-    return torch.argmax(probs / q)
-
-
-def sample_batch(logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
-    """One token per row of (B, V) ``logits`` for ``reqs``. Everything stays on the logits'
-    device; the only device->host transfer is the final ``.tolist()`` of B ids."""
-    tokens = torch.argmax(logits, dim=-1)  # (B,) greedy rows are done here
-    for i, r in enumerate(reqs):
-        if not r.params.greedy:
-            tokens[i] = _sample_row(logits[i], r.params, r.generator)
-    return tokens.tolist()
-
-
 def append_token(r: Request, tok: int, eos_ids: set[int], tokenizer: Any) -> None:
     """Add a sampled token and decide whether the request is finished (EOS, stop string, length)."""
     r.output_ids.append(tok)
-    if tok in eos_ids and not r.params.ignore_eos:
+    if r.matcher is not None and (not r.matcher.consume_token(tok) or r.matcher.is_stopped()):
+        r.finish_reason = "stop"  # the grammar is complete (an error cannot happen: its mask chose the token)
+    elif tok in eos_ids and not r.params.ignore_eos:
         r.finish_reason = "stop"
     elif r.params.stop and any(s in tokenizer.decode(r.output_ids[-16:]) for s in r.params.stop):
         r.finish_reason = "stop"

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from dmoe.engine.adapters import AdapterSlots
+from dmoe.engine.grammar import new_matcher
 from dmoe.engine.model import StepInput, Transformer, from_hf
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
@@ -34,8 +35,8 @@ from dmoe.engine.request import (
     append_token,
     check_prompt,
     check_scale,
-    sample_batch,
 )
+from dmoe.engine.sampling import sample_batch
 from dmoe.errors import UnknownExpertError
 from dmoe.experts import Expert
 
@@ -52,6 +53,7 @@ class TorchEngine:
         self.max_prefill_tokens = max_prefill_tokens
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.n_vocab = model.args.vocab_size
         model.allocate_cache(max_batch, max_seq, p.dtype, p.device)
         self.slots = AdapterSlots(model, max_loras, max_rank)
         self.queue = RequestQueue(self.device)
@@ -98,9 +100,10 @@ class TorchEngine:
     # -------------------------------------------------------------- requests
     def submit(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
         """Queue a request; its adapter set is fixed now."""
-        check_prompt(prompt_ids, params, self.max_seq)
+        check_prompt(prompt_ids, params, self.max_seq, self.n_vocab)
+        matcher = new_matcher(self.tokenizer, self.n_vocab, params.grammar)  # outside the lock: it can take 100 ms
         with self.lock:
-            return self.queue.add(prompt_ids, self._resolve(adapters), params)
+            return self.queue.add(prompt_ids, self._resolve(adapters), params, matcher)
 
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away); its KV slot is free from the next step on."""

@@ -24,6 +24,7 @@ the end, or marked ``partial`` when the run is interrupted.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import statistics
 import threading
@@ -37,6 +38,8 @@ import httpx
 from dmoe import DmoeError
 from dmoe.evals.hits import wilson
 from dmoe.io import atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
 
 
 class BenchError(DmoeError):
@@ -71,6 +74,19 @@ class Answer:
     latency_s: float | None = None
     route: str | None = None
     error: str | None = None
+
+
+def limit_per_domain(questions: list[Question], limit: int | None) -> list[Question]:
+    """The first ``limit`` questions of each domain, in file order (quick runs)."""
+    if limit is None:
+        return questions
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        seen[q.domain] = seen.get(q.domain, 0) + 1
+        if seen[q.domain] <= limit:
+            out.append(q)
+    return out
 
 
 def read_question_set(path: str | Path, signatures: dict[str, list[str]]) -> list[Question]:
@@ -132,7 +148,23 @@ def parse_mode(text: str) -> Mode:
 
 def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict, no_think: bool = False) -> Answer:
     """One streamed chat completion; errors are recorded, not raised. ``no_think``: Qwen3-style
-    thinking models answer directly (``/no_think`` appended, ``enable_thinking: false``)."""
+    thinking models answer directly (``/no_think`` appended, ``enable_thinking: false``).
+
+    A kept-alive connection that the server closed just as the request went out (llama-server
+    closes idle ones) ends with no response at all: that is retried, twice at most, on a fresh
+    connection. Nothing else is retried."""
+    for attempt in range(3):
+        ans = _ask_once(client, url, mode, index, q, params, no_think)
+        if not (ans.error and ans.error.startswith(_NO_RESPONSE) and not ans.text) or attempt == 2:
+            return ans
+        log.warning("%s: %s; retrying on a new connection", url, ans.error)
+    return ans
+
+
+_NO_RESPONSE = "RemoteProtocolError: Server disconnected without sending a response"
+
+
+def _ask_once(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict, no_think: bool) -> Answer:
     content = q.question + (" /no_think" if no_think else "")
     body = {**mode.body, **params, "messages": [{"role": "user", "content": content}], "stream": True,
             "stream_options": {"include_usage": True}}
@@ -226,11 +258,33 @@ class BenchRun:
     no_think: bool = False
 
     def check_endpoint(self) -> None:
-        """A clear error within the timeout when nothing answers at ``url``."""
+        """A clear error within the timeout when nothing answers at ``url``, and before the first
+        question, every mode checked against what the endpoint serves (never 'N requests failed' later)."""
+        timeout = min(self.timeout_s, 10.0)
         try:
-            httpx.get(f"{self.url}/v1/models", timeout=min(self.timeout_s, 10.0)).raise_for_status()
-        except httpx.HTTPError as exc:
+            r = httpx.get(f"{self.url}/v1/models", timeout=timeout)
+            r.raise_for_status()
+            models = {m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)}
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             raise BenchError(f"cannot reach an OpenAI-compatible endpoint at {self.url} ({type(exc).__name__}: {exc})") from None
+        lora_ids: set[int] | None = None
+        for mode in self.modes:
+            wanted = [mode.body["model"]] if mode.body.get("model") not in (None, "base") else []
+            wanted += [e["name"] for e in mode.body.get("experts", [])]
+            missing = [w for w in wanted if w not in models]
+            if missing:
+                raise BenchError(f"mode {mode.name}: {self.url} does not serve {', '.join(missing)}; "
+                                 f"it serves: {', '.join(sorted(str(m) for m in models)) or 'nothing'}")
+            if "lora" in mode.body:
+                if lora_ids is None:
+                    try:
+                        rows = httpx.get(f"{self.url}/lora-adapters", timeout=timeout).json()
+                        lora_ids = {int(x["id"]) for x in rows}
+                    except (httpx.HTTPError, ValueError, TypeError, KeyError):
+                        raise BenchError(f"mode {mode.name}: {self.url} has no llama-server /lora-adapters list") from None
+                unknown = [x["id"] for x in mode.body["lora"] if x["id"] not in lora_ids]
+                if unknown:
+                    raise BenchError(f"mode {mode.name}: no adapter id {unknown[0]} at {self.url}; ids: {sorted(lora_ids)}")
 
     def run(self, on_answer=None) -> dict:
         """Every mode over every question (× repeat). Writes logs as it goes and the summary at the end."""

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from dmoe.engine.grammar import gbnf_grammar, json_schema_grammar, response_format_grammar, token_bytes
 from dmoe.engine.request import SamplingParams, check_scale
 from dmoe.engine.runner import FAILED, STOPPED, Stream
 from dmoe.errors import EngineError, RequestError, ShuttingDown, UnknownExpertError
@@ -107,20 +108,52 @@ def message_problems(body: ChatRequest, lenient: bool) -> list[str]:
     return out
 
 
+def top_logprobs(body: ChatRequest | CompletionRequest) -> int | None:
+    """How many top tokens to return per position (None: no logprobs). Chat: ``logprobs: true``
+    and ``top_logprobs: k``; completions: ``logprobs: k`` (OpenAI's two shapes)."""
+    if isinstance(body, ChatRequest):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise RequestError("logprobs: in chat completions it is true or false; give the count as top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs is not None:
+        raise RequestError("top_logprobs is a chat field; completions take the count as logprobs: k")
+    if isinstance(body.logprobs, bool):
+        raise RequestError("logprobs: in completions it is the number of top tokens per position (0-20), not true/false")
+    return body.logprobs
+
+
+def output_grammar(body: ChatRequest | CompletionRequest) -> str | None:
+    """The grammar the output must match: OpenAI's response_format, or llama-server's json_schema or grammar."""
+    if body.json_schema is not None:
+        return json_schema_grammar(body.json_schema)
+    if body.grammar is not None:
+        return gbnf_grammar(body.grammar)
+    return response_format_grammar(body.response_format)
+
+
 def sampling(body: ChatRequest | CompletionRequest) -> list[SamplingParams]:
     """The sampling parameters of each of the ``n`` choices (SamplingParams checks every value).
     A seeded request gives choice i the seed ``seed + i``: reproducible, and not n copies."""
     max_tokens = body.max_completion_tokens or body.max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return [SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, temperature=body.temperature,
-                           top_p=body.top_p, top_k=body.top_k, seed=None if body.seed is None else body.seed + i, stop=stop,
-                           ignore_eos=body.ignore_eos)
-            for i in range(body.n)]
+    bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
+    first = SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, temperature=body.temperature,
+                           top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos,
+                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                           repetition_penalty=body.repetition_penalty, logit_bias=bias, logprobs=top_logprobs(body),
+                           grammar=output_grammar(body))
+    return [first, *(replace(first, seed=None if body.seed is None else body.seed + i) for i in range(1, body.n))]
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     cuts = [text.index(s) for s in stop if s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def _finite_lp(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf; OpenAI reports -9999 for impossible tokens
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -188,16 +221,48 @@ class Completion:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def logprobs(self, i: int, start: int, end: int) -> dict | None:
+        """Choice ``i``'s log-probabilities for its output tokens ``start:end``, in the chat
+        shape (``content``: one entry per token) or the completions one (parallel lists)."""
+        if self.params.logprobs is None:
+            return None
+        req = self.streams[i].req
+        ids, lps = req.output_ids[start:end], req.logprobs[start:end]
+        tok, n_vocab = self.st.tokenizer, self.st.engine.n_vocab
+
+        def piece(t: int) -> tuple[str, bytes]:
+            b = token_bytes(tok, n_vocab, t)
+            return b.decode("utf-8", errors="replace"), b
+
+        if self.kind == "chat":
+            content = []
+            for t, (lp, top) in zip(ids, lps):
+                text, raw = piece(t)
+                content.append({"token": text, "logprob": _finite_lp(lp), "bytes": list(raw),
+                                "top_logprobs": [{"token": piece(a)[0], "logprob": _finite_lp(b), "bytes": list(piece(a)[1])}
+                                                 for a, b in top]})
+            return {"content": content}
+        texts = [piece(t)[0] for t in ids]
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": texts, "token_logprobs": [_finite_lp(lp) for lp, _ in lps],
+                "top_logprobs": [{piece(a)[0]: _finite_lp(b) for a, b in top} for _, top in lps],
+                "text_offset": offsets}
+
     def chunk(self, delta: str | None, *, index: int = 0, role: bool = False, finish: str | None = None,
-              n_out: int | None = None) -> dict:
+              n_out: int | None = None, logprobs: dict | None = None) -> dict:
         """One SSE chunk of choice ``index``: the opening one (``role``), a text delta, or the closing one (``finish``)."""
         if self.kind == "chat":
             d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-            out = {**self._head("chat.completion.chunk"), "choices": [{"index": index, "delta": d, "finish_reason": finish}]}
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
             if role and self.decision is not None:
                 out["dmoe"] = {"route": self.decision.to_dict()}
         else:
-            out = {**self._head("text_completion"), "choices": [{"index": index, "text": delta or "", "finish_reason": finish}]}
+            out = {**self._head("text_completion"),
+                   "choices": [{"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}]}
         if n_out is not None:
             out["usage"] = usage(len(self.prompt_ids), n_out)
         return out
@@ -211,10 +276,12 @@ class Completion:
         """A non-streamed response: one choice per result, usage, and the adapter set that served it."""
         choices = []
         for i, (text, finish, ids) in enumerate(results):
+            lp = self.logprobs(i, 0, len(ids))
             if self.kind == "chat":
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                                          "finish_reason": finish}
             else:
-                choice = {"index": i, "text": text, "finish_reason": finish}
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
             if self.return_token_ids:
                 choice["token_ids"] = ids
             choices.append(choice)
@@ -303,6 +370,7 @@ async def sse(c: Completion) -> AsyncIterator[str]:
     n = len(c.streams)
     ids: list[list[int]] = [[] for _ in range(n)]
     sent = [""] * n
+    lp_sent = [0] * n  # tokens whose logprobs went out
     pending: dict[int, asyncio.Future] = {}
     total = 0
     try:
@@ -331,7 +399,9 @@ async def sse(c: Completion) -> AsyncIterator[str]:
                 if stopped:
                     finish = "stop"
                 if not (text.endswith("\ufffd") and finish is None) and len(text) > len(sent[i]):  # wait for half a UTF-8 char
-                    yield f"data: {json.dumps(c.chunk(text[len(sent[i]):], index=i))}\n\n"
+                    lp = c.logprobs(i, lp_sent[i], len(ids[i]))
+                    lp_sent[i] = len(ids[i])
+                    yield f"data: {json.dumps(c.chunk(text[len(sent[i]):], index=i, logprobs=lp))}\n\n"
                     sent[i] = text
                 if finish is None:
                     pending[i] = asyncio.ensure_future(stream.queue.get())
@@ -339,7 +409,8 @@ async def sse(c: Completion) -> AsyncIterator[str]:
                 if finish == "stop" and not stream.req.done:
                     st.runner.cancel(stream)
                 total += len(ids[i])
-                yield f"data: {json.dumps(c.chunk(None, index=i, finish=finish, n_out=len(ids[i])))}\n\n"
+                lp = c.logprobs(i, lp_sent[i], len(ids[i])) if lp_sent[i] < len(ids[i]) else None
+                yield f"data: {json.dumps(c.chunk(None, index=i, finish=finish, n_out=len(ids[i]), logprobs=lp))}\n\n"
                 st.metrics.requests.labels(stream.label, finish).inc()
         if c.include_usage:
             yield f"data: {json.dumps(c.usage_chunk(total))}\n\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class LoraScale(BaseModel):
@@ -56,42 +56,41 @@ class _Generation(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N, description="choices; sampled ones use seed, seed+1, ... when a seed is given")
     ignore_eos: bool = Field(default=False, description="llama-server: generate exactly max_tokens (benchmarks)")
     user: str | None = Field(default=None, description="the client's end-user id (accepted, not used)")
-    # OpenAI fields dmoe does not implement yet: accepted at their no-op value, refused otherwise
-    presence_penalty: float = Field(default=0.0, description="only 0 (not implemented)")
-    frequency_penalty: float = Field(default=0.0, description="only 0 (not implemented)")
-    logprobs: bool | int | None = Field(default=None, description="not implemented: false/null only")
-    top_logprobs: int | None = Field(default=None, description="not implemented: null/0 only")
-    logit_bias: dict[str, float] | None = Field(default=None, description="not implemented: empty only")
-    response_format: dict[str, Any] | None = Field(default=None, description='{"type": "text"} only')
-    tools: list[dict[str, Any]] | None = Field(default=None, description="not implemented: empty only")
+    presence_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this for each token already in the output")
+    frequency_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this times each token's count in the output")
+    repetition_penalty: float = Field(default=1.0, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"),
+                                      description="> 0, 1 = off (llama-server: repeat_penalty): prompt and output tokens, "
+                                                  "logit / p if positive, logit * p if not")
+    logprobs: bool | int | None = Field(default=None, description="chat: true/false; completions: how many top tokens (0-20)")
+    top_logprobs: int | None = Field(default=None, description="chat: the most likely tokens per position (0-20); needs logprobs")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (a string) -> bias in [-100, 100]")
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name": .., "schema": {..}}}')
+    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported: empty only")
     tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none" only')
     # dmoe's and llama-server's extensions
     lora: list[LoraScale] | None = Field(default=None, description="llama-server: per-request adapter scales by id")
     experts: list[ExpertScale] | None = Field(default=None, description="dmoe: a blend of experts by name")
     return_token_ids: bool = Field(default=False, description="as vLLM: include the completion's token ids")
+    json_schema: dict[str, Any] | None = Field(default=None, description="llama-server: the output's JSON Schema")
+    grammar: str | None = Field(default=None, description="llama-server: a GBNF grammar the output must match")
 
     def unsupported(self) -> list[str]:
         """Why each field this request sets cannot be honoured (empty: all fine)."""
         out = []
-        if self.presence_penalty:
-            out.append("presence_penalty: penalties are not implemented; send 0 or leave it out")
-        if self.frequency_penalty:
-            out.append("frequency_penalty: penalties are not implemented; send 0 or leave it out")
-        if self.logprobs:
-            out.append("logprobs: log-probabilities are not returned yet; leave it out")
-        if self.top_logprobs:
-            out.append("top_logprobs: log-probabilities are not returned yet; leave it out")
-        if self.logit_bias:
-            out.append("logit_bias: not implemented; leave it out")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            out.append(f"response_format: type {self.response_format.get('type')!r} (constrained decoding) is not "
-                       "implemented yet; only {\"type\": \"text\"}")
         if self.tools:
             out.append("tools: function calling is not supported; send the request without tools")
         if self.tool_choice not in (None, "none"):
             out.append("tool_choice: function calling is not supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             out.append(f"stop: at most {MAX_STOP} stop strings, got {len(self.stop)}")
+        formats = [f for f in ("response_format", "json_schema", "grammar")
+                   if getattr(self, f) is not None and (f != "response_format" or (self.response_format or {}).get("type") != "text")]
+        if len(formats) > 1:
+            out.append(f"{' and '.join(formats)}: give one output format, not {len(formats)}")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                out.append(f"logit_bias: keys are token ids as strings (\"1234\"), got {key!r}")
         return out
 
 
