@@ -189,6 +189,7 @@ def make_state(tiny_base, tiny_gguf_base, dmoe_home):
         base = str(tiny_gguf_base.path) if engine == "llamacpp" else str(tiny_base)
         kw.setdefault("max_batch", 4)
         kw.setdefault("max_seq", 128)
+        kw.setdefault("refit_router", False)  # the tiny experts share their prompts: nothing to route on
         if engine == "torch":
             kw.setdefault("max_loras", 4)
             kw.setdefault("max_rank", 8)

@@ -9,6 +9,7 @@ them imports another's module to get an engine.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +22,11 @@ from dmoe.config import ConfigError, format_validation_error
 from dmoe.engine.protocol import Engine
 from dmoe.engine.runner import EngineRunner
 from dmoe.engine.torch_engine import TorchEngine
-from dmoe.experts import check_base, find_experts
+from dmoe.experts import Expert, check_base, find_experts
 from dmoe.metrics import Metrics
-from dmoe.route.select import startup_router
+from dmoe.route.decision import NONE
+from dmoe.route.router import ROUTER_DIR
+from dmoe.route.select import refit_router, startup_router
 
 log = logging.getLogger("dmoe.runtime")
 
@@ -49,6 +52,8 @@ class ServeConfig(BaseModel):
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = True
+    refit_router: bool = Field(default=True, description="refit the embedding router in the background when experts are "
+                                                         "loaded or unloaded at runtime (keyword rules are never refitted)")
     lenient: bool = Field(default=False, description="ignore unknown request fields instead of a 400 naming them")
 
     @classmethod
@@ -82,21 +87,84 @@ class ServeState:
     route_mode: str = "threshold"
     router_note: str = ""
     lenient: bool = False  # unknown request fields are ignored rather than refused
+    cards: dict[str, Expert] = field(default_factory=dict)  # the loaded experts' cards (the router's classes)
+    refit_on_change: bool = False  # a hot load/unload refits the embedding router in the background
+    router_cache: Path | None = None  # cached prompt embeddings (<experts>/router/cache)
+    route_encoder: Any = None  # the encoder of a refit when there is no router yet (None: MiniLM)
+    router_status: dict = field(default_factory=dict)  # what /v1/experts and load responses report
+    _router_lock: threading.Lock = field(default_factory=threading.Lock)
+    _router_gen: int = 0
 
     def next_id(self) -> int:
         return max(self.adapter_ids, default=-1) + 1
 
-    def register(self, name: str) -> None:
+    def register(self, name: str, expert: Expert | None = None) -> None:
         """Give a newly loaded expert the next llama-server id (a reload keeps its id)."""
         if name not in self.adapter_ids.values():
             self.adapter_ids[self.next_id()] = name
+        if expert is not None:
+            self.cards[name] = expert
         self.metrics.loaded_experts.set(len(self.engine.resident))
 
     def forget(self, name: str) -> None:
         """An unloaded expert loses its id and its default scale."""
         self.adapter_ids = {i: n for i, n in self.adapter_ids.items() if n != name}
         self.defaults = {n: s for n, s in self.defaults.items() if n != name}
+        self.cards.pop(name, None)
         self.metrics.loaded_experts.set(len(self.engine.resident))
+
+    # ------------------------------------------------------------------ the router follows the experts
+    def refit_router(self) -> threading.Thread | None:
+        """After a hot load or unload: refit the router for the loaded experts on a background
+        thread, then swap it in with one assignment (a request sees the old router or the new
+        one, never a half-built one). Until then, or if the refit fails, ``auto`` keeps the old
+        router. Returns the thread (None when refitting is off)."""
+        if not self.refit_on_change:
+            return None
+        with self._router_lock:
+            self._router_gen += 1
+            gen = self._router_gen
+            experts = [self.cards[n] for n in sorted(self.engine.resident) if n in self.cards]
+            self.router_status = {"state": "refitting", "experts": [e.name for e in experts],
+                                  "note": "model=auto keeps the previous router until the refit is done"}
+        log.info("refitting the router for experts: %s", ", ".join(e.name for e in experts) or "none")
+        t = threading.Thread(target=self._refit, args=(gen, experts), name="dmoe-router-refit", daemon=True)
+        t.start()
+        return t
+
+    def _refit(self, gen: int, experts: list[Expert]) -> None:
+        try:
+            router, accuracy, warnings = refit_router(experts, self.router, cache=self.router_cache, encoder=self.route_encoder)
+        except Exception as exc:  # any failure keeps the old router: serving goes on
+            log.warning("the router refit failed (%s); model=auto keeps the previous router", exc)
+            with self._router_lock:
+                if gen == self._router_gen:
+                    self.router_status = {"state": "failed", "experts": [e.name for e in experts],
+                                          "note": f"the refit failed ({exc}); model=auto keeps the previous router"}
+            return
+        for w in warnings:
+            log.warning("router: %s", w)
+        with self._router_lock:
+            if gen != self._router_gen:  # a later load/unload started a newer refit: it wins
+                return
+            self.router = router
+            self.router_note = "" if router is not None else "; ".join(warnings)
+            names = [c for c in router.classes if c != NONE] if router is not None else []
+            self.router_status = {"state": "ready", "experts": names, "val_accuracy": accuracy, "warnings": warnings}
+        log.info("router refitted for %s: validation accuracy %s", ", ".join(names) or "no experts", accuracy)
+
+    def initial_router_status(self) -> None:
+        from dmoe.route.keyword import KeywordRouter
+
+        if self.router is None:
+            self.router_status = {"state": "none", "note": self.router_note or "no router: model=auto serves the base model"}
+        elif isinstance(self.router, KeywordRouter):
+            self.refit_on_change = False
+            self.router_status = {"state": "keyword", "note": "keyword rules: not refitted when experts change"}
+        else:
+            r = self.router
+            self.router_status = {"state": "ready", "experts": [c for c in r.classes if c != NONE],
+                                  "val_accuracy": r.report.get("classifier_trials", {}).get(r.report.get("chosen"), {}).get("val_accuracy")}
 
 
 def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
@@ -118,14 +186,17 @@ def build_state(cfg: ServeConfig) -> ServeState:
     """The engine with every expert of ``cfg.experts_dir`` loaded, and the router."""
     engine, tok, base = build_engine(cfg)
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
-                    max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient)
+                    max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient,
+                    refit_on_change=cfg.use_router and cfg.refit_router,
+                    router_cache=cfg.experts_dir / ROUTER_DIR / "cache" if cfg.experts_dir is not None else None)
     experts_dir = cfg.experts_dir
     experts = find_experts(experts_dir) if experts_dir is not None and experts_dir.is_dir() else []
     for expert in experts:
         check_base(expert, base)
         engine.load_expert(expert)
-        st.register(expert.name)
+        st.register(expert.name, expert)
     if cfg.use_router and experts_dir is not None:
         st.router, st.router_note = startup_router(experts_dir, experts, cfg.keywords)
+    st.initial_router_status()
     log.info("engine %s over base %s with experts: %s", cfg.engine, base.short(), ", ".join(sorted(engine.resident)) or "none")
     return st

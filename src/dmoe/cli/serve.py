@@ -31,6 +31,8 @@ def serve(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base; experts converted to GGUF)"),
     lenient: bool = typer.Option(False, "--lenient", help="ignore unknown request fields (default: a 400 that names them)"),
+    refit_router: bool = typer.Option(True, "--refit-router/--no-refit-router",
+                                      help="refit the router in the background when experts are hot-loaded or unloaded"),
 ):
     """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API).
 
@@ -42,7 +44,8 @@ def serve(
     folder = experts_dir(experts)
     cfg = ServeConfig.make(base=base, experts_dir=folder, roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
-                           keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient)
+                           keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
+                           refit_router=refit_router)
     sock = bind(host, port)  # a busy port fails now, before the model loads
     st = build_state(cfg)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "

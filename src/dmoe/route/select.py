@@ -35,3 +35,33 @@ def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | No
     note += "; model=auto serves the base model"
     log.warning(note)
     return None, note
+
+
+def refit_router(experts: list[Expert], current, *, cache: Path | None = None, data_dirs=(), encoder=None):
+    """A new embedding router for ``experts`` (the loaded set after a hot load or unload),
+    with the current router's encoder when it has one (cached embeddings: only a new expert's
+    prompts are encoded). Returns (router or None, validation accuracy, warnings). An expert
+    with no prompts to route on is left out, with a warning: it is still served by name."""
+    from dmoe.route.prompts import expert_rows
+    from dmoe.route.router import EmbeddingRouter, train_router
+
+    warnings, routable = [], []
+    for e in experts:
+        mine, _ = expert_rows(e, list(data_dirs))
+        if mine:
+            routable.append(e)
+        else:
+            warnings.append(f"expert '{e.name}' has no training prompts or card examples, so model=auto never picks it "
+                            f"(add 'examples' to {e.path / 'expert.yaml'}); it is served by name")
+    if not routable:
+        return None, None, [*warnings, "no routable experts: model=auto serves the base model"]
+    if encoder is None:
+        if isinstance(current, EmbeddingRouter):
+            encoder = current.encoder
+        else:
+            from dmoe.route.encoders import make_encoder
+
+            encoder = make_encoder("minilm")
+    router = train_router(routable, encoder, data_dirs=data_dirs, cache=cache)
+    trials = router.report["classifier_trials"][router.report["chosen"]]
+    return router, trials["val_accuracy"], warnings + list(router.report.get("notes", []))

@@ -23,6 +23,7 @@ from dmoe.serve.openai import state
 from dmoe.serve.schemas import LoadExpertRequest, LoraScale
 
 router = APIRouter()
+ROUTER_WAIT_S = 300.0  # a load with wait_router waits this long for the refit at most
 _LORA_LIST = TypeAdapter(list[LoraScale])
 
 
@@ -83,8 +84,9 @@ async def load_expert(body: LoadExpertRequest, request: Request):
         raise ExpertError(f"the expert at {body.path} is named '{expert.name}', not '{body.name}'")
     check_base(expert, st.base)
     res = await asyncio.to_thread(st.engine.load_expert, expert)
-    st.register(expert.name)
-    return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path}
+    st.register(expert.name, expert)
+    await _follow(st, body.wait_router)
+    return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path, "router": st.router_status}
 
 
 @router.delete("/v1/experts/{name}")
@@ -93,7 +95,26 @@ async def unload_expert(name: str, request: Request):
     require_key(st, request)
     await asyncio.to_thread(st.engine.unload_expert, name)
     st.forget(name)
-    return {"unloaded": name}
+    await _follow(st, request.query_params.get("wait_router", "").lower() in ("1", "true"))
+    return {"unloaded": name, "router": st.router_status}
+
+
+async def _follow(st: ServeState, wait: bool) -> None:
+    """The router follows the loaded experts: refit in the background (or wait for it)."""
+    thread = st.refit_router()
+    if thread is not None and wait:
+        await asyncio.to_thread(thread.join, ROUTER_WAIT_S)
+
+
+@router.get("/v1/experts")
+async def list_experts(request: Request):
+    """The loaded experts (with their llama-server ids) and the router's state."""
+    st = state(request)
+    ids = {n: i for i, n in st.adapter_ids.items()}
+    res = st.engine.resident
+    experts = [{"name": n, "id": ids.get(n), "slot": r.slot, "rank": r.rank, "path": r.path,
+                "domain": st.cards[n].card.domain if n in st.cards else None} for n, r in sorted(res.items())]
+    return {"experts": experts, "router": st.router_status}
 
 
 @router.get("/health")

@@ -107,3 +107,5 @@ class CompletionRequest(_Generation):
 class LoadExpertRequest(BaseModel):
     path: str
     name: str | None = Field(default=None, description="must match the card's name if given")
+    wait_router: bool = Field(default=False, description="answer after the router refit (its validation accuracy is in "
+                                                         "the response); otherwise it runs in the background")
