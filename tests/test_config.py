@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from dmoe.config import ConfigError, ExpertCard, load_train_config, parse_override
@@ -75,3 +77,24 @@ def test_expert_card_name_is_validated():
     ExpertCard(name="automotive", base={"name": "b", "sha256": "0"})
     with pytest.raises(ValueError):
         ExpertCard(name="../etc", base={"name": "b", "sha256": "0"})
+
+
+def test_relative_paths_in_a_config_resolve_from_its_folder_and_set_from_the_working_dir(tmp_path, monkeypatch):
+    """LlamaFactory users run a config from anywhere: dataset_dir, output_dir, a model path and a
+    dataset file written in the YAML resolve from the YAML's folder; --set values from the cwd."""
+    proj = tmp_path / "proj"
+    (proj / "configs").mkdir(parents=True)
+    (proj / "data").mkdir()
+    (proj / "configs" / "mine.jsonl").write_text("{}\n")
+    (proj / "configs" / "a.yaml").write_text("dataset: d\ndataset_dir: ../data\noutput_dir: ../out/x\n")
+    (proj / "configs" / "b.yaml").write_text("dataset: mine.jsonl\nmodel_name_or_path: embedded\n")
+    monkeypatch.chdir(proj)
+    a = load_train_config(proj / "configs" / "a.yaml")
+    assert (a.dataset_dir, a.output_dir) == ("data", "out/x")  # inside the cwd: relative to it
+    b = load_train_config(proj / "configs" / "b.yaml")
+    assert b.datasets == ["configs/mine.jsonl"] and b.model_name_or_path == "embedded"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    a = load_train_config(Path("../proj/configs/a.yaml"), ["output_dir=here"])
+    assert a.dataset_dir == str(proj / "data") and a.output_dir == "here"  # outside the cwd: absolute; --set: as given

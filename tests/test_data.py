@@ -39,7 +39,27 @@ def test_alpaca_errors_name_file_row_and_field(tmp_path, row, field):
     with pytest.raises(DatasetError) as exc:
         load_conversations(["d"], tmp_path)
     msg = str(exc.value)
-    assert str(path) in msg and "row 1" in msg and f"'{field}" in msg
+    assert f"{path}:2:" in msg and f"'{field}" in msg  # the file's line, 1-based, as editors show it
+
+
+def test_row_errors_and_json_errors_number_lines_the_same_way(tmp_path):
+    """A blank line and a bad row: the row error names the file line an editor shows."""
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n{oops\n')
+    with pytest.raises(DatasetError, match=r"d.jsonl:4: line 4 is not valid JSON"):
+        load_conversations(["d.jsonl"], tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n')
+    with pytest.raises(DatasetError, match=r"d.jsonl:3: missing field 'output'"):
+        load_conversations(["d.jsonl"], tmp_path)
+    (tmp_path / "l.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]')
+    with pytest.raises(DatasetError, match=r"l.json: item 2: missing field 'output'"):
+        load_conversations(["l.json"], tmp_path)
+
+
+def test_a_missing_dataset_dir_or_registry_says_so(tmp_path):
+    with pytest.raises(DatasetError, match="dataset_dir .*nowhere does not exist"):
+        load_conversations(["d"], tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="dataset_info.json does not exist"):
+        load_conversations(["d"], tmp_path)
 
 
 def test_sharegpt_errors():

@@ -198,18 +198,19 @@ def _flat(res) -> str:
 
 def test_cli_export_and_errors(tiny_base, tiny_experts, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(tiny_experts / "gamma"), "--base-model", str(tiny_base), "--outtype", "q8_0",
+    res = runner.invoke(app, ["export", str(tiny_experts / "gamma"), "--base", str(tiny_base), "--outtype", "q8_0",
                               "-o", str(tmp_path / "g.gguf"), "--experts", str(tiny_experts)])
     assert res.exit_code == 0, res.output
     assert "wrote" in _flat(res) and "more tensors like these" in _flat(res)
     assert read_gguf_info(tmp_path / "g.gguf").kind == "adapter"
-    res = runner.invoke(app, ["export", "--base", "--base-model", str(tiny_base), "-o", str(tmp_path / "b.gguf")])
-    assert res.exit_code == 0, res.output and read_gguf_info(tmp_path / "b.gguf").kind == "model"
-    res = runner.invoke(app, ["export", "--base"])  # the embedded base is GGUF already
+    res = runner.invoke(app, ["export", "base", "--base", str(tiny_base), "-o", str(tmp_path / "b.gguf")])
+    assert res.exit_code == 0, res.output
+    assert read_gguf_info(tmp_path / "b.gguf").kind == "model"
+    res = runner.invoke(app, ["export", "base"])  # the embedded base is GGUF already
     assert res.exit_code == 2 and "already a GGUF" in _flat(res)
-    res = runner.invoke(app, ["export", "gamma", "--base-model", str(tiny_base), "--experts", str(tiny_experts), "--outtype", "q4"])
+    res = runner.invoke(app, ["export", "gamma", "--base", str(tiny_base), "--experts", str(tiny_experts), "--outtype", "q4"])
     assert res.exit_code == 2 and "outtype must be one of" in _flat(res)
-    res = runner.invoke(app, ["export", "nope", "--base-model", str(tiny_base), "--experts", str(tiny_experts)])
+    res = runner.invoke(app, ["export", "nope", "--base", str(tiny_base), "--experts", str(tiny_experts)])
     assert res.exit_code == 2 and "nope" in _flat(res)
 
 

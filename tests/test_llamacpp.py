@@ -131,7 +131,7 @@ def test_unload_in_use_refused_then_allowed(own_llama_engine):
 
 
 def test_refuses_an_hf_base_and_a_mismatched_adapter(tiny_base, real_tokenizer, tiny_experts, dmoe_home):
-    with pytest.raises(LlamaCppError, match="needs a GGUF base.*dmoe export --base"):
+    with pytest.raises(LlamaCppError, match="needs a GGUF base.*dmoe export base --base"):
         LlamaCppEngine(resolve_base(tiny_base), real_tokenizer)
     eng = LlamaCppEngine(resolve_base(None), real_tokenizer, max_batch=2, max_seq=64)  # the embedded 576-wide base
     try:

@@ -87,6 +87,7 @@ def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
         return BaseSpec("gguf", path, BaseIdentity(EMBEDDED_NAME, content_hash([path])))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf_file(path)
         return BaseSpec("gguf", path, BaseIdentity(path.stem, content_hash([path])))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -100,6 +101,23 @@ def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
     if path.exists():
         raise BaseModelError(f"base model {str(spec)!r} is neither an HF model directory nor a .gguf file. {hint}")
     raise BaseModelError(f"base model {str(spec)!r} not found on disk. {hint}")
+
+
+def check_gguf_file(path: Path) -> None:
+    """A readable GGUF (header, metadata and tensor table), or a BaseModelError saying what is wrong."""
+    if path.stat().st_size == 0:
+        raise BaseModelError(f"{path} is empty, not a GGUF model")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise BaseModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); give a .gguf model or an HF directory")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # gguf raises struct.error / ValueError / IndexError on a cut or damaged file
+        raise BaseModelError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: {exc}); "
+                             "copy or download it again") from None
 
 
 def _hf_name(path: Path) -> str:

@@ -239,21 +239,61 @@ def _coerce_numbers(data: dict) -> dict:
     return out
 
 
+PATH_KEYS = ("dataset_dir", "output_dir", "model_name_or_path")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def _from_config(value: str, folder: Path) -> str:
+    """A path written in a config file, relative to the config's folder, as the process sees it:
+    relative to the working directory when inside it (so expert cards stay portable), else absolute."""
+    target = (folder / value).resolve()
+    try:
+        return str(target.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(target)
+
+
+def _paths_from(loaded: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative paths inside a config file resolve from the file's folder (LlamaFactory users run
+    a config from anywhere); ``--set`` values stay relative to the working directory. A model name
+    that is not a path there (``embedded``) and dataset *names* are left alone."""
+    out = dict(loaded)
+    for key in PATH_KEYS:
+        v = out.get(key)
+        if not isinstance(v, str) or not v or Path(v).is_absolute():
+            continue
+        if key == "model_name_or_path" and not (folder / v).exists():
+            continue
+        out[key] = _from_config(v, folder)
+    ds = out.get("dataset")
+    if isinstance(ds, (str, list)):
+        items = [x.strip() for x in (ds.split(",") if isinstance(ds, str) else ds) if isinstance(x, str)]
+        fixed = [_from_config(x, folder) if x.endswith(_DATA_SUFFIXES) and not Path(x).is_absolute()
+                 and (folder / x).is_file() and "dataset_dir" not in loaded else x for x in items]
+        if fixed != items:
+            out["dataset"] = fixed
+    return out
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), model: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """Read a training YAML, apply ``--set key=value`` overrides (``moe.top_k=1`` sets a nested key), validate."""
     data: dict[str, Any] = {}
     source = str(path) if path else "--set"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; give the YAML config file inside it")
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a text file; give a YAML config") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
-        data.update(loaded)
+        data.update(_paths_from(loaded, p.parent))
     for item in overrides:
         k, v = parse_override(item)
         if "." in k:

@@ -1,10 +1,11 @@
-"""Default locations of user-facing folders. None of them points into dmoe's source tree
-(on a non-editable install that would be site-packages): they resolve from the
-environment or the current directory, and a missing one is an error that says how to
-give it.
+"""Default locations of user-facing folders, so commands work from any working directory.
 
-    DMOE_EXPERTS   the experts folder every command uses by default (default: ./examples/experts)
-    DMOE_EXAMPLES  the examples folder (configs, data, experts; default: ./examples)
+    DMOE_EXPERTS   the experts folder every command uses by default (default: <examples>/experts)
+    DMOE_EXAMPLES  the examples folder (configs, data, experts)
+
+The examples folder is ``$DMOE_EXAMPLES``, else ``./examples`` when the working directory
+has one, else the one of the dmoe checkout this package runs from (the editable install
+that ``make`` sets up). A missing one is an error that says how to give it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ import os
 from pathlib import Path
 
 
+def _checkout_examples() -> Path:
+    return Path(__file__).resolve().parents[2] / "examples"  # src/dmoe/paths.py -> <checkout>/examples
+
+
 def examples_dir() -> Path:
-    return Path(os.environ.get("DMOE_EXAMPLES") or "examples")
+    given = os.environ.get("DMOE_EXAMPLES")
+    if given:
+        return Path(given)
+    here = Path("examples")
+    if here.is_dir() or not _checkout_examples().is_dir():
+        return here
+    return _checkout_examples()
 
 
 def default_experts_dir() -> Path:

@@ -10,7 +10,7 @@ torchtune's ``_cli`` does; each group lives in its own module.
     dmoe serve [--engine llamacpp]              the OpenAI + llama-server API     (serve.py)
     dmoe route train | eval | query "text"      the router                        (route.py)
     dmoe bench [--modes ...] | compare A B      behavioural A/B benchmark         (bench.py)
-    dmoe export EXPERT --format gguf            llama.cpp LoRA adapter (or --base) (export.py)
+    dmoe export EXPERT --format gguf            llama.cpp LoRA adapter (or base) (export.py)
     dmoe merge EXPERT -o DIR [--format gguf]    a standalone merged model         (export.py)
     dmoe moe upcycle|train|generate|analyze     token-level MoE from a dense model (moe.py)
     dmoe mcp [--transport http]                 MCP tools (MoE + experts)         (mcp.py)

@@ -38,13 +38,17 @@ def setup_logging(level: str = "warning", verbose: bool = False) -> None:
 
 
 def user_errors(fn: F) -> F:
-    """Turn a DmoeError into one readable line and exit code 2 (Ctrl-C: exit 130)."""
+    """Turn an expected failure (a DmoeError, a file that cannot be read) into one readable
+    line and exit code 2 (Ctrl-C: exit 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DmoeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except (OSError, UnicodeDecodeError) as exc:  # a file that is missing, unreadable, a folder, or binary
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

@@ -25,18 +25,18 @@ def _print_export(report: "ExportReport") -> None:
 
 @user_errors
 def export(
-    expert: Optional[str] = typer.Argument(None, help="expert name or path (omit with --base)"),
+    expert: str = typer.Argument(..., help="expert name or path, or the word 'base' to export the base model itself"),
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)"),
     outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: next to the expert / in the current folder)"),
-    base_only: bool = typer.Option(False, "--base", help="export the base model itself (an HF directory) as GGUF"),
-    base: Optional[str] = typer.Option(None, "--base-model", help=BASE_HELP),
-    pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name for --base (default: from the source GGUF)"),
+    base: Optional[str] = typer.Option(None, help=BASE_HELP),
+    pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when exporting the base (default: from the source)"),
     experts: Optional[Path] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
 ):
-    """Write an expert as a llama.cpp LoRA adapter GGUF, or (--base) the base as a GGUF.
+    """Write an expert as a llama.cpp LoRA adapter GGUF, or (EXPERT = base) the base model as a GGUF.
 
     Example: dmoe export cooking --format gguf --outtype f16
+    Example: dmoe export base --base path/to/hf_dir -o base-f16.gguf
     """
     from dmoe.base import resolve_base
     from dmoe.experts import check_base, resolve_expert  # torch, gguf: only when exporting
@@ -45,16 +45,12 @@ def export(
     if fmt != "gguf":
         raise DmoeError(f"--format must be gguf, not {fmt!r}")
     spec = resolve_base(base)
-    if base_only:
-        if expert:
-            raise DmoeError("give either an EXPERT or --base, not both")
+    if expert == "base":
         if spec.is_gguf:
             raise DmoeError(f"the base is already a GGUF file: {spec.path}; llama.cpp loads it as it is")
         target = out or Path(f"{spec.identity.name}-{outtype}.gguf")
         report = write_base_gguf(spec.path, target, outtype, pre=pre)
     else:
-        if not expert:
-            raise DmoeError("name an EXPERT to export, or pass --base to export the base model")
         e = resolve_expert(expert, roots_for(experts_dir(experts), expert))
         check_base(e, spec.identity)
         target = out or (e.path / f"{e.name}-{outtype}.gguf")

@@ -44,18 +44,27 @@ class Conversation:
 
 def read_rows(path: Path) -> list[Any]:
     """Rows of a ``.json`` (a list) or ``.jsonl`` (one object per line) file."""
+    return [row for _, row in read_located_rows(path)]
+
+
+def read_located_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) for each row: ``file:LINE`` (1-based, as editors show it) for JSONL, the
+    same numbering as a bad-JSON error; ``file: item N`` (1-based) in a JSON list."""
     if not path.is_file():
-        raise DatasetError(f"{path}: dataset file not found")
-    text = path.read_text(encoding="utf-8")
+        raise DatasetError(f"{path}: dataset file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        return [row for _, row in read_jsonl(path, DatasetError, what="dataset file")]
+        return [(f"{path}:{n}", row) for n, row in read_jsonl(path, DatasetError, what="dataset file")]
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
+    return [(f"{path}: item {i}", row) for i, row in enumerate(rows, 1)]
 
 
 def _text(row: dict, key: str, where: str, *, required: bool, allow_empty: bool = True) -> str:
@@ -157,12 +166,12 @@ def parse_sharegpt(row: Any, where: str, columns: dict[str, str] | None = None, 
     return Conversation(turns=pairs, system=system, source=where)
 
 
-def parse_rows(rows: list[Any], path: Path, formatting: str, columns=None, tags=None) -> list[Conversation]:
-    """Parse every row of a file in the given formatting."""
+def parse_rows(rows: list[tuple[str, Any]], path: Path, formatting: str, columns=None, tags=None) -> list[Conversation]:
+    """Parse every (where, row) of a file (``read_located_rows``) in the given formatting."""
     if formatting == "alpaca":
-        return [parse_alpaca(r, f"{path}: row {i}", columns) for i, r in enumerate(rows)]
+        return [parse_alpaca(r, where, columns) for where, r in rows]
     if formatting == "sharegpt":
-        return [parse_sharegpt(r, f"{path}: row {i}", columns, tags) for i, r in enumerate(rows)]
+        return [parse_sharegpt(r, where, columns, tags) for where, r in rows]
     raise DatasetError(f"{path}: unknown formatting {formatting!r}; expected one of {', '.join(FORMATTINGS)}")
 
 

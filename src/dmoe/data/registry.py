@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dmoe.data.formats import FORMATTINGS, Conversation, DatasetError, guess_formatting, parse_rows, read_rows
+from dmoe.data.formats import FORMATTINGS, Conversation, DatasetError, guess_formatting, parse_rows, read_located_rows, read_rows
 
 REGISTRY_FILE = "dataset_info.json"
 
@@ -78,6 +78,12 @@ def _resolve(name: str, dataset_dir: Path, registry: dict[str, DatasetAttr]) -> 
         if candidate.is_file():
             rows = read_rows(candidate)
             return candidate, DatasetAttr(file_name=str(candidate), formatting=guess_formatting(rows[0] if rows else {}))
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset_dir {dataset_dir} does not exist (dataset '{name}' is looked up there); "
+                           "set dataset_dir to the folder holding dataset_info.json or the data file")
+    if not registry and not (dataset_dir / REGISTRY_FILE).is_file():
+        raise DatasetError(f"dataset '{name}': {dataset_dir / REGISTRY_FILE} does not exist and {dataset_dir / name} "
+                           "is not a file; register the dataset there or give the data file's path as dataset")
     known = ", ".join(sorted(registry)) or "none"
     raise DatasetError(
         f"dataset '{name}' is not in {dataset_dir / REGISTRY_FILE} (registered: {known}) and is not a file"
@@ -91,7 +97,7 @@ def load_conversations(names: list[str], dataset_dir: str | Path, *, max_samples
     convs: list[Conversation] = []
     for name in names:
         path, attr = _resolve(name, dataset_dir, registry)
-        rows = read_rows(path)
+        rows = read_located_rows(path)
         if not rows:
             raise DatasetError(f"{path}: dataset '{name}' has no rows")
         part = parse_rows(rows, path, attr.formatting, attr.columns or None, attr.tags or None)

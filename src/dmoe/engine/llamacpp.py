@@ -96,7 +96,7 @@ class LlamaCppEngine:
                  max_prefill_tokens: int = 1024, n_threads: int | None = None, slice_steps: int = 4):
         if not base.is_gguf:
             raise LlamaCppError(f"the llama.cpp engine needs a GGUF base; {base.path} is an HF directory. "
-                                f"write one with: dmoe export --base --base-model {base.path} -o base.gguf, then serve with --base base.gguf")
+                                f"write one with: dmoe export base --base {base.path} -o base.gguf, then serve with --base base.gguf")
         lc = _llama_cpp()
         _silence_llama_logs()
         lc.llama_backend_init()

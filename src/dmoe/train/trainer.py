@@ -452,8 +452,23 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
 
     ``fused=False`` runs PEFT's own LoRA forward, the unfused head and loss, and
     the model's own attention kernel: the same maths, slower (for benchmarks and checks)."""
-    run = setup(cfg, base)
-    return save(run, loop(run, show_progress=show_progress, fused=fused))
+    out = Path(cfg.output_dir)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this run creates
+    try:
+        run = setup(cfg, base)
+        return save(run, loop(run, show_progress=show_progress, fused=fused))
+    except BaseException:
+        remove_if_empty(made)  # a failed run leaves no empty output folder behind
+        raise
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, when nothing was written in them."""
+    for d in sorted(folders, key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()  # only an empty folder; a checkpoint or log stays
+        except OSError:
+            return
 
 
 # ------------------------------------------------------------------ save

@@ -1,0 +1,78 @@
+"""Every command's file arguments fed junk (a truncated GGUF, an empty file, a folder where a
+file belongs, JSON where YAML belongs, binary bytes): one readable error, exit code 2, no traceback."""
+
+import pytest
+from typer.testing import CliRunner
+
+from dmoe.base import resolve_base
+from dmoe.cli import app
+
+
+@pytest.fixture(scope="module")
+def junk(tmp_path_factory):
+    d = tmp_path_factory.mktemp("junk")
+    (d / "trunc.gguf").write_bytes(resolve_base(None).path.read_bytes()[:4096])
+    (d / "empty.gguf").write_bytes(b"")
+    (d / "empty.yaml").write_text("")
+    (d / "json.gguf").write_text('{"not": "gguf"}')
+    (d / "config.json").write_text('{"model_name_or_path": "x"')  # cut JSON
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    (d / "folder").mkdir()
+    (d / "notdir").write_text("a file where a folder belongs")
+    return d
+
+
+CASES = [
+    ("generate hi --base {d}/trunc.gguf", "damaged or truncated GGUF"),
+    ("generate hi --base {d}/empty.gguf", "is empty"),
+    ("generate hi --base {d}/json.gguf", "not a GGUF file"),
+    ("generate hi --base {d}/folder", "no config.json"),
+    ("serve --base {d}/trunc.gguf --port 0", "damaged or truncated GGUF"),
+    ("export base --base {d}/trunc.gguf", "damaged or truncated GGUF"),
+    ("train {d}/empty.yaml", "empty"),
+    ("train {d}/folder", "folder"),
+    ("train {d}/config.json", "config.json"),
+    ("train {d}/binary.yaml", "binary.yaml"),
+    ("bench --questions {d}/binary.jsonl --url http://127.0.0.1:9", "binary.jsonl"),
+    ("bench --questions {d}/folder --url http://127.0.0.1:9", "folder"),
+    ("bench --questions {d}/empty.yaml --url http://127.0.0.1:9", "no questions"),
+    ("route train --experts {d}/notdir", "notdir"),
+    ("route query hi --experts {d}/folder", "no router"),
+    ("experts list {d}/notdir", "notdir"),
+    ("export {d}/folder", "folder"),
+    ("moe generate {d}/trunc.gguf hi", "not a dmoe MoE directory"),
+]
+
+
+@pytest.mark.parametrize("args, words", CASES, ids=[c[0].replace("{d}/", "") for c in CASES])
+def test_junk_files_give_one_readable_error(junk, args, words, dmoe_home):
+    r = CliRunner().invoke(app, args.format(d=junk).split())
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output and flat.count("error:") == 1, r.output
+    assert words in flat, flat
+
+
+def test_the_bundled_defaults_work_from_another_directory(tmp_path, monkeypatch):
+    """No examples/ in the working directory: the checkout's experts and held-out questions are found."""
+    from dmoe.paths import default_data_dir, default_experts_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DMOE_EXAMPLES", raising=False)
+    monkeypatch.delenv("DMOE_EXPERTS", raising=False)
+    assert (default_experts_dir() / "cooking" / "expert.yaml").is_file()
+    assert (default_data_dir() / "heldout.jsonl").is_file()
+    r = CliRunner().invoke(app, ["experts", "list"])
+    assert r.exit_code == 0 and "cooking" in r.output, r.output
+    monkeypatch.setenv("DMOE_EXPERTS", str(tmp_path))
+    assert default_experts_dir() == tmp_path
+
+
+def test_a_failed_training_run_leaves_no_empty_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("dataset: nothing\ndataset_dir: .\noutput_dir: runs/new/expert\nmax_steps: 1\n")
+    (tmp_path / "runs").mkdir()  # the user's folder stays
+    r = CliRunner().invoke(app, ["train", "bad.yaml"])
+    assert r.exit_code == 2 and "dataset 'nothing'" in " ".join(r.output.split())
+    assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / "new").exists()
