@@ -13,7 +13,7 @@ PARAMS = SamplingParams(max_tokens=8, repetition_penalty=1.1)
 @pytest.fixture
 def session(make_state, tiny_experts):
     st = make_state(tiny_experts)
-    return ChatSession(st, PARAMS, mode="base", folder=tiny_experts)
+    return ChatSession(st, PARAMS, mode="base", folders=[tiny_experts])
 
 
 def _reply(session, text):

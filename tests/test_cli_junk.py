@@ -76,3 +76,29 @@ def test_a_failed_training_run_leaves_no_empty_output_folder(tmp_path, monkeypat
     r = CliRunner().invoke(app, ["train", "bad.yaml"])
     assert r.exit_code == 2 and "dataset 'nothing'" in " ".join(r.output.split())
     assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / "new").exists()
+
+
+def test_experts_from_several_folders_for_every_command(tiny_base, tiny_experts, tmp_path, monkeypatch, dmoe_home):
+    """--experts given twice (or $DMOE_EXPERTS with ':'): every folder's experts are listed,
+    found by name and served; the same name in two folders is an error naming both."""
+    import shutil
+
+    from dmoe.runtime import ServeConfig, build_state
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_experts / "alpha", a / "alpha")
+    shutil.copytree(tiny_experts / "beta", b / "beta")
+    r = CliRunner().invoke(app, ["experts", "list", str(a), str(b)])
+    assert r.exit_code == 0 and "alpha" in r.output and "beta" in r.output, r.output
+    r = CliRunner().invoke(app, ["generate", "hi", "--base", str(tiny_base), "--expert", "beta", "--experts", str(a),
+                                 "--experts", str(b), "--max-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("DMOE_EXPERTS", f"{a}:{b}")
+    r = CliRunner().invoke(app, ["generate", "hi", "--base", str(tiny_base), "--expert", "beta", "--max-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    st = build_state(ServeConfig.make(base=str(tiny_base), experts_dir=a, more_experts=[b], max_batch=2, max_seq=64,
+                                      max_loras=2, max_rank=8, use_router=False))
+    assert sorted(st.engine.resident) == ["alpha", "beta"] and b in st.roots
+    shutil.copytree(tiny_experts / "alpha", b / "alpha")
+    r = CliRunner().invoke(app, ["experts", "list", str(a), str(b)])
+    assert r.exit_code == 2 and "two experts are named 'alpha'" in " ".join(r.output.split())

@@ -12,7 +12,7 @@ import pytest
 mcp = pytest.importorskip("mcp")
 from mcp import Client  # noqa: E402
 
-from conftest import write_jsonl  # noqa: E402
+from conftest import REPO, write_jsonl  # noqa: E402
 from dmoe.mcp.server import build_mcp  # noqa: E402
 
 
@@ -178,3 +178,36 @@ def test_dmoe_mcp_over_stdio_and_http(tiny_base, tiny_experts, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_run_by_a_person_it_says_what_it_is_and_one_ctrl_c_quits(tmp_path):
+    """On a terminal, `dmoe mcp` prints one line on what it speaks and how to connect, and the
+    first Ctrl-C ends it (exit 130), rather than waiting for a line on stdin."""
+    import os
+    import pty
+    import select
+    import shutil
+    import time
+
+    exe = shutil.which("dmoe") or str(REPO / ".venv" / "bin" / "dmoe")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: dmoe mcp on a terminal
+        os.execv(exe, [exe, "mcp", "--experts", str(tmp_path)])
+    out, deadline = b"", time.monotonic() + 120
+    while b"Ctrl-C quits" not in out and time.monotonic() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            out += os.read(fd, 4096)
+    assert b"speaks MCP over stdio" in out, out
+    os.write(fd, b"\x03")
+    code = None
+    deadline = time.monotonic() + 60
+    while code is None and time.monotonic() < deadline:
+        try:
+            if select.select([fd], [], [], 1)[0]:
+                os.read(fd, 4096)
+        except OSError:
+            pass
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+    assert code == 130

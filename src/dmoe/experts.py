@@ -90,6 +90,17 @@ def find_experts(root: str | os.PathLike) -> list[Expert]:
     return experts
 
 
+def find_experts_in(folders: Sequence[str | os.PathLike]) -> list[Expert]:
+    """The experts of several folders (``--experts A --experts B``); a name in two folders is an error."""
+    experts = [e for f in folders for e in find_experts(f)]
+    seen: dict[str, Path] = {}
+    for e in experts:
+        if e.name in seen:
+            raise ExpertError(f"two experts are named '{e.name}': {seen[e.name]} and {e.path}")
+        seen[e.name] = e.path
+    return experts
+
+
 def within_roots(path: Path, roots: Sequence[Path]) -> bool:
     """True when ``path`` (symlinks resolved) lies inside one of ``roots``."""
     real = path.resolve()

@@ -1,6 +1,7 @@
 """Default locations of user-facing folders, so commands work from any working directory.
 
-    DMOE_EXPERTS   the experts folder every command uses by default (default: <examples>/experts)
+    DMOE_EXPERTS   the experts folders every command uses by default, ':'-separated
+                   (default: <examples>/experts); the first holds the router
     DMOE_EXAMPLES  the examples folder (configs, data, experts)
 
 The examples folder is ``$DMOE_EXAMPLES``, else ``./examples`` when the working directory
@@ -28,8 +29,14 @@ def examples_dir() -> Path:
     return _checkout_examples()
 
 
+def default_experts_dirs() -> list[Path]:
+    """``$DMOE_EXPERTS`` (several folders separated by ``os.pathsep``, ':' on Linux), else <examples>/experts."""
+    given = [Path(p) for p in os.environ.get("DMOE_EXPERTS", "").split(os.pathsep) if p]
+    return given or [examples_dir() / "experts"]
+
+
 def default_experts_dir() -> Path:
-    return Path(os.environ.get("DMOE_EXPERTS") or examples_dir() / "experts")
+    return default_experts_dirs()[0]
 
 
 def default_data_dir() -> Path:

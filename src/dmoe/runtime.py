@@ -22,7 +22,7 @@ from dmoe.config import ConfigError, format_validation_error
 from dmoe.engine.protocol import Engine
 from dmoe.engine.runner import EngineRunner
 from dmoe.engine.torch_engine import TorchEngine
-from dmoe.experts import Expert, check_base, find_experts
+from dmoe.experts import Expert, check_base, find_experts_in
 from dmoe.metrics import Metrics
 from dmoe.route.decision import NONE
 from dmoe.route.router import ROUTER_DIR
@@ -37,7 +37,8 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str | None = Field(default=None, description="HF directory or .gguf file; None = the embedded base")
-    experts_dir: Path | None = Field(default=None, description="experts loaded at start; also an allowed root")
+    experts_dir: Path | None = Field(default=None, description="experts loaded at start (the router lives here); also a root")
+    more_experts: list[Path] = Field(default_factory=list, description="more folders whose experts load at start; also roots")
     roots: list[Path] = Field(default_factory=list, description="more folders experts may be loaded from at runtime")
     api_key: str | None = Field(default=None, description="guards every state-changing endpoint when set")
     engine: Literal["torch", "llamacpp"] = Field(default="torch", description="torch (any base) or llamacpp (a GGUF base)")
@@ -65,7 +66,7 @@ class ServeConfig(BaseModel):
             raise ConfigError(format_validation_error(exc, cls, "serve options")) from None
 
     def all_roots(self) -> list[Path]:
-        return ([self.experts_dir] if self.experts_dir else []) + list(self.roots)
+        return ([self.experts_dir] if self.experts_dir else []) + list(self.more_experts) + list(self.roots)
 
 
 @dataclass
@@ -183,14 +184,15 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
 
 
 def build_state(cfg: ServeConfig) -> ServeState:
-    """The engine with every expert of ``cfg.experts_dir`` loaded, and the router."""
+    """The engine with every expert of ``cfg.experts_dir`` (and ``more_experts``) loaded, and the router."""
     engine, tok, base = build_engine(cfg)
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
                     max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient,
                     refit_on_change=cfg.use_router and cfg.refit_router,
                     router_cache=cfg.experts_dir / ROUTER_DIR / "cache" if cfg.experts_dir is not None else None)
     experts_dir = cfg.experts_dir
-    experts = find_experts(experts_dir) if experts_dir is not None and experts_dir.is_dir() else []
+    folders = [f for f in ([experts_dir] if experts_dir is not None else []) + list(cfg.more_experts) if f.is_dir()]
+    experts = find_experts_in(folders)
     for expert in experts:
         check_base(expert, base)
         engine.load_expert(expert)

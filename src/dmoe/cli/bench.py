@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from dmoe.cli.common import console, experts_dir, experts_option, user_errors
+from dmoe.cli.common import console, experts_dirs, experts_option, user_errors
 from dmoe.paths import default_data_dir
 
 bench_app = typer.Typer(help="A/B behaviour benchmark: hit rate, bleed, routing accuracy, speed, per mode.")
@@ -25,7 +25,7 @@ def bench(
     modes: Optional[str] = typer.Option(None, help="comma-separated: vanilla, expert:NAME, auto, blend:A=0.5+B=0.5, lora:ID=SCALE "
                                                  "(default: vanilla, every expert, auto)"),
     url: Optional[str] = typer.Option(None, help="an OpenAI-compatible endpoint; default: start a dmoe server here"),
-    experts: Optional[Path] = experts_option("expert cards (signatures); served when no --url (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("expert cards (signatures); served when no --url (default: $DMOE_EXPERTS or ./examples/experts)"),
     parallel: int = typer.Option(4, min=1, help="concurrent requests"),
     max_tokens: int = typer.Option(64, min=1, help="new tokens per answer"),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
@@ -44,10 +44,10 @@ def bench(
         return
     from dmoe.evals.behaviour import BenchRun, limit_per_domain, parse_mode, read_question_set, seed_tables
     from dmoe.evals.report import write_report
-    from dmoe.experts import find_experts
+    from dmoe.experts import find_experts_in
 
-    folder = experts_dir(experts)
-    found = find_experts(folder) if folder.is_dir() else []
+    folders = experts_dirs(experts)
+    found = find_experts_in([f for f in folders if f.is_dir()])
     signatures = {(e.card.domain or e.name): e.card.signature for e in found if e.card.signature}
     qs = limit_per_domain(read_question_set(questions or default_data_dir() / "heldout.jsonl", signatures), limit)
     names = modes.split(",") if modes else ["vanilla", *(f"expert:{e.name}" for e in found), "auto"]
@@ -58,7 +58,7 @@ def bench(
             from dmoe.runtime import ServeConfig, build_state
             from dmoe.serve.http import serve_in_thread
 
-            st = build_state(ServeConfig.make(experts_dir=folder, max_batch=max(8, parallel)))
+            st = build_state(ServeConfig.make(experts_dir=folders[0], more_experts=folders[1:], max_batch=max(8, parallel)))
             url = stack.enter_context(serve_in_thread(st))
         run = BenchRun(url.rstrip("/"), qs, mode_list, run_dir, parallel=parallel, repeat=repeat, no_think=no_think,
                        params={"max_tokens": max_tokens, "temperature": temperature, "seed": seed})

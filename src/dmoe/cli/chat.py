@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from dmoe.cli.common import BASE_HELP, console, experts_dir, experts_option, roots_for, user_errors
+from dmoe.cli.common import BASE_HELP, console, experts_dirs, experts_option, roots_for, user_errors
 from dmoe.errors import DmoeError
 
 if TYPE_CHECKING:  # torch behind them: imported when a chat starts
@@ -45,7 +45,7 @@ class ChatSession:
     st: ServeState
     params: SamplingParams
     mode: str = "base"
-    folder: Path | None = None
+    folders: list[Path] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
     def use_expert(self, name: str) -> str:
@@ -54,7 +54,7 @@ class ChatSession:
 
         st = self.st
         if name not in st.engine.resident:
-            expert = resolve_expert(name, roots_for(self.folder, name) if self.folder else [Path(name).parent])
+            expert = resolve_expert(name, roots_for(self.folders, name) if self.folders else [Path(name).parent])
             check_base(expert, st.base)
             st.engine.load_expert(expert)
             st.register(expert.name)
@@ -172,7 +172,7 @@ def chat(
     auto: bool = typer.Option(False, "--auto", help="let the router pick per message (the default when no --expert)"),
     base_only: bool = typer.Option(False, "--base-only", help="start with the bare base model"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
-    experts: Optional[Path] = experts_option("the experts to load and route between (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("the experts to load and route between (default: $DMOE_EXPERTS or ./examples/experts)"),
     max_tokens: int = typer.Option(192, min=1, help="new tokens per reply at most"),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
     repetition_penalty: float = typer.Option(CHAT_REPETITION_PENALTY, help="> 1 discourages repeats; 1 = off (the API's default)"),
@@ -186,12 +186,14 @@ def chat(
     from dmoe.experts import resolve_expert
     from dmoe.runtime import ServeConfig, build_state
 
-    folder = experts_dir(experts)
+    folders = experts_dirs(experts)
     if expert:  # names are checked before the slow base load
-        resolve_expert(expert, roots_for(folder, expert))
+        resolve_expert(expert, roots_for(folders, expert))
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, repetition_penalty=repetition_penalty)
-    st = build_state(ServeConfig.make(base=base, experts_dir=folder if folder.is_dir() else None, max_batch=1, max_seq=max_seq))
-    session = ChatSession(st, params, folder=folder if folder.is_dir() else None)
+    present = [f for f in folders if f.is_dir()]
+    st = build_state(ServeConfig.make(base=base, experts_dir=present[0] if present else None, more_experts=present[1:],
+                                      max_batch=1, max_seq=max_seq))
+    session = ChatSession(st, params, folders=present)
     if expert:
         console.print(session.use_expert(expert))
     elif base_only:

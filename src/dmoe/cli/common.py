@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from dmoe.errors import DmoeError
-from dmoe.paths import default_experts_dir
+from dmoe.paths import default_experts_dirs
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,18 +58,22 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+EXPERTS_MORE = "; give --experts again for more folders (the first holds the router)"
+
+
 def experts_option(help_text: str = "experts folder (default: $DMOE_EXPERTS or ./examples/experts)") -> Any:
-    return typer.Option(None, "--experts", help=help_text)
+    return typer.Option(None, "--experts", help=help_text + EXPERTS_MORE)
 
 
-def experts_dir(given: Path | None) -> Path:
-    return given if given is not None else default_experts_dir()
+def experts_dirs(given: list[Path] | None) -> list[Path]:
+    """The experts folders of a command: every --experts, else $DMOE_EXPERTS, else the bundled ones."""
+    return list(given) if given else default_experts_dirs()
 
 
-def roots_for(experts: Path, expert: str | None) -> list[Path]:
-    """The experts folder, plus the parent of an expert given as a path on the command line
+def roots_for(experts: Path | list[Path], expert: str | None) -> list[Path]:
+    """The experts folders, plus the parent of an expert given as a path on the command line
     (a path the user typed is their own choice)."""
-    roots = [experts]
+    roots = list(experts) if isinstance(experts, list) else [experts]
     if expert and ("/" in expert or expert.startswith(".")):
         roots.append(Path(expert).resolve().parent)
     return roots

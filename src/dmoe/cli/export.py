@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from dmoe.cli.common import BASE_HELP, console, err_console, experts_dir, experts_option, roots_for, user_errors
+from dmoe.cli.common import BASE_HELP, console, err_console, experts_dirs, experts_option, roots_for, user_errors
 from dmoe.errors import DmoeError
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def export(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: next to the expert / in the current folder)"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when exporting the base (default: from the source)"),
-    experts: Optional[Path] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
 ):
     """Write an expert as a llama.cpp LoRA adapter GGUF, or (EXPERT = base) the base model as a GGUF.
 
@@ -51,7 +51,7 @@ def export(
         target = out or Path(f"{spec.identity.name}-{outtype}.gguf")
         report = write_base_gguf(spec.path, target, outtype, pre=pre)
     else:
-        e = resolve_expert(expert, roots_for(experts_dir(experts), expert))
+        e = resolve_expert(expert, roots_for(experts_dirs(experts), expert))
         check_base(e, spec.identity)
         target = out or (e.path / f"{e.name}-{outtype}.gguf")
         report = write_adapter_gguf(e, target, spec, outtype)
@@ -66,7 +66,7 @@ def merge(
     fmt: str = typer.Option("hf", "--format", help="hf (safetensors directory), or gguf: also write OUT/model-OUTTYPE.gguf"),
     outtype: str = typer.Option("f16", help="GGUF type with --format gguf: f32, f16, bf16 or q8_0"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
-    experts: Optional[Path] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
 ):
     """Merge an expert into the base: a standalone model (HF safetensors, optionally GGUF).
 
@@ -78,7 +78,7 @@ def merge(
 
     if fmt not in ("hf", "gguf"):
         raise DmoeError(f"--format must be hf or gguf, not {fmt!r}")
-    e = resolve_expert(expert, roots_for(experts_dir(experts), expert))
+    e = resolve_expert(expert, roots_for(experts_dirs(experts), expert))
     directory = merge_expert(e, out, base, scale)
     console.print(f"[green]merged {e.name} (scale {scale:g}) into {directory}[/]", highlight=False)
     if fmt == "gguf":

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from dmoe.cli.common import BASE_HELP, console, experts_dir, experts_option, roots_for, user_errors
+from dmoe.cli.common import BASE_HELP, console, experts_dirs, experts_option, roots_for, user_errors
 
 if TYPE_CHECKING:
     from dmoe.experts import Expert
@@ -26,13 +26,12 @@ def _load(base: Optional[str], expert: Optional["Expert"], scale: float):
     return model, tok
 
 
-def _find(expert: Optional[str], experts: Optional[Path]) -> Optional["Expert"]:
+def _find(expert: Optional[str], experts: Optional[list[Path]]) -> Optional["Expert"]:
     from dmoe.experts import resolve_expert
 
     if not expert:
         return None
-    folder = experts_dir(experts)
-    return resolve_expert(expert, roots_for(folder, expert))
+    return resolve_expert(expert, roots_for(experts_dirs(experts), expert))
 
 
 @user_errors
@@ -41,7 +40,7 @@ def generate(
     expert: Optional[str] = typer.Option(None, "--expert", "-e", help="expert name or path; omit for the bare base"),
     scale: float = typer.Option(1.0, help="adapter scale (0 = base, 0.5 = half)"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
-    experts: Optional[Path] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
     max_tokens: int = typer.Option(96, help="new tokens per answer"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     seed: int = typer.Option(0, help="sampling seed"),

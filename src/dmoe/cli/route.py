@@ -9,26 +9,26 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dmoe.cli.common import console, experts_dir, experts_option, user_errors
+from dmoe.cli.common import console, experts_dirs, experts_option, user_errors
 
 route_app = typer.Typer(no_args_is_help=True, help="The router: train it, evaluate it, route a query.")
 EXPERTS_HELP = "the experts; the router lives in DIR/router (default: $DMOE_EXPERTS or ./examples/experts)"
 
 
-def _router(experts: Path, keywords: Optional[Path]):
-    from dmoe.experts import find_experts  # torch, sentence-transformers: only when routing
+def _router(folders: list[Path], keywords: Optional[Path]):
+    from dmoe.experts import find_experts_in  # torch, sentence-transformers: only when routing
     from dmoe.route.keyword import KeywordRouter
     from dmoe.route.router import ROUTER_DIR, load_router
 
     if keywords:
         return KeywordRouter.load(keywords)
-    return load_router(experts / ROUTER_DIR, find_experts(experts))
+    return load_router(folders[0] / ROUTER_DIR, find_experts_in(folders))
 
 
 @route_app.command("train")
 @user_errors
 def route_train(
-    experts: Optional[Path] = experts_option(EXPERTS_HELP),
+    experts: Optional[list[Path]] = experts_option(EXPERTS_HELP),
     encoder: str = typer.Option("minilm", help="minilm (all-MiniLM-L6-v2) or base (the base model's hidden states)"),
     general: list[Path] = typer.Option([], "--general", help="more off-domain prompts (.txt or .jsonl)"),
     data: list[Path] = typer.Option([], "--data", help="folders holding the experts' datasets"),
@@ -37,12 +37,13 @@ def route_train(
 
     Example: dmoe route train --experts examples/experts
     """
-    from dmoe.experts import find_experts
+    from dmoe.experts import find_experts_in
     from dmoe.route.encoders import make_encoder
     from dmoe.route.router import ROUTER_DIR, train_router
 
-    folder = experts_dir(experts)
-    router = train_router(find_experts(folder), make_encoder(encoder), data_dirs=data, general_files=general,
+    folders = experts_dirs(experts)
+    folder = folders[0]
+    router = train_router(find_experts_in(folders), make_encoder(encoder), data_dirs=data, general_files=general,
                           cache=folder / ROUTER_DIR / "cache")
     out = router.save(folder / ROUTER_DIR)
     rep = router.report
@@ -58,7 +59,7 @@ def route_train(
 @user_errors
 def route_eval(
     questions: Path = typer.Option(..., help="JSONL with question and domain (none = off-domain)"),
-    experts: Optional[Path] = experts_option(EXPERTS_HELP),
+    experts: Optional[list[Path]] = experts_option(EXPERTS_HELP),
     keywords: Optional[Path] = typer.Option(None, help="evaluate these keyword rules instead of the trained router"),
     mode: str = typer.Option("threshold", help="threshold, top1 or topk"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -69,7 +70,7 @@ def route_eval(
     """
     from dmoe.route.evaluate import evaluate, read_labelled
 
-    router = _router(experts_dir(experts), keywords)
+    router = _router(experts_dirs(experts), keywords)
     rep = evaluate(router, read_labelled(questions), mode)
     if as_json:
         console.print_json(json.dumps(rep))
@@ -87,7 +88,7 @@ def route_eval(
 @user_errors
 def route_query(
     query: list[str] = typer.Argument(..., help="the text to route (any words, 'train' included)"),
-    experts: Optional[Path] = experts_option(EXPERTS_HELP),
+    experts: Optional[list[Path]] = experts_option(EXPERTS_HELP),
     keywords: Optional[Path] = typer.Option(None, help="route with these keyword rules instead of the trained router"),
     mode: str = typer.Option("threshold", help="threshold, top1 or topk"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -96,7 +97,7 @@ def route_query(
 
     Example: dmoe route query "How do I sear a steak?"
     """
-    router = _router(experts_dir(experts), keywords)
+    router = _router(experts_dirs(experts), keywords)
     decision = router.route(" ".join(query), mode)
     if as_json:
         console.print_json(json.dumps(decision.to_dict()))

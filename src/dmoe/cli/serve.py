@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from dmoe.cli.common import BASE_HELP, console, experts_dir, experts_option, user_errors
+from dmoe.cli.common import BASE_HELP, console, experts_dirs, experts_option, user_errors
 
 
 @user_errors
 def serve(
-    experts: Optional[Path] = experts_option("experts loaded at start, also an allowed root (default: $DMOE_EXPERTS or ./examples/experts)"),
+    experts: Optional[list[Path]] = experts_option("experts loaded at start, also an allowed root (default: $DMOE_EXPERTS or ./examples/experts)"),
     root: list[Path] = typer.Option([], "--root", help="more folders experts may be loaded from at runtime"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
@@ -41,8 +41,8 @@ def serve(
     from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
     from dmoe.serve.http import bind, run_server
 
-    folder = experts_dir(experts)
-    cfg = ServeConfig.make(base=base, experts_dir=folder, roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
+    folders = experts_dirs(experts)
+    cfg = ServeConfig.make(base=base, experts_dir=folders[0], more_experts=folders[1:], roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
                            keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
                            refit_router=refit_router)

@@ -92,11 +92,12 @@ class DmoeMCP:
     """The state behind the tools: loaded MoE models, training jobs, the expert engine."""
 
     def __init__(self, experts_dir: Path | None = None, base: str | None = None, dataset_dir: Path | None = None,
-                 keywords: Path | None = None):
+                 keywords: Path | None = None, more_experts: list[Path] | None = None):
         self.models: dict[str, LoadedMoE] = {}
         self.jobs: dict[str, TrainJob] = {}
         self._ids = itertools.count(1)
         self.experts_dir = experts_dir
+        self.more_experts = list(more_experts or [])
         self.base = base
         self.dataset_dir = dataset_dir
         self.keywords = keywords
@@ -117,7 +118,8 @@ class DmoeMCP:
             if self._serve is None:
                 if self.experts_dir is None:
                     raise ToolError("no experts directory configured; start with: dmoe mcp --experts DIR")
-                self._serve = build_state(ServeConfig.make(base=self.base, experts_dir=self.experts_dir, max_batch=4,
+                self._serve = build_state(ServeConfig.make(base=self.base, experts_dir=self.experts_dir, more_experts=self.more_experts,
+                                                           max_batch=4,
                                                            max_seq=1024, keywords=self.keywords))
             return self._serve
 
@@ -164,9 +166,9 @@ def _message(exc: Exception) -> str:
 
 
 def build_mcp(experts_dir: Path | None = None, base: str | None = None, dataset_dir: Path | None = None,
-              keywords: Path | None = None) -> MCPServer:
+              keywords: Path | None = None, more_experts: list[Path] | None = None) -> MCPServer:
     """The MCP server with every tool registered (in-process tests pass it to ``mcp.Client``)."""
-    state = DmoeMCP(experts_dir, base, dataset_dir, keywords)
+    state = DmoeMCP(experts_dir, base, dataset_dir, keywords, more_experts)
     mcp = MCPServer("dmoe", instructions=INSTRUCTIONS)
     mcp.dmoe_state = state  # type: ignore[attr-defined]  # for tests and embedding
 
