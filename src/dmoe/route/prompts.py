@@ -55,11 +55,25 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def _dataset_dir(expert: Expert, data_dirs: list[Path]) -> Path | None:
+    """The first folder that holds the expert's datasets: the ``data_dirs`` given, then its card's
+    ``dataset_dir`` as written and as seen from each parent of the expert's folder."""
     given = expert.card.training.get("dataset_dir")
     if not given:
         return None
+    names = expert.card.training.get("dataset")
+    names = [n.strip() for x in ([names] if isinstance(names, str) else list(names or [])) for n in str(x).split(",")]
     candidates = [*data_dirs, Path(given), *(parent / given for parent in expert.path.resolve().parents)]
-    return next((c for c in candidates if (c / "dataset_info.json").is_file()), None)
+    for c in candidates:
+        info = c / "dataset_info.json"
+        if not info.is_file():
+            continue
+        try:
+            registered = set(json.loads(info.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+        if all(n in registered or (c / n).is_file() for n in names):
+            return c
+    return None
 
 
 def expert_rows(expert: Expert, data_dirs: list[Path]) -> tuple[list[str], list[str]]:
