@@ -10,13 +10,17 @@ Differences from the HF module it loads its weights from:
 Loading, sampling and scheduling live elsewhere (``engine.py``).
 
 Supported: Llama / SmolLM / Mistral-style configs (RMSNorm, RoPE without scaling,
-SwiGLU MLP, grouped-query attention) and Qwen2 (q/k/v biases).
+SwiGLU MLP, grouped-query attention), Qwen2 (q/k/v biases) and Gemma-3 text models
+(GeGLU, ``(1 + w)`` RMSNorm in fp32 with pre/post norms around attention and MLP, q/k
+norms, ``query_pre_attn_scalar``, embeddings scaled by sqrt(dim) and tied to the head,
+sliding-window layers with their own RoPE base). Anything else is refused by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,8 @@ class UnsupportedModelError(DmoeError):
     """The base's architecture (or a feature of it) is not implemented by this forward."""
 
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text")
+GEMMA3 = ("gemma3_text",)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -48,6 +53,12 @@ class ModelArgs:
     rope_theta: float
     attn_bias: bool
     tie_embeddings: bool
+    # Gemma-3 (defaults: Llama)
+    gemma: bool = False                 # (1 + w) norms in fp32, q/k norms, sandwich norms, GeGLU, scaled embeddings
+    attn_scale: float | None = None     # None: head_dim ** -0.5
+    sliding_window: int | None = None   # local layers attend to the last ``sliding_window`` positions
+    local_layers: tuple[int, ...] = ()  # the layers with a sliding window
+    rope_local_theta: float = 10000.0
 
     @classmethod
     def from_hf(cls, cfg) -> "ModelArgs":
@@ -56,16 +67,38 @@ class ModelArgs:
             raise UnsupportedModelError(f"the torch engine supports {', '.join(SUPPORTED)} models, not {cfg.model_type!r}; "
                                         "serve this base with --engine llamacpp (a GGUF base) or use dmoe generate")
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise UnsupportedModelError(f"RoPE scaling {rope.get('rope_type')!r} is not supported by the torch engine yet")
+        gemma = cfg.model_type in GEMMA3
+        local_rope: dict = {}
+        if gemma:
+            for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+                if getattr(cfg, cap, None) is not None:
+                    raise UnsupportedModelError(f"{cap} is not supported by the torch engine")
+            if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+                raise UnsupportedModelError(f"activation {cfg.hidden_activation!r} is not supported by the torch engine")
+            local_rope = rope.get("sliding_attention") or {}
+            rope = rope.get("full_attention") or {}
+        for r in (rope, local_rope):
+            if r.get("rope_type", "default") not in ("default", None):
+                raise UnsupportedModelError(f"RoPE scaling {r.get('rope_type')!r} is not supported by the torch engine yet")
+        if not gemma and getattr(cfg, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"activation {cfg.hidden_act!r} is not supported by the torch engine")
         theta = rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layer_types = list(getattr(cfg, "layer_types", None) or [])
+        if not gemma and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
+                and "sliding_attention" in layer_types:
+            raise UnsupportedModelError("sliding-window attention is supported for Gemma-3 only in the torch engine")
+        gemma_kw: dict[str, Any] = {}
+        if gemma:
+            gemma_kw = dict(gemma=True, attn_scale=float(cfg.query_pre_attn_scalar) ** -0.5, sliding_window=cfg.sliding_window,
+                            local_layers=tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention"),
+                            rope_local_theta=float(local_rope.get("rope_theta", 10000.0)))
         return cls(
             vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
             n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
             head_dim=head_dim, hidden_dim=cfg.intermediate_size, norm_eps=cfg.rms_norm_eps, rope_theta=float(theta),
             attn_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), **gemma_kw,
         )
 
 
@@ -139,12 +172,14 @@ class StepInput:
 
 @dataclass
 class LayerInput:
-    """What every Block of one forward shares: the step plus RoPE and the attention mask."""
+    """What every Block of one forward shares: the step plus RoPE and the attention mask
+    (Gemma-3's local layers: their own RoPE and a sliding-window mask)."""
 
     step: StepInput
     cos: torch.Tensor   # (B, 1, T, hd)
     sin: torch.Tensor   # (B, 1, T, hd)
     mask: torch.Tensor  # (B, 1, T, span) True = may attend
+    local: "LayerInput | None" = None
 
 
 class LoRASlice(nn.Module):
@@ -188,13 +223,15 @@ class LoRALinear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.gemma = eps, gemma
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # HF's order: normalise in fp32, round to the input dtype, then scale
+        if self.gemma:  # Gemma's order: normalise and scale by (1 + w) in fp32, then round
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        # Llama's order: normalise in fp32, round to the input dtype, then scale
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -225,8 +262,12 @@ class Block(nn.Module):
         self.o = LoRALinear(q, [self.o_proj], batch)
         self.gate_up = LoRALinear(a.dim, [self.gate_proj, self.up_proj], batch)
         self.down = LoRALinear(a.hidden_dim, [self.down_proj], batch)
-        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps, a.gemma)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps, a.gemma)
+        if a.gemma:  # Gemma-3: q/k norms, and norms after attention and around the MLP
+            self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.norm_eps, True), RMSNorm(a.head_dim, a.norm_eps, True)
+            self.pre_feedforward_layernorm = RMSNorm(a.dim, a.norm_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(a.dim, a.norm_eps, True)
 
     def forward(self, x: torch.Tensor, li: LayerInput, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """x (B, T, dim); this layer's cache (slots, max_seq, nkv, hd) is written in place."""
@@ -237,6 +278,8 @@ class Block(nn.Module):
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if a.gemma:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, li.cos, li.sin), apply_rope(k, li.cos, li.sin)
         # write this step's keys/values into each row's own cache slot at its own positions
         rows = step.slots[:, None].expand(B, T)
@@ -248,8 +291,14 @@ class Block(nn.Module):
         else:
             keys, vals = k_cache[step.slots, :step.span].transpose(1, 2), v_cache[step.slots, :step.span].transpose(1, 2)
         # grouped-query attention without copying K/V per head
-        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=li.mask, enable_gqa=a.n_heads != a.n_kv_heads)  # (B, nh, T, hd)
-        x = x + self.o(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=li.mask, enable_gqa=a.n_heads != a.n_kv_heads,
+                                             scale=a.attn_scale)  # (B, nh, T, hd)
+        out = self.o(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        if a.gemma:
+            x = x + self.post_attention_layernorm(out)
+            gate, up = self.gate_up(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
+            return x + self.post_feedforward_layernorm(self.down(F.gelu(gate, approximate="tanh") * up))
+        x = x + out
         gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -263,7 +312,7 @@ class Transformer(nn.Module):
         self.lora = LoRABatch()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
         self.layers = nn.ModuleList(Block(a, self.lora) for _ in range(a.n_layers))
-        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.norm = RMSNorm(a.dim, a.norm_eps, a.gemma)
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -279,15 +328,22 @@ class Transformer(nn.Module):
     def forward(self, step: StepInput) -> torch.Tensor:
         """Row b attends to its slot's positions <= pos[b, t]. Returns (B, V) float logits at
         position ``step.logits_at[b]`` of each row (default: the last), on the model's device."""
-        B = step.tokens.shape[0]
+        a, B = self.args, step.tokens.shape[0]
         x = self.embed_tokens(step.tokens)  # (B, T, dim)
-        cos, sin = rope_cos_sin(step.pos, self.args.head_dim, self.args.rope_theta, x.dtype)
+        if a.gemma:
+            x = x * torch.tensor(a.dim ** 0.5, dtype=x.dtype)  # HF rounds the scale to the weights' dtype first
+        cos, sin = rope_cos_sin(step.pos, a.head_dim, a.rope_theta, x.dtype)
         cols = torch.arange(step.span, device=x.device)
         mask = cols[None, None, None, :] <= step.pos[:, None, :, None]  # (B, 1, T, span)
         li = LayerInput(step, cos, sin, mask)
+        if a.local_layers:
+            lcos, lsin = rope_cos_sin(step.pos, a.head_dim, a.rope_local_theta, x.dtype)
+            assert a.sliding_window is not None
+            window = cols[None, None, None, :] > step.pos[:, None, :, None] - a.sliding_window
+            li.local = LayerInput(step, lcos, lsin, mask & window)
         assert self.k_cache is not None and self.v_cache is not None, "allocate_cache() first"
         for i, layer in enumerate(self.layers):
-            x = layer(x, li, self.k_cache[i], self.v_cache[i])
+            x = layer(x, li.local if li.local is not None and i in a.local_layers else li, self.k_cache[i], self.v_cache[i])
         x = x[:, -1] if step.logits_at is None else x[torch.arange(B, device=x.device), step.logits_at]  # (B, dim)
         return self.lm_head(self.norm(x)).float()
 
@@ -309,6 +365,9 @@ def from_hf(hf_model, dtype=None) -> Transformer:
             tensors[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
         elif name == "lm_head.weight":
             tensors[name] = sd["lm_head.weight" if "lm_head.weight" in sd and not a.tie_embeddings else "model.embed_tokens.weight"]
+        elif name.startswith("layers.") and name.split(".")[2] in ("q_norm", "k_norm"):
+            i, norm = name.split(".")[1:3]
+            tensors[name] = sd[f"model.layers.{i}.self_attn.{norm}.weight"]
         else:
             tensors[name] = sd[f"model.{name}"]
     model.load_state_dict(tensors, assign=True, strict=True)
