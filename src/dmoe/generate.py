@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dmoe.base import stop_token_ids
 from dmoe.errors import RequestError
 
 
@@ -46,7 +47,7 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_token_ids(tokenizer)))
             for row in out[:, enc["input_ids"].shape[1]:]:
                 results.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:

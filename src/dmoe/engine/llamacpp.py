@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmoe.base import BaseSpec
+from dmoe.base import BaseSpec, stop_token_ids
 from dmoe.engine.grammar import new_matcher
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
@@ -138,8 +138,7 @@ class LlamaCppEngine:
         n_head, n_head_kv = lc.llama_model_n_head(self._model), lc.llama_model_n_head_kv(self._model)
         self._kv_per_token = 2 * 2 * n_layer * (n_embd // max(n_head, 1)) * n_head_kv
         self._n_ctx = cp.n_ctx
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos} if eos is not None else set()
+        self.eos_ids = stop_token_ids(tokenizer)
         self.adapter_switches = 0
 
     def close(self) -> None:

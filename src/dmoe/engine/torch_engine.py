@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
 from dmoe.engine.model import StepInput, Transformer, from_hf
@@ -58,8 +59,7 @@ class TorchEngine:
         self.slots = AdapterSlots(model, max_loras, max_rank)
         self.queue = RequestQueue(self.device)
         self.lock = threading.RLock()  # guards slots and queues between steps
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos} if eos is not None else set()
+        self.eos_ids = stop_token_ids(tokenizer)
 
     @classmethod
     def from_base(cls, hf_model, tokenizer, dtype: torch.dtype | None = None, **kw) -> "TorchEngine":
