@@ -29,6 +29,7 @@ from dmoe.route.router import ROUTER_DIR
 from dmoe.route.select import refit_router, startup_router
 
 log = logging.getLogger("dmoe.runtime")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 class ServeConfig(BaseModel):
@@ -56,6 +57,9 @@ class ServeConfig(BaseModel):
     refit_router: bool = Field(default=True, description="refit the embedding router in the background when experts are "
                                                          "loaded or unloaded at runtime (keyword rules are never refitted)")
     lenient: bool = Field(default=False, description="ignore unknown request fields instead of a 400 naming them")
+    allowed_hosts: list[str] | None = Field(default_factory=lambda: list(LOOPBACK_HOSTS), description=
+        "Host header names accepted (DNS-rebinding protection); None = no check (a server bound to a public address)")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413, unread")
 
     @classmethod
     def make(cls, **values: Any) -> "ServeConfig":
@@ -93,6 +97,8 @@ class ServeState:
     router_cache: Path | None = None  # cached prompt embeddings (<experts>/router/cache)
     route_encoder: Any = None  # the encoder of a refit when there is no router yet (None: MiniLM)
     router_status: dict = field(default_factory=dict)  # what /v1/experts and load responses report
+    allowed_hosts: list[str] | None = field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    max_body_bytes: int = 4 * 1024 * 1024
     _router_lock: threading.Lock = field(default_factory=threading.Lock)
     _router_gen: int = 0
 
@@ -188,7 +194,8 @@ def build_state(cfg: ServeConfig) -> ServeState:
     engine, tok, base = build_engine(cfg)
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
                     max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient,
-                    refit_on_change=cfg.use_router and cfg.refit_router,
+                    refit_on_change=cfg.use_router and cfg.refit_router, allowed_hosts=cfg.allowed_hosts,
+                    max_body_bytes=cfg.max_body_bytes,
                     router_cache=cfg.experts_dir / ROUTER_DIR / "cache" if cfg.experts_dir is not None else None)
     experts_dir = cfg.experts_dir
     folders = [f for f in ([experts_dir] if experts_dir is not None else []) + list(cfg.more_experts) if f.is_dir()]

@@ -11,6 +11,16 @@ import typer
 from dmoe.cli.common import BASE_HELP, console, experts_dirs, experts_option, user_errors
 
 
+def hosts_to_allow(bind: str, extra: list[str]) -> list[str] | None:
+    """Loopback names (+ ``extra``) for a loopback server; for a public bind, only ``extra`` when
+    given (no check otherwise: the names a remote client uses are not known here)."""
+    from dmoe.runtime import LOOPBACK_HOSTS
+
+    if bind in LOOPBACK_HOSTS or bind.startswith("127."):
+        return [*LOOPBACK_HOSTS, *extra]
+    return [*LOOPBACK_HOSTS, bind, *extra] if extra else None
+
+
 @user_errors
 def serve(
     experts: Optional[list[Path]] = experts_option("experts loaded at start, also an allowed root (default: $DMOE_EXPERTS or ./examples/experts)"),
@@ -31,6 +41,9 @@ def serve(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base; experts converted to GGUF)"),
     lenient: bool = typer.Option(False, "--lenient", help="ignore unknown request fields (default: a 400 that names them)"),
+    allowed_hosts: list[str] = typer.Option([], "--allowed-hosts", help="more Host names to accept (a loopback "
+                                            "server accepts loopback names only, against DNS rebinding)"),
+    max_body_mb: float = typer.Option(4.0, min=0.001, help="largest request body in MB; larger ones get 413 unread"),
     refit_router: bool = typer.Option(True, "--refit-router/--no-refit-router",
                                       help="refit the router in the background when experts are hot-loaded or unloaded"),
 ):
@@ -45,7 +58,8 @@ def serve(
     cfg = ServeConfig.make(base=base, experts_dir=folders[0], more_experts=folders[1:], roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
                            keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
-                           refit_router=refit_router)
+                           refit_router=refit_router, allowed_hosts=hosts_to_allow(host, allowed_hosts),
+                           max_body_bytes=int(max_body_mb * 1024 * 1024))
     sock = bind(host, port)  # a busy port fails now, before the model loads
     st = build_state(cfg)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "

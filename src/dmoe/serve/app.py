@@ -22,6 +22,7 @@ from dmoe.engine.runner import EngineRunner, Stream
 from dmoe.runtime import ServeState
 from dmoe.serve import admin, openai
 from dmoe.serve.errors import install_error_handlers
+from dmoe.serve.guard import Guard
 
 log = logging.getLogger("dmoe.serve.requests")
 _COMPLETIONS = ("/v1/chat/completions", "/v1/completions")  # these log their own line, with token counts
@@ -64,6 +65,8 @@ def create_app(st: ServeState, after_step=None) -> FastAPI:
                      (time.perf_counter() - t0) * 1e3)
         return response
 
+    if st is not None:  # (the schema-only app of the docs test has no state)
+        app.add_middleware(Guard, max_body=st.max_body_bytes, allowed_hosts=st.allowed_hosts)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)

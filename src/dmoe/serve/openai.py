@@ -31,7 +31,7 @@ from dmoe.errors import EngineError, RequestError, ShuttingDown, UnknownExpertEr
 from dmoe.route import NONE, RouteDecision
 from dmoe.runtime import ServeState
 from dmoe.serve.errors import error_body, status_of
-from dmoe.serve.schemas import ChatRequest, CompletionRequest
+from dmoe.serve.schemas import MAX_MESSAGES, ChatRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -98,6 +98,8 @@ def message_problems(body: ChatRequest, lenient: bool) -> list[str]:
     """Message fields and content parts dmoe would otherwise drop: refused by name (``--lenient``
     ignores unknown message fields; a non-text part is refused even then, as its content would be lost)."""
     out = []
+    if len(body.messages) > MAX_MESSAGES:
+        return [f"messages: at most {MAX_MESSAGES} messages, got {len(body.messages)}"]
     for i, m in enumerate(body.messages):
         if m.model_extra and not lenient:
             out.append(f"messages[{i}]: unknown field{'s' if len(m.model_extra) > 1 else ''} {', '.join(sorted(m.model_extra))} "

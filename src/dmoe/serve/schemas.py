@@ -29,6 +29,8 @@ class Message(BaseModel):
 
 MAX_N = 16  # choices per request at most
 MAX_STOP = 8  # stop strings at most
+MAX_LOGIT_BIAS = 300  # logit_bias entries at most (OpenAI's limit)
+MAX_MESSAGES = 1024  # chat messages at most
 
 
 class StreamOptions(BaseModel):
@@ -88,6 +90,8 @@ class _Generation(BaseModel):
                    if getattr(self, f) is not None and (f != "response_format" or (self.response_format or {}).get("type") != "text")]
         if len(formats) > 1:
             out.append(f"{' and '.join(formats)}: give one output format, not {len(formats)}")
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS:
+            out.append(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias or {})}")
         for key in self.logit_bias or {}:
             if not key.isdigit():
                 out.append(f"logit_bias: keys are token ids as strings (\"1234\"), got {key!r}")

@@ -1,0 +1,82 @@
+"""Limits and exposure: an oversized body is refused unread (413), a foreign Host is refused
+(421, DNS rebinding), and the count limits on messages and logit_bias hold."""
+
+import socket
+
+import httpx
+import pytest
+
+from dmoe.cli.serve import hosts_to_allow
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_base, tiny_experts, dmoe_home):
+    from dmoe.runtime import ServeConfig, build_state
+    from dmoe.serve.http import ThreadedServer
+
+    st = build_state(ServeConfig.make(base=str(tiny_base), experts_dir=tiny_experts, max_batch=2, max_seq=128,
+                                      max_loras=4, max_rank=8, use_router=False, max_body_bytes=64 * 1024))
+    with ThreadedServer(st) as s:
+        yield s
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(srv):
+    """The server answers 413 from Content-Length while the client still holds 63 of 64 MB
+    unsent: it never read (or tokenised) the body."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {64 * 1024 * 1024}\r\n\r\n".encode() + b'{"messages": [' + b" " * 1024 * 1024)
+        reply = s.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "at most 65536" in reply, reply[:300]
+    chunked = httpx.post(f"{srv.url}/v1/completions", content=iter([b'{"prompt": "', b"x" * 70_000, b'"}']), timeout=30)
+    assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    assert httpx.get(f"{srv.url}/health").status_code == 200  # still serving
+
+
+def test_a_foreign_host_is_refused_and_loopback_names_are_served(srv):
+    r = httpx.get(f"{srv.url}/v1/models", headers={"Host": "evil.example.com"})
+    assert r.status_code == 421 and "DNS-rebinding" in r.json()["error"]["message"]
+    port = srv.url.rsplit(":", 1)[1]
+    for name in ("localhost", "127.0.0.1", f"localhost:{port}"):
+        assert httpx.get(f"{srv.url}/v1/models", headers={"Host": name}).status_code == 200, name
+
+
+def test_which_hosts_a_bind_address_accepts():
+    assert "localhost" in hosts_to_allow("127.0.0.1", []) and "evil.example.com" not in hosts_to_allow("127.0.0.1", [])
+    assert hosts_to_allow("0.0.0.0", []) is None  # public: the names clients use are unknown
+    assert "dmoe.internal" in hosts_to_allow("0.0.0.0", ["dmoe.internal"])
+
+
+def test_count_limits(srv):
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 600
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and "at most 1024 messages" in r.json()["error"]["message"]
+    bias = {str(i): 1 for i in range(301)}
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 1, "logit_bias": bias}, timeout=30)
+    assert r.status_code == 400 and "at most 300 tokens" in r.json()["error"]["message"]
+
+
+def test_the_mcp_http_transport_refuses_a_foreign_host(tmp_path):
+    """The MCP SDK's own DNS-rebinding protection stays on for dmoe mcp over HTTP on loopback."""
+    import threading
+    import time
+
+    from conftest import unused_port
+    from dmoe.mcp.server import build_mcp
+
+    port = unused_port()
+    mcp = build_mcp(experts_dir=tmp_path)
+    threading.Thread(target=lambda: mcp.run("streamable-http", host="127.0.0.1", port=port), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=2)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)  # waiting for a server thread to listen (bounded), not timing a test
+    r = httpx.post(f"http://127.0.0.1:{port}/mcp", headers={"Host": "evil.example.com", "Content-Type": "application/json",
+                                                              "Accept": "application/json, text/event-stream"},
+                   json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert r.status_code in (403, 421), (r.status_code, r.text)
