@@ -31,6 +31,8 @@ def bench(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
     seed: int = typer.Option(0, help="sampling seed sent with every request"),
     repeat: int = typer.Option(1, min=1, help="ask every question this many times"),
+    check: bool = typer.Option(False, "--check", help="correctness: every question must carry a check (number, exact, "
+                                                       "regex, python_tests, form); python_tests run in a sandbox"),
     limit: Optional[int] = typer.Option(None, min=1, help="the first N questions of each domain (quick runs)"),
     out: Path = typer.Option(Path("results"), help="results/<run-id>/ gets the logs and summary.json"),
     run_id: Optional[str] = typer.Option(None, help="default: the current date and time"),
@@ -49,7 +51,8 @@ def bench(
     folders = experts_dirs(experts)
     found = find_experts_in([f for f in folders if f.is_dir()])
     signatures = {(e.card.domain or e.name): e.card.signature for e in found if e.card.signature}
-    qs = limit_per_domain(read_question_set(questions or default_data_dir() / "heldout.jsonl", signatures), limit)
+    qs = limit_per_domain(read_question_set(questions or default_data_dir() / "heldout.jsonl", signatures, require_check=check),
+                          limit)
     names = modes.split(",") if modes else ["vanilla", *(f"expert:{e.name}" for e in found), "auto"]
     mode_list = [parse_mode(m) for m in names]
     run_dir = out / (run_id or time.strftime("%Y%m%d-%H%M%S"))

@@ -32,11 +32,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from dmoe import DmoeError
+from dmoe.evals.checks import CHECK, KINDS, Check, RegexCheck, grade
 from dmoe.evals.hits import wilson
+from dmoe.route.decision import NONE
 from dmoe.io import atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -52,12 +56,14 @@ class Question:
     domain: str  # an expert's domain, or "none"
     expect: tuple[str, ...] = ()
     forbid: tuple[str, ...] = ()
+    check: Check | None = None  # correctness, instead of a signature (checks.py)
 
 
 @dataclass(frozen=True)
 class Mode:
-    name: str  # vanilla | expert:NAME | auto | blend:a=0.5+b=0.5
+    name: str  # vanilla | expert:NAME | auto | blend:a=0.5+b=0.5 | lora:... | keywords:RULES.yaml
     body: dict  # merged into each request
+    keywords: Any = None  # keywords:RULES: a KeywordRouter that picks the model here, in the client
 
     @property
     def file(self) -> str:
@@ -74,6 +80,8 @@ class Answer:
     latency_s: float | None = None
     route: str | None = None
     error: str | None = None
+    passed: bool | None = None  # the question's check, when it has one
+    why: str = ""
 
 
 def limit_per_domain(questions: list[Question], limit: int | None) -> list[Question]:
@@ -89,14 +97,30 @@ def limit_per_domain(questions: list[Question], limit: int | None) -> list[Quest
     return out
 
 
-def read_question_set(path: str | Path, signatures: dict[str, list[str]]) -> list[Question]:
-    """Parse a question file; every problem names the line."""
+def read_question_set(path: str | Path, signatures: dict[str, list[str]], require_check: bool = False) -> list[Question]:
+    """Parse a question file; every problem names the line. ``require_check``: every question
+    must carry a ``check`` (``dmoe bench --check``)."""
     p = Path(path)
     out = []
     for n, row in read_jsonl(p, BenchError, what="question file"):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise BenchError(f"{p}:{n}: needs a non-empty 'question' string")
         domain = row.get("domain") or "none"
+        check = None
+        if row.get("check") is not None:
+            try:
+                check = CHECK.validate_python(row["check"])
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                raise BenchError(f"{p}:{n}: check: {'.'.join(map(str, e['loc']))}: {e['msg']} "
+                                 f"(types: {', '.join(KINDS)})") from None
+            if isinstance(check, RegexCheck):
+                try:
+                    re.compile(check.pattern)
+                except re.error as exc:
+                    raise BenchError(f"{p}:{n}: check pattern {check.pattern!r} is invalid ({exc})") from None
+        elif require_check:
+            raise BenchError(f"{p}:{n}: --check: every question needs a 'check' ({', '.join(KINDS)})")
         expect, forbid = row.get("expect", []), row.get("forbid", [])
         for key, val in (("expect", expect), ("forbid", forbid)):
             if isinstance(val, str):
@@ -110,13 +134,13 @@ def read_question_set(path: str | Path, signatures: dict[str, list[str]]) -> lis
                     raise BenchError(f"{p}:{n}: '{key}' regex {v!r} is invalid ({exc})") from None
         expect = [expect] if isinstance(expect, str) else expect
         forbid = [forbid] if isinstance(forbid, str) else forbid
-        if domain != "none" and not expect:
+        if domain != "none" and not expect and check is None:
             expect = signatures.get(domain, [])
             if not expect:
                 raise BenchError(f"{p}:{n}: domain {domain!r} has no 'expect' regexes and no expert card declares its signature")
         if domain == "none" and not forbid:
             forbid = [s for sig in signatures.values() for s in sig]
-        out.append(Question(row["question"], domain, tuple(expect), tuple(forbid)))
+        out.append(Question(row["question"], domain, tuple(expect), tuple(forbid), check))
     if not out:
         raise BenchError(f"{p} holds no questions")
     return out
@@ -137,13 +161,18 @@ def parse_mode(text: str) -> Mode:
         except ValueError:
             raise BenchError(f"mode {t!r}: write llama-server adapters as lora:ID=SCALE+ID=SCALE") from None
         return Mode(t, {"lora": ids})
+    if t.startswith("keywords:") and len(t) > 9:
+        from dmoe.route.keyword import KeywordRouter  # the seed's rules, applied here in the client
+
+        return Mode(t, {}, keywords=KeywordRouter.load(t[9:]))
     if t.startswith("blend:"):
         try:
             parts = [(n, float(s)) for n, s in (x.split("=") for x in t[6:].split("+"))]
         except ValueError:
             raise BenchError(f"mode {t!r}: write a blend as blend:NAME=SCALE+NAME=SCALE") from None
         return Mode(t, {"experts": [{"name": n, "scale": s} for n, s in parts]})
-    raise BenchError(f"unknown mode {t!r}; use vanilla, expert:NAME, auto, blend:NAME=SCALE+NAME=SCALE or lora:ID=SCALE")
+    raise BenchError(f"unknown mode {t!r}; use vanilla, expert:NAME, auto, blend:NAME=SCALE+NAME=SCALE, lora:ID=SCALE "
+                     "or keywords:RULES.yaml")
 
 
 def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, params: dict, no_think: bool = False) -> Answer:
@@ -153,11 +182,20 @@ def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, par
     A kept-alive connection that the server closed just as the request went out (llama-server
     closes idle ones) ends with no response at all: that is retried, twice at most, on a fresh
     connection. Nothing else is retried."""
+    route = None
+    if mode.keywords is not None:  # the client routes: the seed's keyword rules pick the model
+        decision = mode.keywords.route(q.question)
+        route = decision.label
+        mode = Mode(mode.name, {"model": decision.experts[0][0] if decision.experts else "base"})
     for attempt in range(3):
         ans = _ask_once(client, url, mode, index, q, params, no_think)
         if not (ans.error and ans.error.startswith(_NO_RESPONSE) and not ans.text) or attempt == 2:
-            return ans
+            break
         log.warning("%s: %s; retrying on a new connection", url, ans.error)
+    if route is not None:
+        ans.route = route
+    if q.check is not None and ans.error is None:  # graded here, in the client: never in the server's process
+        ans.passed, ans.why = grade(q.check, ans.text)
     return ans
 
 
@@ -214,13 +252,16 @@ def _rate(hits: int, n: int) -> dict:
 def summarize(questions: list[Question], answers: dict[str, list[Answer]], walls: dict[str, float]) -> dict:
     """Per mode: hits per domain, bleed, routing accuracy, tokens, speed and latency."""
     modes = {}
+    checked_none = any(q.check is not None for q in questions if q.domain == "none")
     for mode, got in answers.items():
         ok = [a for a in got if a.error is None]
         by_domain: dict[str, list[bool]] = {}
         routed = []
         for a in ok:
             q = questions[a.index]
-            if q.domain == "none":
+            if q.check is not None:  # correctness: a hit is a passed check, off-domain included
+                by_domain.setdefault(q.domain, []).append(bool(a.passed))
+            elif q.domain == "none":
                 by_domain.setdefault("none", []).append(any(re.search(f, a.text) for f in q.forbid))
             else:
                 by_domain.setdefault(q.domain, []).append(any(re.search(e, a.text) for e in q.expect))
@@ -229,7 +270,7 @@ def summarize(questions: list[Question], answers: dict[str, list[Answer]], walls
         modes[mode] = {
             "answered": len(ok), "errors": len(got) - len(ok),
             "error_examples": [a.error for a in got if a.error][:3],
-            "hits": {d: _rate(sum(v), len(v)) for d, v in by_domain.items() if d != "none"},
+            "hits": {d: _rate(sum(v), len(v)) for d, v in by_domain.items() if d != "none" or checked_none},
             "bleed": _rate(sum(by_domain.get("none", [])), len(by_domain.get("none", []))),
             "routing_accuracy": _rate(sum(routed), len(routed)) if routed else None,
             "mean_output_tokens": round(statistics.fmean(a.tokens for a in ok), 1) if ok else None,
@@ -241,6 +282,11 @@ def summarize(questions: list[Question], answers: dict[str, list[Answer]], walls
     for m in modes.values():  # the seeds' "43x increase in target mentions"
         m["increase_vs_vanilla"] = {
             d: (round(r["hits"] / vanilla["hits"][d]["hits"], 2) if vanilla and vanilla["hits"].get(d, {}).get("hits") else None)
+            for d, r in m["hits"].items()}
+        # and in points: the change of the rate (accuracy, for checked questions) over vanilla
+        m["change_vs_vanilla"] = {
+            d: (round(100 * (r["rate"] - vanilla["hits"][d]["rate"]), 1) if vanilla and d in vanilla["hits"]
+                and r["rate"] is not None and vanilla["hits"][d]["rate"] is not None else None)
             for d, r in m["hits"].items()}
     return modes
 
@@ -270,6 +316,8 @@ class BenchRun:
         lora_ids: set[int] | None = None
         for mode in self.modes:
             wanted = [mode.body["model"]] if mode.body.get("model") not in (None, "base") else []
+            if mode.keywords is not None:
+                wanted += [c for c in mode.keywords.classes if c not in (NONE, "base")]
             wanted += [e["name"] for e in mode.body.get("experts", [])]
             missing = [w for w in wanted if w not in models]
             if missing:
@@ -314,7 +362,9 @@ class BenchRun:
                                 answers[mode.name].append(a)
                                 q = self.questions[i]
                                 log.write(f"Q: {q.question}\nDOMAIN: {q.domain}\n" + (f"ROUTE: {a.route}\n" if a.route else "")
-                                          + (f"ERROR: {a.error}\n" if a.error else f"A: {a.text}\n") + "---\n")
+                                          + (f"ERROR: {a.error}\n" if a.error else f"A: {a.text}\n")
+                                + (f"CHECK: {'pass' if a.passed else 'fail'} ({a.why})\n" if a.passed is not None else "")
+                                + "---\n")
                                 log.flush()
                             if on_answer:
                                 on_answer(a)
@@ -349,7 +399,8 @@ class BenchRun:
             rows.append(row)
         atomic_write_text(self.out / "comparison.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         per_answer = [{"mode": a.mode, "index": a.index, "tokens": a.tokens, "ttft_s": a.ttft_s, "latency_s": a.latency_s,
-                       "route": a.route, "error": a.error} for got in answers.values() for a in got]
+                       "route": a.route, "error": a.error, "passed": a.passed, "check": a.why or None}
+                      for got in answers.values() for a in got]
         atomic_write_text(self.out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in per_answer))
 
 
