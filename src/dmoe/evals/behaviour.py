@@ -40,8 +40,8 @@ from pydantic import ValidationError
 from dmoe import DmoeError
 from dmoe.evals.checks import CHECK, KINDS, Check, RegexCheck, grade
 from dmoe.evals.hits import wilson
-from dmoe.route.decision import NONE
 from dmoe.io import atomic_write_text, read_jsonl
+from dmoe.route.decision import NONE
 
 log = logging.getLogger(__name__)
 
