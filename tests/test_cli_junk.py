@@ -102,3 +102,69 @@ def test_experts_from_several_folders_for_every_command(tiny_base, tiny_experts,
     shutil.copytree(tiny_experts / "alpha", b / "alpha")
     r = CliRunner().invoke(app, ["experts", "list", str(a), str(b)])
     assert r.exit_code == 2 and "two experts are named 'alpha'" in " ".join(r.output.split())
+
+
+def test_every_command_has_an_example_and_every_option_a_description():
+    import click
+    import typer
+
+    root = typer.main.get_command(app)
+    missing = []
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+            if not getattr(cmd, "invoke_without_command", False):
+                return
+        if path and "Example:" not in (cmd.help or ""):
+            missing.append(f"{' '.join(path)}: no example")
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help" and not p.help:
+                missing.append(f"{' '.join(path)} {p.opts[0]}: no description")
+
+    walk(root, [])
+    assert not missing, missing
+
+
+def test_an_unknown_expert_is_reported_before_the_base_loads(tmp_path, monkeypatch):
+    """A misspelt --expert is an error at once: the (slow) base is never loaded."""
+    import dmoe.base
+
+    def no_load(*a, **k):
+        raise AssertionError("the base was loaded before the expert name was checked")
+
+    monkeypatch.setattr(dmoe.base, "load_base", no_load)
+    monkeypatch.setattr(dmoe.base, "load_tokenizer", no_load)
+    (tmp_path / "e").mkdir()
+    for cmd in (["generate", "hi"], ["chat"]):
+        r = CliRunner().invoke(app, [*cmd, "--expert", "ghost", "--experts", str(tmp_path / "e")])
+        assert r.exit_code == 2 and "unknown expert 'ghost'" in r.output, (cmd, r.output)
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_bundled_defaults_and_an_install_finds_them(tmp_path, monkeypatch):
+    """A non-editable install: the wheel holds the examples under share/dmoe/examples, and with
+    no checkout and no ./examples, the defaults resolve there."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import REPO
+    from dmoe import paths
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(REPO)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("dmoe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for want in ("examples/experts/cooking/expert.yaml", "examples/experts/cooking/adapter_model.safetensors",
+                 "examples/experts/router/router.json", "examples/data/heldout.jsonl", "examples/configs/cooking.yaml"):
+        assert any(n.endswith(f".data/data/share/dmoe/{want}") for n in names), want
+    prefix = tmp_path / "prefix"
+    (prefix / "share" / "dmoe" / "examples" / "experts").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DMOE_EXAMPLES", raising=False)
+    monkeypatch.delenv("DMOE_EXPERTS", raising=False)
+    monkeypatch.setattr(paths, "_checkout_examples", lambda: tmp_path / "no-checkout")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    assert paths.default_experts_dir() == prefix / "share" / "dmoe" / "examples" / "experts"

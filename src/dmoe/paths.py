@@ -6,12 +6,14 @@
 
 The examples folder is ``$DMOE_EXAMPLES``, else ``./examples`` when the working directory
 has one, else the one of the dmoe checkout this package runs from (the editable install
-that ``make`` sets up). A missing one is an error that says how to give it.
+that ``make`` sets up), else the copy a wheel installs under ``<prefix>/share/dmoe/examples``.
+A missing one is an error that says how to give it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -19,14 +21,19 @@ def _checkout_examples() -> Path:
     return Path(__file__).resolve().parents[2] / "examples"  # src/dmoe/paths.py -> <checkout>/examples
 
 
+def _installed_examples() -> Path:
+    return Path(sys.prefix) / "share" / "dmoe" / "examples"  # pyproject's data-files
+
+
 def examples_dir() -> Path:
     given = os.environ.get("DMOE_EXAMPLES")
     if given:
         return Path(given)
     here = Path("examples")
-    if here.is_dir() or not _checkout_examples().is_dir():
-        return here
-    return _checkout_examples()
+    for candidate in (here, _checkout_examples(), _installed_examples()):
+        if candidate.is_dir():
+            return candidate
+    return here
 
 
 def default_experts_dirs() -> list[Path]:
