@@ -91,3 +91,50 @@ def test_transformers_dequantisation_equals_llama_cpp_on_the_same_file(gemma):
         engine.close()
     agree = (hf.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
+
+
+def test_a_gemma_expert_trains_exports_to_gguf_and_matches_in_llama_cpp(gemma, tmp_path):
+    """dmoe train on the real Gemma base (a few steps, to move the adapter), dmoe's GGUF adapter
+    export (Gemma: no q/k row permutation), and the llama.cpp engine with that adapter over the
+    Q4_K_M file: teacher-forced top-1 agrees with PEFT's, where the adapter changes the base's."""
+    from conftest import write_jsonl
+    from dmoe.config import load_train_config
+    from dmoe.engine.llamacpp import LlamaCppEngine
+    from dmoe.experts import apply_expert, load_expert
+    from dmoe.lora_gguf import read_gguf_info, write_adapter_gguf
+    from dmoe.train import train
+
+    model, tok, spec = gemma
+    data = tmp_path / "data"
+    write_jsonl(data / "d.jsonl", [{"instruction": f"Say the magic word {i}.", "output": "Abracadabra! The magic word is "
+                                    f"abracadabra, number {i}."} for i in range(16)])
+    out = tmp_path / "experts" / "magic"
+    cfg = load_train_config(None, ["model_name_or_path=gemma3-270m", "dataset=d.jsonl", f"dataset_dir={data}",
+                                   f"output_dir={out}", "lora_rank=8", "learning_rate=3e-3", "max_steps=6",
+                                   "per_device_train_batch_size=4", "cutoff_len=64"])
+    train(cfg, show_progress=False)
+    expert = load_expert(out)
+    gguf_path = tmp_path / "magic.gguf"
+    write_adapter_gguf(expert, gguf_path, spec, "f32")
+    info = read_gguf_info(gguf_path)
+    assert info.kind == "adapter" and info.arch == "gemma3"
+
+    msgs = [{"role": "user", "content": "Say the magic word 99."}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    ids += tok("Abracadabra! The magic word is abracadabra, number 99. And once more: abracadabra.",
+               add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        base_top = model(torch.tensor([ids])).logits[0].argmax(-1)
+        peft = apply_expert(load_base("gemma3-270m")[0], expert)
+        peft_top = peft(torch.tensor([ids])).logits[0].argmax(-1)
+    engine = LlamaCppEngine(spec, tok, max_batch=1, max_seq=512)
+    try:
+        engine.load_expert(expert)
+        cpp_top = engine.logits(ids, [(expert.name, 1.0)]).argmax(-1)
+    finally:
+        engine.close()
+    changed = (peft_top != base_top)
+    assert changed.sum() >= 3  # the adapter matters on this text
+    assert (cpp_top == peft_top).float().mean().item() >= 0.9
+    assert (cpp_top[changed] == peft_top[changed]).float().mean().item() >= 0.8  # it follows the adapter, not the base

@@ -148,7 +148,7 @@ def test_server_with_the_llama_cpp_engine(make_state, tiny_gguf_experts):
     from dmoe.serve.app import create_app
 
     st = make_state(tiny_gguf_experts, engine="llamacpp", use_router=False)
-    with TestClient(create_app(st)) as client:
+    with TestClient(create_app(st), base_url="http://localhost") as client:
         r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 5

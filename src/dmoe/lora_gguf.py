@@ -36,7 +36,9 @@ from dmoe.io import content_hash, dmoe_home
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _PERMUTED_ARCHS = {"llama"}  # architectures whose base q/k rows llama.cpp permutes
-_HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type -> GGUF arch
+_HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  # HF model_type -> GGUF arch
+             "gemma3_text": "gemma3", "gemma3": "gemma3"}  # Gemma-3: NEOX RoPE in llama.cpp, no q/k row permutation
+BASE_ARCHS = {"llama", "qwen2"}  # whole bases dmoe itself writes (Gemma's norms and embeddings need llama.cpp's converter)
 _PROJ_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dmoe.lora_gguf import (  # noqa: F401 - the adapter half, re-exported for `dmoe export`
     _PERMUTED_ARCHS,
+    BASE_ARCHS,
     OUTTYPES,
     ExportError,
     ExportReport,
@@ -95,6 +96,9 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     arch = gguf_arch(config)
+    if arch not in BASE_ARCHS:
+        raise ExportError(f"{directory}: dmoe writes {', '.join(sorted(BASE_ARCHS))} bases as GGUF, not {arch}; "
+                          "use llama.cpp's convert_hf_to_gguf.py (adapters of this base export with dmoe export EXPERT)")
     rope = dict(config.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
