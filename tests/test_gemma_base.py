@@ -106,6 +106,7 @@ def test_a_gemma_expert_trains_exports_to_gguf_and_matches_in_llama_cpp(gemma, t
 
     model, tok, spec = gemma
     data = tmp_path / "data"
+    data.mkdir()
     write_jsonl(data / "d.jsonl", [{"instruction": f"Say the magic word {i}.", "output": "Abracadabra! The magic word is "
                                     f"abracadabra, number {i}."} for i in range(16)])
     out = tmp_path / "experts" / "magic"
