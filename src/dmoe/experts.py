@@ -81,18 +81,15 @@ def find_experts(root: str | os.PathLike) -> list[Expert]:
     if not r.is_dir():
         raise ExpertError(f"experts directory {r} not found; pass --experts DIR or set $DMOE_EXPERTS")
     candidates = [r] if is_expert_dir(r) else sorted(p for p in r.iterdir() if p.is_dir() and is_expert_dir(p))
-    experts = [load_expert(p) for p in candidates]
-    seen: dict[str, Path] = {}
-    for e in experts:
-        if e.name in seen:
-            raise ExpertError(f"two experts are named '{e.name}': {seen[e.name]} and {e.path}")
-        seen[e.name] = e.path
-    return experts
+    return _unique([load_expert(p) for p in candidates])
 
 
 def find_experts_in(folders: Sequence[str | os.PathLike]) -> list[Expert]:
     """The experts of several folders (``--experts A --experts B``); a name in two folders is an error."""
-    experts = [e for f in folders for e in find_experts(f)]
+    return _unique([e for f in folders for e in find_experts(f)])
+
+
+def _unique(experts: list[Expert]) -> list[Expert]:
     seen: dict[str, Path] = {}
     for e in experts:
         if e.name in seen:
