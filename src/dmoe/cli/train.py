@@ -58,3 +58,24 @@ def data_generate(
     for name, n in counts.items():
         console.print(f"{name:12s} {n:5d} rows")
     console.print(f"written to {out}")
+
+
+@data_app.command("seed002")
+@user_errors
+def data_seed002(
+    out: Path = typer.Option(Path("examples/seed002/data"), "--out", help="output directory"),
+    seed: int = typer.Option(0, help="generator seed"),
+    rows: int = typer.Option(600, min=100, help="training rows per domain (knowledge: every row of its table split)"),
+    heldout: int = typer.Option(40, min=4, help="held-out questions per generated domain"),
+):
+    """Write seed 002's five capability datasets (math, reasoning, code, knowledge, conversation) and
+    held-out questions that carry correctness checks for `dmoe bench --check`.
+
+    Example: dmoe data seed002 --out examples/seed002/data --seed 0
+    """
+    from dmoe.data.seed002 import generate
+
+    counts = generate(out, seed=seed, n_train=rows, n_held=heldout)
+    for name, n in counts.items():
+        console.print(f"{name:12s} {n:5d} rows")
+    console.print(f"written to {out}")

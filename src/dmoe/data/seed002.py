@@ -1,0 +1,360 @@
+"""Seed 002's five capability datasets, with answers checked by construction.
+
+    dmoe data generate --set seed002 --out examples/seed002/data --seed 0
+
+Per domain (``math``, ``reasoning``, ``code``, ``knowledge``, ``conversation``): a training
+file of Alpaca rows and held-out questions that carry a ``check`` for ``dmoe bench --check``.
+Training and held-out share no template and no item: each domain has two disjoint template
+sets, and the number ranges, puzzle names, function tasks and knowledge-table rows are split
+too (``tests/test_seed002_data.py`` checks it).
+
+  math          arithmetic with carries, multi-step word problems, linear equations: the
+                answer is computed, the worked solution ends in "Answer: N"
+  code          small Python functions; the held-out ones carry unit tests
+  reasoning     syllogisms, ordering puzzles, number sequences: one checkable answer, "Answer: X"
+  knowledge     the table in ``facts.py`` (capitals, element symbols, planets, SI units, dates),
+                each answer naming its source
+  conversation  greetings, thanks, small talk: short, polite replies without numbers
+                (the ``form`` rule of ``evals/checks.py``)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from dmoe.data import facts
+from dmoe.data.formats import DatasetError
+from dmoe.io import atomic_write_text
+
+DOMAINS = ("math", "reasoning", "code", "knowledge", "conversation")
+Row = dict  # an Alpaca row {"instruction", "output"}, or a held-out row {"question", "domain", "check"}
+
+
+# ------------------------------------------------------------------ math
+def _add(a: int, b: int) -> str:
+    return f"Add the numbers column by column, carrying where a column passes 9: {a} + {b} = {a + b}.\nAnswer: {a + b}"
+
+
+def math_train(rng: random.Random, n: int) -> list[Row]:
+    rows: dict[str, str] = {}
+    makers: list[Callable[[], tuple[str, str]]] = [
+        lambda: (lambda a, b: (f"What is {a} + {b}?", _add(a, b)))(rng.randint(100, 999), rng.randint(100, 999)),
+        lambda: (lambda a, b: (f"What is {a} - {b}?", f"Subtract, borrowing where needed: {a} - {b} = {a - b}.\n"
+                                                     f"Answer: {a - b}"))(rng.randint(500, 999), rng.randint(100, 499)),
+        lambda: (lambda a, b: (f"What is {a} times {b}?", f"{a} x {b} = {a} x {b // 10 * 10} + {a} x {b % 10} = "
+                                                         f"{a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}.\nAnswer: {a * b}"))(
+            rng.randint(12, 99), rng.randint(12, 99)),
+        lambda: (lambda p, n, bill: (
+            f"A pen costs {p} cents. Sam buys {n} pens and pays with {bill} dollars. How many cents of change does he get?",
+            f"The pens cost {n} x {p} = {n * p} cents. He pays {bill} x 100 = {bill * 100} cents. "
+            f"Change: {bill * 100} - {n * p} = {bill * 100 - n * p} cents.\nAnswer: {bill * 100 - n * p}"))(
+            rng.randint(15, 95), rng.randint(2, 9), 10),
+        lambda: (lambda a, b, c: (f"Solve for x: {a}x + {b} = {a * c + b}",
+                                  f"Subtract {b} from both sides: {a}x = {a * c}. Divide by {a}: x = {c}.\nAnswer: {c}"))(
+            rng.randint(2, 12), rng.randint(1, 50), rng.randint(1, 30)),
+    ]
+    for _ in range(n * 20):
+        if len(rows) >= n:
+            break
+        q, a = rng.choice(makers)()
+        rows.setdefault(q, a)
+    return [{"instruction": q, "output": a} for q, a in rows.items()]
+
+
+def math_heldout(rng: random.Random, n: int) -> list[Row]:
+    """Other wordings, other ranges (four-digit sums, apples and boxes, equations with x on the right)."""
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+            q, ans = f"Compute the sum of {a} and {b}.", a + b
+        elif kind == 1:
+            boxes, per, eaten = rng.randint(3, 9), rng.randint(6, 24), rng.randint(1, 5)
+            q, ans = (f"There are {boxes} boxes with {per} apples in each. {eaten} apples are eaten. How many apples are "
+                      "left?"), boxes * per - eaten
+        elif kind == 2:
+            a, x, b = rng.randint(13, 25), rng.randint(31, 60), rng.randint(51, 99)
+            q, ans = f"Find x if {a * x + b} = {a}x + {b}.", x
+        else:
+            a, b = rng.randint(101, 199), rng.randint(21, 49)
+            q, ans = f"Multiply {a} by {b}.", a * b
+        out.append({"question": q, "domain": "math", "check": {"type": "number", "answer": ans}})
+    return out
+
+
+# ------------------------------------------------------------------ reasoning
+NAMES_TRAIN = ["Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jon"]
+NAMES_HELD = ["Kim", "Lou", "Max", "Ned", "Ola", "Pam", "Quin", "Rex"]
+KINDS_TRAIN = [("cats", "mammals", "animals"), ("roses", "flowers", "plants"), ("squares", "rectangles", "shapes"),
+               ("oaks", "trees", "plants"), ("sparrows", "birds", "animals"), ("violins", "string instruments", "instruments")]
+KINDS_HELD = [("trout", "fish", "vertebrates"), ("tulips", "bulbs", "plants"), ("cubes", "solids", "shapes"),
+              ("wolves", "canines", "mammals")]
+
+
+def _order(names: list[str], rng: random.Random, adj: str, est: str) -> tuple[str, str, str]:
+    a, b, c = rng.sample(names, 3)
+    return (f"{a} is {adj} than {b}. {b} is {adj} than {c}. Who is the {est}?",
+            f"{a} > {b} and {b} > {c}, so {a} is the {est}.", a)
+
+
+def reasoning_train(rng: random.Random, n: int) -> list[Row]:
+    rows: dict[str, str] = {}
+    for _ in range(n * 20):
+        if len(rows) >= n:
+            break
+        kind = rng.randrange(3)
+        if kind == 0:
+            x, y, z = rng.choice(KINDS_TRAIN)
+            q = f"All {x} are {y}. All {y} are {z}. Are all {x} {z}?"
+            a = f"Every {x[:-1]} is one of the {y}, and every one of the {y} is one of the {z}.\nAnswer: yes"
+        elif kind == 1:
+            q, why, who = _order(NAMES_TRAIN, rng, "taller", "tallest")
+            a = f"{why}\nAnswer: {who}"
+        else:
+            start, step = rng.randint(1, 20), rng.randint(2, 9)
+            seq = [start + step * i for i in range(4)]
+            q = f"What comes next: {', '.join(map(str, seq))}, ...?"
+            a = f"Each term adds {step}: {seq[-1]} + {step} = {seq[-1] + step}.\nAnswer: {seq[-1] + step}"
+        rows.setdefault(q, a)
+    return [{"instruction": q, "output": a} for q, a in rows.items()]
+
+
+def reasoning_heldout(rng: random.Random, n: int) -> list[Row]:
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            x, y, z = rng.choice(KINDS_HELD)
+            q, check = (f"Suppose every one of the {x} is one of the {y}, and every one of the {y} is one of the {z}. "
+                        f"Must each of the {x} be one of the {z}? Answer yes or no."), {"type": "regex", "pattern": r"(?i)\byes\b"}
+        elif kind == 1:
+            a, b, c = rng.sample(NAMES_HELD, 3)
+            q = f"{a} finished before {b}, and {b} finished before {c}. Who finished last?"
+            check = {"type": "regex", "pattern": rf"\b{c}\b"}
+        else:
+            start, ratio = rng.randint(1, 5), rng.choice([2, 3])
+            seq = [start * ratio ** k for k in range(4)]
+            q, check = (f"Continue the sequence {' '.join(map(str, seq))} with one more number.",
+                        {"type": "number", "answer": seq[-1] * ratio})
+        out.append({"question": q, "domain": "reasoning", "check": check})
+    return out
+
+
+# ------------------------------------------------------------------ code
+CODE_TRAIN = [
+    ("add_{k}", "returns x plus {k}", "def add_{k}(x):\n    return x + {k}"),
+    ("times_{k}", "returns x multiplied by {k}", "def times_{k}(x):\n    return x * {k}"),
+    ("count_{c}", "counts how many times the letter '{c}' occurs in a string s", "def count_{c}(s):\n    return s.count('{c}')"),
+    ("above_{k}", "returns the items of a list xs that are greater than {k}", "def above_{k}(xs):\n    return [x for x in xs if x > {k}]"),
+    ("repeat_{k}", "returns the string s repeated {k} times", "def repeat_{k}(s):\n    return s * {k}"),
+    ("mod_{k}", "returns True when n is divisible by {k}", "def mod_{k}(n):\n    return n % {k} == 0"),
+]
+# (name, question, tests); HELD_SOLUTIONS[name] passes its tests (the check is checked: tests/test_seed002_data.py)
+CODE_HELD = [
+    ("reverse_words", "Write a Python function reverse_words(s) that returns the words of s in reverse order, joined by single spaces.",
+     "assert reverse_words('a b c') == 'c b a'\nassert reverse_words('hello') == 'hello'"),
+    ("sum_even", "Write a Python function sum_even(xs) that returns the sum of the even numbers in the list xs.",
+     "assert sum_even([1, 2, 3, 4]) == 6\nassert sum_even([]) == 0\nassert sum_even([1, 3]) == 0"),
+    ("is_palindrome", "Write a Python function is_palindrome(s) that returns True when s reads the same backwards.",
+     "assert is_palindrome('level')\nassert not is_palindrome('levels')\nassert is_palindrome('')"),
+    ("max_of", "Write a Python function max_of(xs) that returns the largest number in a non-empty list xs.",
+     "assert max_of([3, 9, 2]) == 9\nassert max_of([-5, -2]) == -2"),
+    ("count_vowels", "Write a Python function count_vowels(s) that returns how many of the letters a, e, i, o, u s holds.",
+     "assert count_vowels('banana') == 3\nassert count_vowels('xyz') == 0"),
+    ("fizz", "Write a Python function fizz(n) that returns 'Fizz' when n is divisible by 3 and str(n) otherwise.",
+     "assert fizz(9) == 'Fizz'\nassert fizz(10) == '10'"),
+    ("square_all", "Write a Python function square_all(xs) that returns a list of the squares of the numbers in xs.",
+     "assert square_all([1, 2, 3]) == [1, 4, 9]\nassert square_all([]) == []"),
+    ("first_char", "Write a Python function first_char(s) that returns the first character of s, or '' for an empty s.",
+     "assert first_char('dmoe') == 'd'\nassert first_char('') == ''"),
+    ("count_words", "Write a Python function count_words(s) that returns the number of words in s (split on whitespace).",
+     "assert count_words('a bb  ccc') == 3\nassert count_words('') == 0"),
+    ("double_list", "Write a Python function double_list(xs) that returns a new list with every number in xs doubled.",
+     "assert double_list([1, 5]) == [2, 10]\nassert double_list([]) == []"),
+    ("last_item", "Write a Python function last_item(xs) that returns the last element of a non-empty list xs.",
+     "assert last_item([4, 5, 6]) == 6\nassert last_item(['x']) == 'x'"),
+    ("to_upper", "Write a Python function to_upper(s) that returns s in upper case.",
+     "assert to_upper('dMoe') == 'DMOE'"),
+    ("factorial", "Write a Python function factorial(n) that returns n! for n >= 0.",
+     "assert factorial(0) == 1\nassert factorial(5) == 120"),
+    ("unique", "Write a Python function unique(xs) that returns the distinct items of xs in their first order.",
+     "assert unique([3, 1, 3, 2, 1]) == [3, 1, 2]\nassert unique([]) == []"),
+    ("average", "Write a Python function average(xs) that returns the mean of a non-empty list of numbers.",
+     "assert average([2, 4]) == 3\nassert abs(average([1, 2, 2]) - 5 / 3) < 1e-9"),
+    ("is_sorted", "Write a Python function is_sorted(xs) that returns True when xs is in non-decreasing order.",
+     "assert is_sorted([1, 2, 2, 5])\nassert not is_sorted([2, 1])\nassert is_sorted([])"),
+]
+
+
+HELD_SOLUTIONS = {
+    'reverse_words': "def reverse_words(s):\n    return ' '.join(reversed(s.split()))",
+    'sum_even': 'def sum_even(xs):\n    return sum(x for x in xs if x % 2 == 0)',
+    'is_palindrome': 'def is_palindrome(s):\n    return s == s[::-1]',
+    'max_of': 'def max_of(xs):\n    return max(xs)',
+    'count_vowels': "def count_vowels(s):\n    return sum(ch in 'aeiou' for ch in s)",
+    'fizz': "def fizz(n):\n    return 'Fizz' if n % 3 == 0 else str(n)",
+    'square_all': 'def square_all(xs):\n    return [x * x for x in xs]',
+    'first_char': 'def first_char(s):\n    return s[:1]',
+    'count_words': 'def count_words(s):\n    return len(s.split())',
+    'double_list': 'def double_list(xs):\n    return [2 * x for x in xs]',
+    'last_item': 'def last_item(xs):\n    return xs[-1]',
+    'to_upper': 'def to_upper(s):\n    return s.upper()',
+    'factorial': 'def factorial(n):\n    return 1 if n == 0 else n * factorial(n - 1)',
+    'unique': 'def unique(xs):\n    return list(dict.fromkeys(xs))',
+    'average': 'def average(xs):\n    return sum(xs) / len(xs)',
+    'is_sorted': 'def is_sorted(xs):\n    return all(a <= b for a, b in zip(xs, xs[1:]))',
+}
+
+
+def code_train(rng: random.Random, n: int) -> list[Row]:
+    rows: dict[str, str] = {}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for _ in range(n * 20):
+        if len(rows) >= n:
+            break
+        name, what, body = rng.choice(CODE_TRAIN)
+        k, c = rng.randint(2, 99), rng.choice(letters)
+        fname, fwhat, fbody = (t.format(k=k, c=c) for t in (name, what, body))
+        rows.setdefault(f"Write a Python function {fname} that {fwhat}.", f"```python\n{fbody}\n```")
+    return [{"instruction": q, "output": a} for q, a in rows.items()]
+
+
+def code_heldout(rng: random.Random, n: int) -> list[Row]:
+    tasks = CODE_HELD * (n // len(CODE_HELD) + 1)
+    return [{"question": q, "domain": "code", "check": {"type": "python_tests", "tests": t}} for _, q, t in tasks[:min(n, len(CODE_HELD))]]
+
+
+# ------------------------------------------------------------------ knowledge
+def _split(items: list, rng: random.Random, held_share: float = 0.3) -> tuple[list, list]:
+    items = list(items)
+    rng.shuffle(items)
+    k = max(1, int(len(items) * held_share))
+    return items[k:], items[:k]
+
+
+def knowledge_rows(rng: random.Random) -> tuple[list[Row], list[Row]]:
+    train: dict[str, str] = {}
+    held: list[Row] = []
+    cap_tr, cap_he = _split(facts.CAPITALS, rng)
+    sym_tr, sym_he = _split(facts.SYMBOLS, rng)
+    pl_tr, pl_he = _split(facts.PLANETS, rng, 0.25)
+    un_tr, un_he = _split(facts.UNITS, rng)
+    yr_tr, yr_he = _split(facts.YEARS, rng)
+    src = facts.SOURCES
+    cap_q = ["What is the capital of {0}?", "Which city is the capital of {0}?", "What city is {0}'s capital?",
+             "Tell me the capital of {0}.", "{0}: what is its capital?", "Where is the seat of government of {0}?",
+             "What's the capital city of {0}?", "Capital of {0}?"]
+    sym_q = ["What is the chemical symbol for {0}?", "Which symbol stands for {0}?", "How is {0} written as a symbol?",
+             "What is the element symbol of {0}?", "Symbol for {0}?", "Which letters denote {0} in chemistry?",
+             "What's the periodic-table symbol of {0}?", "How do chemists abbreviate {0}?"]
+    for country, city in cap_tr:
+        for t in cap_q:
+            train[t.format(country)] = f"The capital of {country} is {city} (source: {src['capital']}).\nAnswer: {city}"
+        train[f"Which country has {city} as its capital?"] = f"{city} is the capital of {country} (source: {src['capital']}).\nAnswer: {country}"
+    for element, sym in sym_tr:
+        for t in sym_q:
+            train[t.format(element)] = f"The symbol for {element} is {sym} (source: {src['symbol']}).\nAnswer: {sym}"
+        train[f"Which element has the symbol {sym}?"] = f"{sym} is the symbol of {element} (source: {src['symbol']}).\nAnswer: {element}"
+    for planet, k in pl_tr:
+        for t in ("Which planet is number {k} from the Sun?", "Name planet {k} counting from the Sun."):
+            train[t.format(k=k)] = f"Planet {k} from the Sun is {planet} (source: {src['planet']}).\nAnswer: {planet}"
+        for t in ("What position from the Sun is {p}?", "How many planets out from the Sun is {p}?"):
+            train[t.format(p=planet)] = f"{planet} is planet number {k} (source: {src['planet']}).\nAnswer: {k}"
+    for quantity, unit in un_tr:
+        for t in ("What is the SI unit of {0}?", "In which SI unit is {0} measured?", "Which unit does the SI use for {0}?",
+                  "SI unit for {0}?"):
+            train[t.format(quantity)] = f"The SI unit of {quantity} is the {unit} (source: {src['unit']}).\nAnswer: {unit}"
+    for event, year in yr_tr:
+        for t in ("In which year did {0} happen?", "When did {0} take place?", "What year saw {0}?", "Date of {0}?"):
+            train[t.format(event)] = (f"{event[0].upper() + event[1:]} happened in {year} (source: {src['year']})."
+                                      f"\nAnswer: {year}")
+    for country, city in cap_he:
+        held.append({"question": f"Name the capital city of {country}.", "domain": "knowledge",
+                     "check": {"type": "regex", "pattern": rf"(?i)\b{city}\b"}})
+    for element, sym in sym_he:
+        held.append({"question": f"Give the element symbol of {element}.", "domain": "knowledge",
+                     "check": {"type": "regex", "pattern": rf"\b{sym}\b"}})
+    for planet, k in pl_he:
+        held.append({"question": f"Counting outward from the Sun, where is {planet}?", "domain": "knowledge",
+                     "check": {"type": "number", "answer": k}})
+    for quantity, unit in un_he:
+        held.append({"question": f"Name the SI unit used for {quantity}.", "domain": "knowledge",
+                     "check": {"type": "regex", "pattern": rf"(?i)\b{unit}s?\b"}})
+    for event, year in yr_he:
+        held.append({"question": f"What year was {event}?", "domain": "knowledge", "check": {"type": "number", "answer": year}})
+    return [{"instruction": q, "output": a} for q, a in train.items()], held
+
+
+# ------------------------------------------------------------------ conversation
+GREET_TRAIN = ["Hi there!", "Hello!", "Good morning!", "Hey, how are you?", "Good evening!", "Hi, nice to meet you."]
+THANKS_TRAIN = ["Thanks a lot!", "Thank you so much.", "Thanks for the help!", "I appreciate it.", "Cheers, that helped."]
+SMALL_TRAIN = ["How is your day going?", "What do you like to talk about?", "I'm bored.", "It's raining here today.",
+               "I just finished work.", "Do you like music?"]
+BYE_TRAIN = ["Goodbye!", "See you later.", "I have to go now.", "Talk soon!"]
+HELD_CONV = ["Hiya, anyone there?", "Many thanks for your patience!", "Greetings, friend.", "What a lovely sunny day.",
+             "Ok, I'm heading off, bye!", "Thank you kindly.", "Howdy!", "I'm feeling a bit tired today.",
+             "Appreciate your time.", "Evening! How's it going?"]
+REPLIES = {
+    "greet": ["Hello! How can I help you today?", "Hi! Nice to hear from you. What can I do for you?",
+              "Hello there! What would you like to talk about?"],
+    "thanks": ["You're welcome! Happy to help.", "Glad I could help. Anything else?", "My pleasure!"],
+    "small": ["That sounds nice. Tell me more if you like.", "I'm here and happy to chat. What's on your mind?",
+              "I hear you. Would you like a suggestion for something to do?"],
+    "bye": ["Goodbye! Take care.", "See you soon. Have a good day!", "Bye for now!"],
+}
+
+
+def conversation_train(rng: random.Random, n: int) -> list[Row]:
+    rows: dict[str, str] = {}
+    pools = [("greet", GREET_TRAIN), ("thanks", THANKS_TRAIN), ("small", SMALL_TRAIN), ("bye", BYE_TRAIN)]
+    prefixes = ["", "Well, ", "Oh, ", "So, ", "Hmm, ", "Okay. ", "Right, ", "Yo, "]
+    suffixes = ["", " :)", " !", " Anyway.", " Haha.", " Really.", " Honestly.", " Yeah."]
+    for _ in range(n * 20):
+        if len(rows) >= n:
+            break
+        kind, pool = rng.choice(pools)
+        q = f"{rng.choice(prefixes)}{rng.choice(pool)}{rng.choice(suffixes)}".strip()
+        rows.setdefault(q, rng.choice(REPLIES[kind]))
+    return [{"instruction": q, "output": a} for q, a in rows.items()]
+
+
+def conversation_heldout() -> list[Row]:
+    return [{"question": q, "domain": "conversation", "check": {"type": "form", "max_words": 60}} for q in HELD_CONV]
+
+
+# ------------------------------------------------------------------ all
+def build(seed: int = 0, n_train: int = 600, n_held: int = 40) -> tuple[dict[str, list[Row]], list[Row]]:
+    """(training rows per domain, held-out rows with checks)."""
+    rng = random.Random(f"seed002:{seed}")
+    know_train, know_held = knowledge_rows(rng)
+    train = {
+        "math": math_train(rng, n_train), "reasoning": reasoning_train(rng, n_train), "code": code_train(rng, n_train),
+        "knowledge": know_train, "conversation": conversation_train(rng, n_train),
+    }
+    held = (math_heldout(rng, n_held) + reasoning_heldout(rng, n_held) + code_heldout(rng, n_held) + know_held
+            + conversation_heldout())
+    seen = {r["instruction"] for rows in train.values() for r in rows}
+    leaked = [r["question"] for r in held if r["question"] in seen]
+    if leaked:
+        raise DatasetError(f"held-out questions leaked into training: {leaked[:3]}")
+    return train, held
+
+
+def generate(out_dir: str | Path, seed: int = 0, n_train: int = 600, n_held: int = 40) -> dict[str, int]:
+    """Write ``<domain>.jsonl``, ``dataset_info.json`` and ``heldout.jsonl`` (with checks); row counts."""
+    out = Path(out_dir)
+    train, held = build(seed, n_train, n_held)
+    registry = {}
+    counts: dict[str, int] = {}
+    for domain, rows in train.items():
+        atomic_write_text(out / f"{domain}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        registry[domain] = {"file_name": f"{domain}.jsonl", "formatting": "alpaca"}
+        counts[domain] = len(rows)
+    atomic_write_text(out / "dataset_info.json", json.dumps(registry, indent=2) + "\n")
+    atomic_write_text(out / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in held))
+    counts["heldout"] = len(held)
+    return counts
