@@ -3,6 +3,7 @@ share no template and no item with training."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,13 @@ def test_generate_writes_files_bench_reads(tmp_path):
     assert len(load_conversations(["math"], tmp_path)) == counts["math"]
     qs = read_question_set(tmp_path / "heldout.jsonl", {}, require_check=True)
     assert len(qs) == counts["heldout"] and json.loads((tmp_path / "dataset_info.json").read_text())["code"]
+
+
+def test_the_seed002_configs_validate_and_point_at_the_shipped_data():
+    from conftest import REPO
+    from dmoe.config import load_train_config
+
+    for d in DOMAINS:
+        cfg = load_train_config(REPO / "examples" / "seed002" / "configs" / f"{d}.yaml")
+        assert cfg.model_name_or_path == "gemma3-270m" and cfg.lora_rank == 16 and cfg.num_train_epochs >= 3
+        assert cfg.expert_name == d and (Path(cfg.dataset_dir) / f"{d}.jsonl").is_file()
