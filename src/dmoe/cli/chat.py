@@ -186,6 +186,8 @@ def chat(
     from dmoe.experts import resolve_expert
     from dmoe.runtime import ServeConfig, build_state
 
+    if sum(map(bool, (expert, auto, base_only))) > 1:
+        raise DmoeError("give one of --expert, --auto and --base-only")
     folders = experts_dirs(experts)
     if expert:  # names are checked before the slow base load
         resolve_expert(expert, roots_for(folders, expert))
@@ -198,9 +200,8 @@ def chat(
         console.print(session.use_expert(expert))
     elif base_only:
         console.print(session.command("/base"))
-    else:
+    else:  # --auto, the default
         console.print(session.command("/auto"))
-    del auto  # the default; the flag exists so scripts can say it
     _line_editing()
     console.print("/help lists the commands; an empty line quits", style="dim")
     while True:
