@@ -168,3 +168,18 @@ def test_a_wheel_carries_the_bundled_defaults_and_an_install_finds_them(tmp_path
     monkeypatch.setattr(paths, "_checkout_examples", lambda: tmp_path / "no-checkout")
     monkeypatch.setattr(sys, "prefix", str(prefix))
     assert paths.default_experts_dir() == prefix / "share" / "dmoe" / "examples" / "experts"
+
+
+def test_the_base_comes_from_the_expert_cards_when_none_is_given():
+    from types import SimpleNamespace
+
+    from dmoe.base import BaseIdentity
+    from dmoe.runtime import base_from_cards
+
+    def expert(name):
+        return SimpleNamespace(base=BaseIdentity(name, "x"))
+
+    assert base_from_cards([expert("gemma-3-270m"), expert("gemma-3-270m")]) == "gemma-3-270m"
+    assert base_from_cards([expert("SmolLM2-135M-Instruct")]) is None  # the default anyway
+    assert base_from_cards([expert("gemma-3-270m"), expert("SmolLM2-135M-Instruct")]) is None  # mixed: check_base says which
+    assert base_from_cards([]) is None

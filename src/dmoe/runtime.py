@@ -189,17 +189,34 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     return engine, tok, spec.identity
 
 
+def base_from_cards(experts: list[Expert]) -> str | None:
+    """The base the experts were trained on, when none is given: the one named base they all
+    record (``gemma-3-270m``), else None (the embedded default). Identity is still checked per expert."""
+    from dmoe.base import EMBEDDED_NAME, GEMMA_ALIASES
+
+    names = {e.base.name for e in experts}
+    if len(names) == 1:
+        (name,) = names
+        if name.lower() in GEMMA_ALIASES and name != EMBEDDED_NAME:
+            return name
+    return None
+
+
 def build_state(cfg: ServeConfig) -> ServeState:
-    """The engine with every expert of ``cfg.experts_dir`` (and ``more_experts``) loaded, and the router."""
+    """The engine with every expert of ``cfg.experts_dir`` (and ``more_experts``) loaded, and the router.
+    With no ``base`` given, the experts' cards name it when they all share a named base."""
+    experts_dir = cfg.experts_dir
+    folders = [f for f in ([experts_dir] if experts_dir is not None else []) + list(cfg.more_experts) if f.is_dir()]
+    experts = find_experts_in(folders)
+    if cfg.base is None and (named := base_from_cards(experts)) is not None:
+        log.info("base %s, as the experts' cards say", named)
+        cfg = cfg.model_copy(update={"base": named})
     engine, tok, base = build_engine(cfg)
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
                     max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient,
                     refit_on_change=cfg.use_router and cfg.refit_router, allowed_hosts=cfg.allowed_hosts,
                     max_body_bytes=cfg.max_body_bytes,
                     router_cache=cfg.experts_dir / ROUTER_DIR / "cache" if cfg.experts_dir is not None else None)
-    experts_dir = cfg.experts_dir
-    folders = [f for f in ([experts_dir] if experts_dir is not None else []) + list(cfg.more_experts) if f.is_dir()]
-    experts = find_experts_in(folders)
     for expert in experts:
         check_base(expert, base)
         engine.load_expert(expert)
