@@ -34,16 +34,55 @@ Row = dict  # an Alpaca row {"instruction", "output"}, or a held-out row {"quest
 
 
 # ------------------------------------------------------------------ math
+PLACES = ("units", "tens", "hundreds", "thousands", "ten-thousands")
+
+
 def _add(a: int, b: int) -> str:
-    return f"Add the numbers column by column, carrying where a column passes 9: {a} + {b} = {a + b}.\nAnswer: {a + b}"
+    """Column addition, one column a line, carries written out: a small model can follow digits
+    where it cannot recall a four-digit sum."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    lines, carry, digits = [], 0, []
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        total = x + y + carry
+        lines.append(f"{PLACES[i]}: {x} + {y}" + (f" + {carry}" if carry else "") + f" = {total}, write {total % 10}"
+                     + (", carry 1" if total >= 10 else ""))
+        digits.append(str(total % 10))
+        carry = total // 10
+    if carry:
+        lines.append(f"{PLACES[len(digits)]}: carry 1, write 1")
+        digits.append("1")
+    result = "".join(reversed(digits))
+    assert int(result) == a + b
+    return f"{a} + {b}, column by column:\n" + "\n".join(lines) + f"\nSo {a} + {b} = {result}.\nAnswer: {result}"
+
+
+def _sub(a: int, b: int) -> str:
+    """Column subtraction with borrows written out (a >= b)."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    lines, borrow, digits = [], 0, []
+    for i in range(len(xs)):
+        d, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
+        x = d - borrow
+        head = f"{PLACES[i]}: {d} - 1 borrowed = {x}; " if borrow else f"{PLACES[i]}: "
+        if x < y:
+            lines.append(f"{head}{x} < {y}, borrow ten: {x + 10} - {y} = {x + 10 - y}")
+            digits.append(str(x + 10 - y))
+            borrow = 1
+        else:
+            lines.append(f"{head}{x} - {y} = {x - y}")
+            digits.append(str(x - y))
+            borrow = 0
+    result = str(int("".join(reversed(digits))))
+    assert int(result) == a - b
+    return f"{a} - {b}, column by column:\n" + "\n".join(lines) + f"\nSo {a} - {b} = {result}.\nAnswer: {result}"
 
 
 def math_train(rng: random.Random, n: int) -> list[Row]:
     rows: dict[str, str] = {}
     makers: list[Callable[[], tuple[str, str]]] = [
-        lambda: (lambda a, b: (f"What is {a} + {b}?", _add(a, b)))(rng.randint(100, 999), rng.randint(100, 999)),
-        lambda: (lambda a, b: (f"What is {a} - {b}?", f"Subtract, borrowing where needed: {a} - {b} = {a - b}.\n"
-                                                     f"Answer: {a - b}"))(rng.randint(500, 999), rng.randint(100, 499)),
+        lambda: (lambda a, b: (f"What is {a} + {b}?", _add(a, b)))(rng.randint(100, 9999), rng.randint(100, 9999)),
+        lambda: (lambda a, b: (f"What is {a} - {b}?", _sub(a, b)))(rng.randint(5000, 9999), rng.randint(100, 4999)),
         lambda: (lambda a, b: (f"What is {a} times {b}?", f"{a} x {b} = {a} x {b // 10 * 10} + {a} x {b % 10} = "
                                                          f"{a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}.\nAnswer: {a * b}"))(
             rng.randint(12, 99), rng.randint(12, 99)),
@@ -329,14 +368,17 @@ def conversation_heldout() -> list[Row]:
 # ------------------------------------------------------------------ all
 def build(seed: int = 0, n_train: int = 600, n_held: int = 40) -> tuple[dict[str, list[Row]], list[Row]]:
     """(training rows per domain, held-out rows with checks)."""
-    rng = random.Random(f"seed002:{seed}")
-    know_train, know_held = knowledge_rows(rng)
+    def rng(domain: str, part: str) -> random.Random:  # one stream per domain and part: editing one leaves the others
+        return random.Random(f"seed002:{seed}:{domain}:{part}")
+
+    know_train, know_held = knowledge_rows(rng("knowledge", "split"))
     train = {
-        "math": math_train(rng, n_train), "reasoning": reasoning_train(rng, n_train), "code": code_train(rng, n_train),
-        "knowledge": know_train, "conversation": conversation_train(rng, n_train),
+        "math": math_train(rng("math", "train"), n_train), "reasoning": reasoning_train(rng("reasoning", "train"), n_train),
+        "code": code_train(rng("code", "train"), n_train), "knowledge": know_train,
+        "conversation": conversation_train(rng("conversation", "train"), n_train),
     }
-    held = (math_heldout(rng, n_held) + reasoning_heldout(rng, n_held) + code_heldout(rng, n_held) + know_held
-            + conversation_heldout())
+    held = (math_heldout(rng("math", "heldout"), n_held) + reasoning_heldout(rng("reasoning", "heldout"), n_held)
+            + code_heldout(rng("code", "heldout"), n_held) + know_held + conversation_heldout())
     seen = {r["instruction"] for rows in train.values() for r in rows}
     leaked = [r["question"] for r in held if r["question"] in seen]
     if leaked:
