@@ -78,12 +78,27 @@ def _sub(a: int, b: int) -> str:
     return f"{a} - {b}, column by column:\n" + "\n".join(lines) + f"\nSo {a} - {b} = {result}.\nAnswer: {result}"
 
 
+# Many wordings of each operation, so the column procedure attaches to the operation rather than
+# to one phrasing (the first expert did not carry it over to unseen wordings). The held-out
+# wordings ("Compute the sum of", "Multiply A by B", "Find x if") are none of these.
+ADD_Q = ["What is {a} + {b}?", "Add {a} and {b}.", "What do you get when you add {a} to {b}?", "Calculate {a} plus {b}.",
+         "{a} + {b} = ?", "How much is {a} plus {b}?", "Work out {a} + {b}.", "What is the total of {a} and {b}?",
+         "Please add {a} and {b}.", "Find {a} + {b}."]
+SUB_Q = ["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?", "Calculate {a} - {b}.",
+         "{a} - {b} = ?", "How much is left when you take {b} from {a}?", "Work out {a} minus {b}.",
+         "What is the difference between {a} and {b}?"]
+MUL_Q = ["What is {a} times {b}?", "Calculate {a} x {b}.", "What is the product of {a} and {b}?", "{a} x {b} = ?",
+         "How much is {a} times {b}?"]
+EQ_Q = ["Solve for x: {a}x + {b} = {c}", "What is x when {a}x + {b} = {c}?", "If {a}x + {b} = {c}, what is x?",
+        "Solve {a}x + {b} = {c} for x."]
+
+
 def math_train(rng: random.Random, n: int) -> list[Row]:
     rows: dict[str, str] = {}
     makers: list[Callable[[], tuple[str, str]]] = [
-        lambda: (lambda a, b: (f"What is {a} + {b}?", _add(a, b)))(rng.randint(100, 9999), rng.randint(100, 9999)),
-        lambda: (lambda a, b: (f"What is {a} - {b}?", _sub(a, b)))(rng.randint(5000, 9999), rng.randint(100, 4999)),
-        lambda: (lambda a, b: (f"What is {a} times {b}?", f"{a} x {b} = {a} x {b // 10 * 10} + {a} x {b % 10} = "
+        lambda: (lambda a, b: (rng.choice(ADD_Q).format(a=a, b=b), _add(a, b)))(rng.randint(100, 9999), rng.randint(100, 9999)),
+        lambda: (lambda a, b: (rng.choice(SUB_Q).format(a=a, b=b), _sub(a, b)))(rng.randint(5000, 9999), rng.randint(100, 4999)),
+        lambda: (lambda a, b: (rng.choice(MUL_Q).format(a=a, b=b), f"{a} x {b} = {a} x {b // 10 * 10} + {a} x {b % 10} = "
                                                          f"{a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}.\nAnswer: {a * b}"))(
             rng.randint(12, 99), rng.randint(12, 99)),
         lambda: (lambda p, n, bill: (
@@ -91,7 +106,7 @@ def math_train(rng: random.Random, n: int) -> list[Row]:
             f"The pens cost {n} x {p} = {n * p} cents. He pays {bill} x 100 = {bill * 100} cents. "
             f"Change: {bill * 100} - {n * p} = {bill * 100 - n * p} cents.\nAnswer: {bill * 100 - n * p}"))(
             rng.randint(15, 95), rng.randint(2, 9), 10),
-        lambda: (lambda a, b, c: (f"Solve for x: {a}x + {b} = {a * c + b}",
+        lambda: (lambda a, b, c: (rng.choice(EQ_Q).format(a=a, b=b, c=a * c + b),
                                   f"Subtract {b} from both sides: {a}x = {a * c}. Divide by {a}: x = {c}.\nAnswer: {c}"))(
             rng.randint(2, 12), rng.randint(1, 50), rng.randint(1, 30)),
     ]
