@@ -108,6 +108,20 @@ def tiny_experts(tmp_path_factory, tiny_base) -> Path:
     return root
 
 
+@pytest.fixture
+def tiny_engine(tiny_base, tiny_experts):
+    """A torch engine over the tiny base with alpha and beta loaded (8 rows, 128 positions)."""
+    from dmoe.base import load_base
+    from dmoe.engine.torch_engine import TorchEngine
+    from dmoe.experts import load_expert
+
+    model, tok, _ = load_base(tiny_base)
+    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
+    for name in ("alpha", "beta"):
+        eng.load_expert(load_expert(tiny_experts / name))
+    return eng
+
+
 def unused_port() -> int:
     """A loopback port nothing listens on (bound, then closed)."""
     import socket

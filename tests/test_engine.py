@@ -10,7 +10,6 @@ from conftest import step_wrapper
 from dmoe.base import load_base
 from dmoe.engine.protocol import Engine, run_until_done
 from dmoe.engine.request import SamplingParams
-from dmoe.engine.torch_engine import TorchEngine
 from dmoe.errors import AdapterError, AdapterInUseError, EngineError, ExpertNotLoadedError, RequestError
 from dmoe.experts import apply_expert, load_expert
 
@@ -18,12 +17,8 @@ GREEDY = SamplingParams(max_tokens=12)
 
 
 @pytest.fixture
-def engine(tiny_base, tiny_experts):
-    model, tok, _ = load_base(tiny_base)
-    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=128, max_loras=4, max_rank=8)
-    for name in ("alpha", "beta"):
-        eng.load_expert(load_expert(tiny_experts / name))
-    return eng
+def engine(tiny_engine):
+    return tiny_engine
 
 
 PROMPTS = [[1, 4093, 198, 1780, 1076], [1, 520, 9531, 198], [5, 6, 7, 8, 9, 10, 11], [300, 301]]

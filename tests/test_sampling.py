@@ -7,14 +7,11 @@ import jsonschema
 import pytest
 import torch
 
-from dmoe.base import load_base
 from dmoe.engine.grammar import gbnf_grammar, json_schema_grammar, new_matcher, response_format_grammar
 from dmoe.engine.protocol import run_until_done
 from dmoe.engine.request import Request, SamplingParams, append_token
 from dmoe.engine.sampling import sample_batch, sample_batch_reference
-from dmoe.engine.torch_engine import TorchEngine
 from dmoe.errors import RequestError
-from dmoe.experts import load_expert
 
 V = 64
 
@@ -120,12 +117,8 @@ def test_response_format_text_is_no_grammar_and_gbnf_errors_are_readable():
 
 
 @pytest.fixture
-def engine(tiny_base, tiny_experts):
-    model, tok, _ = load_base(tiny_base)
-    eng = TorchEngine.from_base(model, tok, max_batch=8, max_seq=256, max_loras=4, max_rank=8)
-    for name in ("alpha", "beta"):
-        eng.load_expert(load_expert(tiny_experts / name))
-    return eng
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def test_grammar_rows_match_their_schema_and_free_rows_are_untouched_in_a_mixed_batch(engine):

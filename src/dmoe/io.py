@@ -123,12 +123,22 @@ def read_jsonl(path: str | os.PathLike, error: type[DmoeError] = DmoeError, *,
     was cut by a ``kill -9``; everything after a torn line is dropped too).
     """
     p = Path(path)
-    if not p.is_file():
-        raise error(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
+    return parse_jsonl(read_text_file(p, error, what=what), p, error, torn_tail_ok=torn_tail_ok)
+
+
+def read_text_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str = "file") -> str:
+    """A UTF-8 text file, or ``error`` saying it is missing, not a file, or not text."""
+    if not path.is_file():
+        raise error(f"{what} {path} not found" if not path.exists() else f"{what} {path} is not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_jsonl(text: str, p: Path, error: type[DmoeError] = DmoeError, *,
+                torn_tail_ok: bool = False) -> list[tuple[int, Any]]:
+    """:func:`read_jsonl` on text already read from ``p`` (named in the errors)."""
     rows: list[tuple[int, Any]] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

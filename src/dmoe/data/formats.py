@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dmoe import DmoeError
-from dmoe.io import read_jsonl
+from dmoe.io import parse_jsonl, read_text_file
 
 FORMATTINGS = ("alpaca", "sharegpt")
 
@@ -50,14 +50,9 @@ def read_rows(path: Path) -> list[Any]:
 def read_located_rows(path: Path) -> list[tuple[str, Any]]:
     """(where, row) for each row: ``file:LINE`` (1-based, as editors show it) for JSONL, the
     same numbering as a bad-JSON error; ``file: item N`` (1-based) in a JSON list."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: dataset file not found" if not path.exists() else f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text_file(path, DatasetError, what="dataset file")  # read once, whichever the format
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        return [(f"{path}:{n}", row) for n, row in read_jsonl(path, DatasetError, what="dataset file")]
+        return [(f"{path}:{n}", row) for n, row in parse_jsonl(text, path, DatasetError)]
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:

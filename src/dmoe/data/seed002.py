@@ -33,6 +33,17 @@ DOMAINS = ("math", "reasoning", "code", "knowledge", "conversation")
 Row = dict  # an Alpaca row {"instruction", "output"}, or a held-out row {"question", "domain", "check"}
 
 
+def _distinct(n: int, make: Callable[[], tuple[str, str]]) -> list[Row]:
+    """Up to ``n`` rows with distinct questions from ``make`` (bounded: 20 tries a row)."""
+    rows: dict[str, str] = {}
+    for _ in range(n * 20):
+        if len(rows) >= n:
+            break
+        q, a = make()
+        rows.setdefault(q, a)
+    return [{"instruction": q, "output": a} for q, a in rows.items()]
+
+
 # ------------------------------------------------------------------ math
 PLACES = ("units", "tens", "hundreds", "thousands", "ten-thousands")
 
@@ -94,7 +105,6 @@ EQ_Q = ["Solve for x: {a}x + {b} = {c}", "What is x when {a}x + {b} = {c}?", "If
 
 
 def math_train(rng: random.Random, n: int) -> list[Row]:
-    rows: dict[str, str] = {}
     makers: list[Callable[[], tuple[str, str]]] = [
         lambda: (lambda a, b: (rng.choice(ADD_Q).format(a=a, b=b), _add(a, b)))(rng.randint(100, 9999), rng.randint(100, 9999)),
         lambda: (lambda a, b: (rng.choice(SUB_Q).format(a=a, b=b), _sub(a, b)))(rng.randint(5000, 9999), rng.randint(100, 4999)),
@@ -110,12 +120,7 @@ def math_train(rng: random.Random, n: int) -> list[Row]:
                                   f"Subtract {b} from both sides: {a}x = {a * c}. Divide by {a}: x = {c}.\nAnswer: {c}"))(
             rng.randint(2, 12), rng.randint(1, 50), rng.randint(1, 30)),
     ]
-    for _ in range(n * 20):
-        if len(rows) >= n:
-            break
-        q, a = rng.choice(makers)()
-        rows.setdefault(q, a)
-    return [{"instruction": q, "output": a} for q, a in rows.items()]
+    return _distinct(n, lambda: rng.choice(makers)())
 
 
 def math_heldout(rng: random.Random, n: int) -> list[Row]:
@@ -156,10 +161,7 @@ def _order(names: list[str], rng: random.Random, adj: str, est: str) -> tuple[st
 
 
 def reasoning_train(rng: random.Random, n: int) -> list[Row]:
-    rows: dict[str, str] = {}
-    for _ in range(n * 20):
-        if len(rows) >= n:
-            break
+    def make() -> tuple[str, str]:
         kind = rng.randrange(3)
         if kind == 0:
             x, y, z = rng.choice(KINDS_TRAIN)
@@ -173,8 +175,9 @@ def reasoning_train(rng: random.Random, n: int) -> list[Row]:
             seq = [start + step * i for i in range(4)]
             q = f"What comes next: {', '.join(map(str, seq))}, ...?"
             a = f"Each term adds {step}: {seq[-1]} + {step} = {seq[-1] + step}.\nAnswer: {seq[-1] + step}"
-        rows.setdefault(q, a)
-    return [{"instruction": q, "output": a} for q, a in rows.items()]
+        return q, a
+
+    return _distinct(n, make)
 
 
 def reasoning_heldout(rng: random.Random, n: int) -> list[Row]:
@@ -265,16 +268,15 @@ HELD_SOLUTIONS = {
 
 
 def code_train(rng: random.Random, n: int) -> list[Row]:
-    rows: dict[str, str] = {}
     letters = "abcdefghijklmnopqrstuvwxyz"
-    for _ in range(n * 20):
-        if len(rows) >= n:
-            break
+
+    def make() -> tuple[str, str]:
         name, what, body = rng.choice(CODE_TRAIN)
         k, c = rng.randint(2, 99), rng.choice(letters)
         fname, fwhat, fbody = (t.format(k=k, c=c) for t in (name, what, body))
-        rows.setdefault(f"Write a Python function {fname} that {fwhat}.", f"```python\n{fbody}\n```")
-    return [{"instruction": q, "output": a} for q, a in rows.items()]
+        return f"Write a Python function {fname} that {fwhat}.", f"```python\n{fbody}\n```"
+
+    return _distinct(n, make)
 
 
 def code_heldout(rng: random.Random, n: int) -> list[Row]:
@@ -363,17 +365,15 @@ REPLIES = {
 
 
 def conversation_train(rng: random.Random, n: int) -> list[Row]:
-    rows: dict[str, str] = {}
     pools = [("greet", GREET_TRAIN), ("thanks", THANKS_TRAIN), ("small", SMALL_TRAIN), ("bye", BYE_TRAIN)]
     prefixes = ["", "Well, ", "Oh, ", "So, ", "Hmm, ", "Okay. ", "Right, ", "Yo, "]
     suffixes = ["", " :)", " !", " Anyway.", " Haha.", " Really.", " Honestly.", " Yeah."]
-    for _ in range(n * 20):
-        if len(rows) >= n:
-            break
+    def make() -> tuple[str, str]:
         kind, pool = rng.choice(pools)
         q = f"{rng.choice(prefixes)}{rng.choice(pool)}{rng.choice(suffixes)}".strip()
-        rows.setdefault(q, rng.choice(REPLIES[kind]))
-    return [{"instruction": q, "output": a} for q, a in rows.items()]
+        return q, rng.choice(REPLIES[kind])
+
+    return _distinct(n, make)
 
 
 def conversation_heldout() -> list[Row]:
