@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmoe import DmoeError
+from dmoe.io import read_yaml_file
 
 
 class ConfigError(DmoeError):
@@ -285,14 +286,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
             raise ConfigError(f"{p} is a folder; give the YAML config file inside it")
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p} is not a text file; give a YAML config") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
+        loaded = read_yaml_file(p, ConfigError, what="config file")
         data.update(_paths_from(loaded, p.parent))
     for item in overrides:
         k, v = parse_override(item)
@@ -317,10 +311,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
 def load_expert_card(path: str | Path) -> ExpertCard:
     """Read and validate an ``expert.yaml``."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{p}: cannot read expert card: {exc}") from None
+    data = read_yaml_file(p, ConfigError, what="expert card")
     try:
         return ExpertCard(**data)
     except ValidationError as exc:

@@ -12,7 +12,6 @@ outside every root is refused, so a request can never load an arbitrary file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from safetensors.torch import load_file
 from dmoe.base import BaseIdentity
 from dmoe.config import ConfigError, ExpertCard, load_expert_card
 from dmoe.errors import AdapterError, ExpertError, ExpertNotFoundError, OutsideRootsError
-from dmoe.io import atomic_write_text
+from dmoe.io import atomic_write_text, read_json_file
 
 CARD_FILE = "expert.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,7 +50,7 @@ class Expert:
         return BaseIdentity(self.card.base.get("name", "?"), self.card.base.get("sha256", ""))
 
     def adapter_config(self) -> dict:
-        return json.loads((self.path / ADAPTER_CONFIG).read_text())
+        return read_json_file(self.path / ADAPTER_CONFIG, AdapterError, what=f"expert '{self.name}': adapter config")
 
 
 def is_expert_dir(path: Path) -> bool:
@@ -151,10 +150,13 @@ def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, tor
         raise AdapterError(f"expert '{expert.name}': DoRA adapters are not supported by the serving engine; train without use_dora")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"expert '{expert.name}': modules_to_save (full weight copies) cannot be served as LoRA")
-    r = int(cfg.get("r", 0))
-    alpha = float(cfg.get("lora_alpha", r))
-    if r <= 0:
-        raise AdapterError(f"expert '{expert.name}': adapter_config.json has no valid rank 'r'")
+    r, alpha = cfg.get("r", 0), cfg.get("lora_alpha", cfg.get("r", 0))
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 65536:
+        raise AdapterError(f"expert '{expert.name}': adapter_config.json has no valid rank 'r' (a whole number "
+                           f"1..65536, got {r!r})")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"expert '{expert.name}': adapter_config.json 'lora_alpha' must be a finite number, got {alpha!r}")
+    alpha = float(alpha)
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     try:
         weights = load_file(str(expert.path / ADAPTER_WEIGHTS))

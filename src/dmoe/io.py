@@ -136,6 +136,39 @@ def read_text_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str 
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def read_json_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str = "file", mapping: bool = True) -> Any:
+    """A JSON file's value (an object when ``mapping``), or ``error`` naming the file and the fault."""
+    text = read_text_file(path, error, what=what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    if mapping and not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object of key: value, got {type(value).__name__}")
+    return value
+
+
+def read_yaml_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str = "file", mapping: bool = True) -> Any:
+    """A YAML file's value (safe_load; a mapping when ``mapping``, an empty file giving {}),
+    or ``error`` naming the file and the fault."""
+    import yaml
+
+    text = read_text_file(path, error, what=what)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    except RecursionError:
+        raise error(f"{path}: YAML nested too deeply") from None
+    if value is None and mapping:
+        return {}
+    if mapping and not isinstance(value, dict):
+        raise error(f"{path}: expected a mapping of key: value, got {type(value).__name__}")
+    return value
+
+
 def parse_jsonl(text: str, p: Path, error: type[DmoeError] = DmoeError, *,
                 torn_tail_ok: bool = False) -> list[tuple[int, Any]]:
     """:func:`read_jsonl` on text already read from ``p`` (named in the errors)."""

@@ -60,6 +60,9 @@ class ServeConfig(BaseModel):
     allowed_hosts: list[str] | None = Field(default_factory=lambda: list(LOOPBACK_HOSTS), description=
         "Host header names accepted (DNS-rebinding protection); None = no check (a server bound to a public address)")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get 413, unread")
+    client_timeout_s: float = Field(default=30.0, gt=0, le=3600, description=
+        "a client gets this long to send a request's headers, and again this long for its body (slowloris)")
+    max_connections: int = Field(default=1024, ge=1, description="open connections at most; one more gets 503")
 
     @classmethod
     def make(cls, **values: Any) -> "ServeConfig":
@@ -99,6 +102,8 @@ class ServeState:
     router_status: dict = field(default_factory=dict)  # what /v1/experts and load responses report
     allowed_hosts: list[str] | None = field(default_factory=lambda: list(LOOPBACK_HOSTS))
     max_body_bytes: int = 4 * 1024 * 1024
+    client_timeout_s: float = 30.0  # per request: headers, then body (serve/http.py, serve/guard.py)
+    max_connections: int = 1024
     _router_lock: threading.Lock = field(default_factory=threading.Lock)
     _router_gen: int = 0
 
@@ -215,7 +220,8 @@ def build_state(cfg: ServeConfig) -> ServeState:
     st = ServeState(engine=engine, tokenizer=tok, base=base, roots=cfg.all_roots(), api_key=cfg.api_key,
                     max_queue=cfg.max_queue, route_mode=cfg.route_mode, lenient=cfg.lenient,
                     refit_on_change=cfg.use_router and cfg.refit_router, allowed_hosts=cfg.allowed_hosts,
-                    max_body_bytes=cfg.max_body_bytes,
+                    max_body_bytes=cfg.max_body_bytes, client_timeout_s=cfg.client_timeout_s,
+                    max_connections=cfg.max_connections,
                     router_cache=cfg.experts_dir / ROUTER_DIR / "cache" if cfg.experts_dir is not None else None)
     for expert in experts:
         check_base(expert, base)

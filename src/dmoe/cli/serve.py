@@ -21,6 +21,16 @@ def hosts_to_allow(bind: str, extra: list[str]) -> list[str] | None:
     return [*LOOPBACK_HOSTS, bind, *extra] if extra else None
 
 
+def exposure_warning(bind: str, api_key: str | None) -> str | None:
+    """The loud line for a server reachable from other machines with no API key, else None."""
+    from dmoe.runtime import LOOPBACK_HOSTS
+
+    if api_key or bind in LOOPBACK_HOSTS or bind.startswith("127."):
+        return None
+    return (f"WARNING: listening on {bind} with no API key: anyone who can reach this machine can load and unload "
+            "experts, change adapter scales and use the model. Set --api-key (or $DMOE_API_KEY), or bind 127.0.0.1.")
+
+
 @user_errors
 def serve(
     experts: Optional[list[Path]] = experts_option("experts loaded at start, also an allowed root (default: $DMOE_EXPERTS or ./examples/experts)"),
@@ -44,6 +54,9 @@ def serve(
     allowed_hosts: list[str] = typer.Option([], "--allowed-hosts", help="more Host names to accept (a loopback "
                                             "server accepts loopback names only, against DNS rebinding)"),
     max_body_mb: float = typer.Option(4.0, min=0.001, help="largest request body in MB; larger ones get 413 unread"),
+    client_timeout: float = typer.Option(30.0, min=0.01, max=3600, help="seconds a client gets to send a request's "
+                                         "headers, and again for its body (slow clients are closed; 408 for a body)"),
+    max_connections: int = typer.Option(1024, min=1, help="open connections at most; a request on one more gets 503"),
     refit_router: bool = typer.Option(True, "--refit-router/--no-refit-router",
                                       help="refit the router in the background when experts are hot-loaded or unloaded"),
 ):
@@ -59,7 +72,10 @@ def serve(
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
                            keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
                            refit_router=refit_router, allowed_hosts=hosts_to_allow(host, allowed_hosts),
-                           max_body_bytes=int(max_body_mb * 1024 * 1024))
+                           max_body_bytes=int(max_body_mb * 1024 * 1024), client_timeout_s=client_timeout,
+                           max_connections=max_connections)
+    if exposure := exposure_warning(host, api_key):
+        console.print(f"[bold red]{exposure}[/]")
     sock = bind(host, port)  # a busy port fails now, before the model loads
     st = build_state(cfg)
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "

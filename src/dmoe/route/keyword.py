@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dmoe.io import read_yaml_file
 from dmoe.route.decision import NONE, RouteDecision, decide
 from dmoe.route.text import RouteError, clean_query
 
@@ -53,11 +53,11 @@ class KeywordRouter:
         """Read a rules file; errors name the file and the field."""
         p = Path(path)
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = read_yaml_file(p, RouteError, what="keyword rules")
             return cls(KeywordRules.model_validate(raw), name=f"keyword:{p.name}")
         except OSError as exc:
             raise RouteError(f"keyword rules {p}: {exc.strerror}") from None
-        except (yaml.YAMLError, ValidationError) as exc:
+        except ValidationError as exc:
             raise RouteError(f"keyword rules {p} are invalid: {str(exc).splitlines()[0]} (see examples/routers/keywords.yaml)") from None
 
     @property

@@ -27,12 +27,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field as PField
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from dmoe.experts import ADAPTER_WEIGHTS, Expert
-from dmoe.io import atomic_write_text, content_hash
+from dmoe.io import atomic_write_text, content_hash, read_json_file
 from dmoe.route.classifiers import KINDS, Classifier, fit
 from dmoe.route.decision import NONE, RouteDecision, decide
 from dmoe.route.encoders import Encoder
@@ -100,16 +104,73 @@ class EmbeddingRouter:
         return d
 
 
+class RouterMeta(BaseModel):
+    """``router.json``, validated before anything in it is used."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    version: int
+    classes: list[str] = PField(min_length=2, max_length=10_000)
+    encoder: str
+    classifier: Literal[KINDS]  # type: ignore[valid-type]
+    temperature: float = PField(gt=0, allow_inf_nan=False)
+    k: int = PField(ge=1, le=100_000)
+    threshold: float = PField(ge=0, le=1, allow_inf_nan=False)
+    experts: dict[str, str]
+    report: dict = PField(default_factory=dict)
+
+
+# the arrays each classifier kind reads, with their rank (C classes, D dims, M points)
+_ARRAYS = {"centroid": {"centroids": 2}, "knn": {"points": 2, "labels": 1}, "logreg": {"coef": 2, "intercept": 1}}
+
+
+def _read_meta(f: Path) -> RouterMeta:
+    raw = read_json_file(f, RouteError, what="router file")
+    if raw.get("version") != VERSION:
+        raise RouteError(f"{f} has version {raw.get('version')!r}, this dmoe reads {VERSION}: retrain it "
+                         f"with `dmoe route train --experts {f.parent.parent}`")
+    try:
+        return RouterMeta.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise RouteError(f"{f} is damaged: {'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}; retrain it "
+                         f"with `dmoe route train --experts {f.parent.parent}`") from None
+
+
+def _read_arrays(f: Path, meta: RouterMeta, dim: int) -> dict[str, np.ndarray]:
+    """The classifier's arrays, checked against the classes and the encoder's dimension."""
+    fix = f"retrain it with `dmoe route train --experts {f.parent.parent}`"
+    try:
+        arrays = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RouteError(f"{f} is not a readable safetensors file ({exc}); {fix}") from None
+    n = len(meta.classes)
+    for name, ndim in _ARRAYS[meta.classifier].items():
+        a = arrays.get(name)
+        if a is None or a.ndim != ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise RouteError(f"{f}: array {name!r} is missing or malformed for a {meta.classifier} router; {fix}")
+    rows = {"centroid": ("centroids", n), "logreg": ("coef", n)}.get(meta.classifier)
+    if rows is not None and arrays[rows[0]].shape != (rows[1], dim):
+        raise RouteError(f"{f}: {rows[0]} has shape {arrays[rows[0]].shape}, expected ({rows[1]}, {dim}); {fix}")
+    if meta.classifier == "logreg" and arrays["intercept"].shape != (n,):
+        raise RouteError(f"{f}: intercept has shape {arrays['intercept'].shape}, expected ({n},); {fix}")
+    if meta.classifier == "knn":
+        points, labels = arrays["points"], arrays["labels"]
+        if points.shape[1] != dim or labels.shape != (points.shape[0],) or points.shape[0] == 0 \
+                or not ((labels >= 0) & (labels < n)).all():
+            raise RouteError(f"{f}: knn points {points.shape} / labels {labels.shape} do not fit {n} classes "
+                             f"of dimension {dim}; {fix}")
+    return arrays
+
+
 def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder | None = None) -> EmbeddingRouter:
-    """Load a router and check it was trained for exactly these experts (and adapters)."""
+    """Load a router and check it was trained for exactly these experts (and adapters). A
+    damaged file is a RouteError that says to retrain, never a wrong route."""
     d = Path(directory)
     if not (d / ROUTER_JSON).is_file():
         raise RouteError(f"no router in {d}: train one with `dmoe route train --experts {d.parent}`")
-    meta = json.loads((d / ROUTER_JSON).read_text())
-    if meta.get("version") != VERSION:
-        raise RouteError(f"{d / ROUTER_JSON} has version {meta.get('version')}, this dmoe reads {VERSION}: retrain it")
+    meta = _read_meta(d / ROUTER_JSON)
     want = {e.name: expert_fingerprint(e) for e in experts}
-    have = meta["experts"]
+    have = meta.experts
     if want != have:
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         changed = sorted(n for n in set(want) & set(have) if want[n] != have[n])
@@ -120,13 +181,16 @@ def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder |
     if encoder is None:
         from dmoe.route.encoders import make_encoder
 
-        kind, *rest = meta["encoder"].split(":")
+        kind, *rest = meta.encoder.split(":")
         encoder = make_encoder(kind, dtype=rest[-1] if kind == "minilm" and len(rest) > 1 else None)
-    if encoder.id != meta["encoder"]:
-        raise RouteError(f"the router in {d} was trained with encoder {meta['encoder']}, not {encoder.id}: retrain it")
-    arrays = load_file(str(d / ROUTER_WEIGHTS))
-    clf = Classifier(meta["classifier"], arrays, len(meta["classes"]), meta["temperature"], meta["k"])
-    return EmbeddingRouter(encoder, meta["classes"], clf, float(meta["threshold"]), have, meta.get("report", {}))
+    if encoder.id != meta.encoder:
+        raise RouteError(f"the router in {d} was trained with encoder {meta.encoder}, not {encoder.id}: retrain it")
+    if sorted(meta.classes) != sorted([*have, NONE]):
+        raise RouteError(f"{d / ROUTER_JSON} is damaged: its classes {meta.classes} are not its experts "
+                         f"{sorted(have)} then {NONE!r}; retrain it with `dmoe route train --experts {d.parent}`")
+    arrays = _read_arrays(d / ROUTER_WEIGHTS, meta, encoder.dim)
+    clf = Classifier(meta.classifier, arrays, len(meta.classes), meta.temperature, meta.k)
+    return EmbeddingRouter(encoder, meta.classes, clf, meta.threshold, have, meta.report)
 
 
 # ---------------------------------------------------------------------- training

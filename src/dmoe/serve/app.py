@@ -66,7 +66,8 @@ def create_app(st: ServeState, after_step=None) -> FastAPI:
         return response
 
     if st is not None:  # (the schema-only app of the docs test has no state)
-        app.add_middleware(Guard, max_body=st.max_body_bytes, allowed_hosts=st.allowed_hosts)
+        app.add_middleware(Guard, max_body=st.max_body_bytes, allowed_hosts=st.allowed_hosts,
+                           body_timeout_s=st.client_timeout_s)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)

@@ -1,9 +1,12 @@
-"""What every request meets before the app reads it: a ``Host`` check against DNS rebinding
-and a body size limit that refuses without reading the body into memory.
+"""What every request meets before the app reads it: a ``Host`` check against DNS rebinding,
+a body size limit that refuses without reading the body into memory, and a deadline for the
+body (a client that drips its body a byte at a time gets 408 and loses the connection).
 
 A pure ASGI middleware (not FastAPI's ``@app.middleware``, which would buffer), so an
-oversized body is refused from its ``Content-Length`` at once; a chunked body (no length)
-is read here up to the limit and refused as soon as it passes it.
+oversized body is refused from its ``Content-Length`` at once; any other body (with a
+length, or chunked) is read here up to the limit, within ``body_timeout_s``, and handed
+to the app whole. The deadline for the request's *headers* is the protocol's
+(``serve/http.py``), since no ASGI code runs before they are complete.
 
 DNS rebinding: a web page on evil.example.com can resolve its own name to 127.0.0.1 and
 send requests to a local dmoe; the browser then sends ``Host: evil.example.com``. A server
@@ -13,13 +16,17 @@ transport); ``--allowed-hosts`` adds names.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from dmoe.runtime import LOOPBACK_HOSTS
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
+log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -37,9 +44,11 @@ class Guard:
     """``allowed_hosts``: None = no Host check (a server bound to a public address; put a proxy
     with its own rules in front); otherwise the names accepted, without ports."""
 
-    def __init__(self, app, *, max_body: int = DEFAULT_MAX_BODY, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS):
+    def __init__(self, app, *, max_body: int = DEFAULT_MAX_BODY, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
         self.app = app
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
         self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,20 +65,18 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _error(send, 413, f"the request body has {int(length)} bytes; this server takes at most "
                                            f"{self.max_body} (dmoe serve --max-body-mb)", "request_too_large")
-        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            # a chunked body: read it here, at most max_body bytes, then hand it on
-            chunks, received, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client went away
-                chunks.append(message.get("body", b""))
-                received += len(chunks[-1])
-                if received > self.max_body:
-                    return await _error(send, 413, f"the request body passed {self.max_body} bytes; this server takes "
-                                                   f"at most {self.max_body} (dmoe serve --max-body-mb)", "request_too_large")
-                more = message.get("more_body", False)
-            body = b"".join(chunks)
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("a client took over %.0f s to send its request body; closed", self.body_timeout_s)
+                return await _error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                               "(dmoe serve --client-timeout)", "request_timeout")
+            if body is None:
+                return  # the client went away
+            if len(body) > self.max_body:
+                return await _error(send, 413, f"the request body passed {self.max_body} bytes; this server takes "
+                                               f"at most {self.max_body} (dmoe serve --max-body-mb)", "request_too_large")
             replayed = False
 
             async def replay() -> dict:
@@ -81,6 +88,20 @@ class Guard:
 
             return await self.app(scope, replay, send)
         await self.app(scope, receive, send)
+
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or as much as passes ``max_body`` by one chunk (the caller refuses
+        it); None when the client disconnects first."""
+        chunks, received, more = [], 0, True
+        while more and received <= self.max_body:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
 
 async def _error(send: Send, status: int, message: str, code: str) -> None:

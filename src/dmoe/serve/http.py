@@ -2,21 +2,81 @@
 
     run_server(st, "127.0.0.1", 8081)              # dmoe serve
     with serve_in_thread(st) as url: ...           # tests, demos, dmoe bench: port 0, a free one
+
+Slow clients (slowloris) cannot hold the server: a connection gets ``client_timeout_s`` to
+send each request's headers (here, in the protocol: no ASGI code runs before the headers
+are complete) and as long again for its body (``guard.py``); an idle keep-alive connection
+closes after 5 s (uvicorn's own timer); at most ``max_connections`` are open, and a request
+on one more gets uvicorn's 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
 from dmoe.errors import DmoeError
 from dmoe.runtime import ServeState
 from dmoe.serve.app import create_app
+
+log = logging.getLogger(__name__)
+KEEP_ALIVE_S = 5
+
+
+def with_header_deadline(protocol: Any, seconds: float) -> Any:
+    """uvicorn's HTTP protocol class (h11 or httptools), closing a connection whose next
+    request's headers are not complete ``seconds`` after it opened or after its last response.
+    A request in progress is never cut: the deadline only closes a connection between requests."""
+
+    class HeaderDeadline(protocol):  # uvicorn's H11Protocol or HttpToolsProtocol
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _expired(self) -> None:
+            self._deadline = None
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                log.warning("a client took over %.0f s to send its request headers; closed", seconds)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+    HeaderDeadline.__name__ = f"HeaderDeadline{protocol.__name__}"
+    return HeaderDeadline
+
+
+def uvicorn_config(st: ServeState, log_level: str = "warning", **app_kwargs) -> uvicorn.Config:
+    """The one uvicorn configuration of every dmoe server: timeouts and connection limit from ``st``."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return uvicorn.Config(create_app(st, **app_kwargs), log_level=log_level, timeout_graceful_shutdown=5,
+                          http=with_header_deadline(AutoHTTPProtocol, st.client_timeout_s),
+                          timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=st.max_connections)
 
 
 class GracefulServer(uvicorn.Server):
@@ -61,8 +121,7 @@ def run_server(st: ServeState, host: str = "127.0.0.1", port: int = 8081, drain_
                sock: socket.socket | None = None, log_level: str = "warning") -> None:
     """Serve ``st`` until SIGINT/SIGTERM, then shut down gracefully (see :class:`GracefulServer`)."""
     sock = sock or bind(host, port)
-    config = uvicorn.Config(create_app(st), log_level=log_level, timeout_graceful_shutdown=5)
-    GracefulServer(config, st, drain_s).run(sockets=[sock])
+    GracefulServer(uvicorn_config(st, log_level), st, drain_s).run(sockets=[sock])
 
 
 class ThreadedServer:
@@ -80,7 +139,7 @@ class ThreadedServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.state = st
-        config = uvicorn.Config(create_app(st, after_step=after_step), log_level="warning")
+        config = uvicorn_config(st, after_step=after_step)
         self.server = GracefulServer(config, st, drain_s) if drain_s is not None else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="dmoe-server", daemon=True)
         self.start_timeout_s = start_timeout_s
