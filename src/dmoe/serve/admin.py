@@ -10,17 +10,27 @@ import asyncio
 import json
 import secrets
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from pydantic import TypeAdapter, ValidationError
 
 from dmoe.engine.request import check_scale
-from dmoe.errors import ExpertError, RequestError, Unauthorized, UnknownExpertError
+from dmoe.errors import ExpertError, RequestError, Unauthorized
 from dmoe.experts import check_base, resolve_expert
 from dmoe.runtime import ServeState
-from dmoe.serve.openai import state
-from dmoe.serve.schemas import LoadExpertRequest, LoraScale
+from dmoe.serve.errors import documented_errors
+from dmoe.serve.openai import lora_adapter, state
+from dmoe.serve.schemas import (
+    ExpertList,
+    ExpertLoaded,
+    ExpertUnloaded,
+    Health,
+    LoadExpertRequest,
+    LoraAdapter,
+    LoraScale,
+    Success,
+)
 
 router = APIRouter()
 ROUTER_WAIT_S = 300.0  # a load with wait_router waits this long for the refit at most
@@ -42,12 +52,19 @@ def _adapters(st: ServeState) -> list[dict]:
     return [{"id": i, "path": res[n].path, "scale": st.defaults.get(n, 0.0)} for i, n in sorted(st.adapter_ids.items()) if n in res]
 
 
-@router.get("/lora-adapters")
+# state-changing routes: the key is optional (only when the server sets one)
+_KEYED = {"security": [{}, {"apiKey": []}]}
+_LORA_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "array", "items": {"$ref": "#/components/schemas/LoraScale"}}}}}}
+
+
+@router.get("/lora-adapters", response_model=list[LoraAdapter])
 async def lora_adapters(request: Request):
     return _adapters(state(request))
 
 
-@router.post("/lora-adapters")
+@router.post("/lora-adapters", response_model=Success, responses=documented_errors(401, 404),
+             openapi_extra={**_KEYED, **_LORA_BODY})
 async def set_lora_adapters(request: Request):
     """llama-server's semantics: the listed adapters get their scales and every other adapter
     gets 0, so posting ``[{"id": 1, "scale": 1}]`` switches from expert 0 to expert 1 (it does
@@ -57,7 +74,7 @@ async def set_lora_adapters(request: Request):
     require_key(st, request)
     try:
         raw = json.loads(await request.body() or b"null")
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 text
         raw = None
     if not isinstance(raw, list):
         raise RequestError('Request body must be an array: [{"id": 0, "scale": 1.0}, ...]')
@@ -67,15 +84,14 @@ async def set_lora_adapters(request: Request):
         raise RequestError(f"expected [{{\"id\": 0, \"scale\": 1.0}}, ...]: {exc.errors()[0]['msg']}") from None
     new: dict[str, float] = {}
     for item in items:
-        name = st.adapter_ids.get(item.id)
-        if name is None:
-            raise UnknownExpertError(f"unknown lora id {item.id}; ids: {sorted(st.adapter_ids)}")
+        name = lora_adapter(st, item)
         new[name] = check_scale(name, item.scale)
     st.defaults = new  # one assignment: requests see the old defaults or the new, never a mix
     return {"success": True}
 
 
-@router.post("/v1/experts")
+@router.post("/v1/experts", response_model=ExpertLoaded, responses=documented_errors(401, 403, 404, 409),
+             openapi_extra=_KEYED)
 async def load_expert(body: LoadExpertRequest, request: Request):
     st = state(request)
     require_key(st, request)
@@ -89,13 +105,15 @@ async def load_expert(body: LoadExpertRequest, request: Request):
     return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path, "router": st.router_status}
 
 
-@router.delete("/v1/experts/{name}")
-async def unload_expert(name: str, request: Request):
+@router.delete("/v1/experts/{name}", response_model=ExpertUnloaded, responses=documented_errors(401, 404, 409),
+               openapi_extra=_KEYED)
+async def unload_expert(name: str, request: Request, wait_router: bool = Query(
+        False, description="answer after the router refit; otherwise it runs in the background")):
     st = state(request)
     require_key(st, request)
     await asyncio.to_thread(st.engine.unload_expert, name)
     st.forget(name)
-    await _follow(st, request.query_params.get("wait_router", "").lower() in ("1", "true"))
+    await _follow(st, wait_router)
     return {"unloaded": name, "router": st.router_status}
 
 
@@ -106,7 +124,7 @@ async def _follow(st: ServeState, wait: bool) -> None:
         await asyncio.to_thread(thread.join, ROUTER_WAIT_S)
 
 
-@router.get("/v1/experts")
+@router.get("/v1/experts", response_model=ExpertList)
 async def list_experts(request: Request):
     """The loaded experts (with their llama-server ids) and the router's state."""
     st = state(request)
@@ -117,7 +135,7 @@ async def list_experts(request: Request):
     return {"experts": experts, "router": st.router_status}
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "draining or down"}})
 async def health(request: Request):
     st = state(request)
     ok = st.runner is not None and st.runner.alive
@@ -127,7 +145,8 @@ async def health(request: Request):
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}})
 async def metrics(request: Request):
     st = state(request)
     s = st.engine.stats()

@@ -12,6 +12,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dmoe.config import ConfigError
 from dmoe.errors import (
@@ -59,6 +60,28 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     return 500, "server_error"
 
 
+STATUS_MEANING = {
+    400: "a bad request: the message names the field and what would be right",
+    401: "this endpoint changes the server's state and needs the API key",
+    403: "the path lies outside the configured expert roots",
+    404: "unknown model, expert or lora id (never a silent fall-back to another)",
+    408: "the request body did not arrive within --client-timeout",
+    409: "the expert is in use by requests in flight",
+    413: "the request body is larger than --max-body-mb (refused unread)",
+    421: "the Host header is not served here (DNS-rebinding protection)",
+    429: "the queue is full: retry later",
+    503: "the server is draining (shutting down)",
+}
+GUARD_STATUSES = (400, 408, 413, 421)  # any route: bad JSON or fields, slow body, large body, foreign Host
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict]:
+    """The OpenAPI ``responses`` of a route's error statuses (the guard's always included)."""
+    from dmoe.serve.schemas import ErrorResponse
+
+    return {s: {"model": ErrorResponse, "description": STATUS_MEANING[s]} for s in sorted({*GUARD_STATUSES, *statuses})}
+
+
 def error_body(message: str, status: int, code: str) -> dict:
     return {"error": {"message": message, "type": code, "code": status}}
 
@@ -85,6 +108,18 @@ def install_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = "malformed JSON body" if first.get("type") == "json_invalid" else f"{where or 'body'}: {first.get('msg', 'invalid')}"
         return JSONResponse(error_body(msg, 400, "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # the framework's own refusals (a body that is not JSON text, an unknown route, a wrong
+        # method) in the same error shape as every other error
+        message = {404: f"no route {request.method} {request.url.path}; see /docs for the API",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
+            message = "the request body is not valid JSON text (send UTF-8 JSON)"
+        code = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(message, exc.status_code, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

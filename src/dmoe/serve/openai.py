@@ -30,8 +30,16 @@ from dmoe.engine.runner import FAILED, STOPPED, Stream
 from dmoe.errors import EngineError, RequestError, ShuttingDown, UnknownExpertError
 from dmoe.route import NONE, RouteDecision
 from dmoe.runtime import ServeState
-from dmoe.serve.errors import error_body, status_of
-from dmoe.serve.schemas import MAX_MESSAGES, ChatRequest, CompletionRequest
+from dmoe.serve.errors import documented_errors, error_body, status_of
+from dmoe.serve.schemas import (
+    MAX_MESSAGES,
+    ChatCompletion,
+    ChatRequest,
+    CompletionRequest,
+    LoraScale,
+    ModelList,
+    TextCompletion,
+)
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -52,6 +60,18 @@ def is_auto(body: ChatRequest | CompletionRequest) -> bool:
     return body.model == "auto" and not body.experts and body.lora is None
 
 
+def lora_adapter(st: ServeState, item: LoraScale) -> str:
+    """The expert a llama-server ``{"id", "scale"[, "path"]}`` entry names; an unknown id is a
+    404, and a ``path`` (GET /lora-adapters output posted back) must be that adapter's."""
+    name = st.adapter_ids.get(item.id)
+    res = st.engine.resident.get(name) if name is not None else None
+    if name is None or res is None:
+        raise UnknownExpertError(f"unknown lora id {item.id}; ids: {sorted(st.adapter_ids)}")
+    if item.path is not None and item.path != res.path:
+        raise RequestError(f"lora id {item.id} is {res.path}, not {item.path}; leave path out or give the adapter's own")
+    return name
+
+
 def choose_adapters(st: ServeState, body: ChatRequest | CompletionRequest) -> list[tuple[str, float]]:
     """The request's adapter set (see module docstring); an unknown name or id is a 404."""
     loaded = st.engine.resident
@@ -65,9 +85,7 @@ def choose_adapters(st: ServeState, body: ChatRequest | CompletionRequest) -> li
     if body.lora is not None:
         out = []
         for item in body.lora:
-            name = st.adapter_ids.get(item.id)
-            if name is None:
-                raise UnknownExpertError(f"unknown lora id {item.id}; ids: {sorted(st.adapter_ids)}")
+            name = lora_adapter(st, item)
             out.append((name, check_scale(name, item.scale)))
         return out
     model = body.model
@@ -450,7 +468,16 @@ def _message_text(content: str | list[dict[str, Any]] | None) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in (content or []))
 
 
-@router.post("/v1/chat/completions")
+def _generated(model: type) -> dict:
+    """A generation route's responses: JSON, or SSE when ``stream`` is true, and its errors."""
+    return {200: {"model": model, "description": "the completion; with stream=true, text/event-stream chunks",
+                  "content": {"text/event-stream": {"schema": {  # one SSE event: its data is a JSON chunk, or [DONE]
+                      "type": "object", "required": ["data"],
+                      "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}},
+            **documented_errors(404, 429, 503)}
+
+
+@router.post("/v1/chat/completions", responses=_generated(ChatCompletion))
 async def chat_completions(body: ChatRequest, request: Request):
     st = state(request)
     check_fields(st, body)
@@ -475,7 +502,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     return await respond(st, "chat", body, list(prompt_ids), params, adapters, decision)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_generated(TextCompletion))
 async def completions(body: CompletionRequest, request: Request):
     st = state(request)
     check_fields(st, body)
@@ -495,7 +522,7 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(st, "text", body, prompt_ids, params, adapters, decision)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 async def models(request: Request):
     st = state(request)
     names = ["base", *sorted(st.engine.resident), "auto"]

@@ -1,4 +1,4 @@
-"""Request bodies of the HTTP API (OpenAI and llama-server shapes, plus dmoe's extensions)."""
+"""Bodies of the HTTP API: requests (OpenAI and llama-server shapes, plus dmoe's extensions) and responses."""
 
 from __future__ import annotations
 
@@ -6,23 +6,36 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+# Request models are strict (a JSON false is not a 0, a "16" is not 16), and their schema
+# says so: no additional properties (dmoe refuses unknown fields by name), and each number's
+# range as SamplingParams checks it (the check stays there; the schema documents it).
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+def _range(**bounds: float) -> dict:
+    return {"json_schema_extra": bounds}
+
 
 class LoraScale(BaseModel):
     """llama-server's per-adapter scale: ``{"id": 0, "scale": 1.0}``."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
     id: int
     scale: float
+    path: str | None = Field(default=None, description="as GET /lora-adapters shows it (so its output can be posted "
+                                                        "back); when given it must be that adapter's path")
 
 
 class ExpertScale(BaseModel):
     """dmoe's blend entry: ``{"name": "cooking", "scale": 0.5}``."""
 
+    model_config = STRICT
     name: str
     scale: float = 1.0
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -34,7 +47,7 @@ MAX_MESSAGES = 1024  # chat messages at most
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(default=False, description="a last chunk with empty choices and the usage")
 
@@ -43,33 +56,46 @@ class _Generation(BaseModel):
     """Every field here is honoured or refused with a 400 that names it; an unknown field is
     refused too (``dmoe serve --lenient`` ignores unknown fields instead, for clients that send junk)."""
 
-    model_config = ConfigDict(extra="allow")  # kept, so unknown fields can be named in the 400
+    # extra="allow": unknown fields are kept, so the 400 can name them (the schema says none are allowed)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, description="default 256")
-    max_completion_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_tokens: int | None = Field(default=None, description="default 256", **_range(minimum=1))
+    max_completion_tokens: int | None = Field(default=None, **_range(minimum=1))
+    temperature: float = Field(default=0.0, description="0 = greedy", **_range(minimum=0))
+    top_p: float = Field(default=1.0, **_range(exclusiveMinimum=0, maximum=1))
+    top_k: int = Field(default=0, description="0 = off", **_range(minimum=0))
     seed: int | None = Field(default=None, description="per-request generator: the same seed samples the same text")
-    stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings")
+    stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings", json_schema_extra={
+        "anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                                       "maxItems": MAX_STOP}, {"type": "null"}]})
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N, description="choices; sampled ones use seed, seed+1, ... when a seed is given")
     ignore_eos: bool = Field(default=False, description="llama-server: generate exactly max_tokens (benchmarks)")
     user: str | None = Field(default=None, description="the client's end-user id (accepted, not used)")
-    presence_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this for each token already in the output")
-    frequency_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this times each token's count in the output")
+    presence_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this for each token already in the output",
+                                    **_range(minimum=-2, maximum=2))
+    frequency_penalty: float = Field(default=0.0, description="in [-2, 2]: minus this times each token's count in the output",
+                                     **_range(minimum=-2, maximum=2))
     repetition_penalty: float = Field(default=1.0, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"),
                                       description="> 0, 1 = off (llama-server: repeat_penalty): prompt and output tokens, "
-                                                  "logit / p if positive, logit * p if not")
+                                                  "logit / p if positive, logit * p if not",
+                                      **_range(exclusiveMinimum=0))
     logprobs: bool | int | None = Field(default=None, description="chat: true/false; completions: how many top tokens (0-20)")
     top_logprobs: int | None = Field(default=None, description="chat: the most likely tokens per position (0-20); needs logprobs")
-    logit_bias: dict[str, float] | None = Field(default=None, description="token id (a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (a string) -> bias in [-100, 100]",
+                                                json_schema_extra={"anyOf": [{
+                                                    "type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                                                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                                    "additionalProperties": {"type": "number", "minimum": -100,
+                                                                             "maximum": 100}}, {"type": "null"}]})
     response_format: dict[str, Any] | None = Field(
         default=None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name": .., "schema": {..}}}')
-    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported: empty only")
-    tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none" only')
+    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported: empty only",
+                                               json_schema_extra={"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]})
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none" only',
+                                                     json_schema_extra={"anyOf": [{"const": "none"}, {"type": "null"}]})
     # dmoe's and llama-server's extensions
     lora: list[LoraScale] | None = Field(default=None, description="llama-server: per-request adapter scales by id")
     experts: list[ExpertScale] | None = Field(default=None, description="dmoe: a blend of experts by name")
@@ -99,17 +125,162 @@ class _Generation(BaseModel):
 
 
 class ChatRequest(_Generation):
-    messages: list[Message]
+    messages: list[Message] = Field(json_schema_extra={"minItems": 1, "maxItems": MAX_MESSAGES})
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="extra variables for the chat template (e.g. enable_thinking), as vLLM and llama-server")
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)", json_schema_extra={
+        "anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                                       "minItems": 1, "maxItems": 1}]})
 
 
 class LoadExpertRequest(BaseModel):
+    model_config = STRICT
     path: str
     name: str | None = Field(default=None, description="must match the card's name if given")
     wait_router: bool = Field(default=False, description="answer after the router refit (its validation accuracy is in "
                                                          "the response); otherwise it runs in the background")
+
+
+# --------------------------------------------------------------------------- responses
+# Documentation models: the OpenAPI schema promises these shapes, and the Schemathesis
+# test (tests/test_api_fuzz.py) checks every response against them.
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error, model_not_found")
+    code: int | str = Field(description="the HTTP status (a name, such as request_too_large, from the guard)")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ExpertUsed(BaseModel):
+    name: str
+    scale: float
+
+
+class RouteInfo(BaseModel):
+    """How ``model=auto`` chose (``dmoe.route.decision.RouteDecision``)."""
+
+    model_config = ConfigDict(extra="allow")
+    experts: list[ExpertUsed]
+    confidence: float
+    reason: str
+    label: str
+
+
+class DmoeInfo(BaseModel):
+    experts: list[ExpertUsed] = Field(description="the adapter set that served the request")
+    route: RouteInfo | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: str
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+    token_ids: list[int] | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: str = Field(description="chat.completion")
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    dmoe: DmoeInfo
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+    token_ids: list[int] | None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: str = Field(description="text_completion")
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    dmoe: DmoeInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelCard]
+
+
+class LoraAdapter(BaseModel):
+    id: int
+    path: str
+    scale: float
+
+
+class Success(BaseModel):
+    success: bool
+
+
+class RouterStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    state: str = Field(description="none, keyword, ready, refitting or failed")
+
+
+class ExpertLoaded(BaseModel):
+    name: str
+    slot: int
+    rank: int
+    path: str
+    router: RouterStatus
+
+
+class ExpertUnloaded(BaseModel):
+    unloaded: str
+    router: RouterStatus
+
+
+class ExpertInfo(BaseModel):
+    name: str
+    id: int | None
+    slot: int
+    rank: int
+    path: str
+    domain: str | None
+
+
+class ExpertList(BaseModel):
+    experts: list[ExpertInfo]
+    router: RouterStatus
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok (200), draining or down (503)")
+    experts: list[str]
+    running: int
+    waiting: int
