@@ -94,3 +94,17 @@ def test_bench_grades_checks_and_routes_with_keyword_rules(make_state, live_serv
     assert kw["routing_accuracy"]["hits"] == 3  # alpha -> alpha, beta -> beta, small talk -> base
     assert summary["modes"]["expert:alpha"]["change_vs_vanilla"]["alpha"] == 0.0
     assert "CHECK: fail (final number" in (tmp_path / "run" / "vanilla.log").read_text()
+
+
+def test_a_check_reads_the_final_answer_not_an_echo_or_the_working():
+    """An echo of the question, or a restatement before a wrong "Answer:", does not pass a
+    regex or number check (the seed-002 bench counted both as right before this)."""
+    q = "Kim finished before Rex, and Rex finished before Max. Who finished last?"
+    who = CHECK.validate_python({"type": "regex", "pattern": r"\bMax\b"})
+    assert not grade(who, q + " LoginPage\n" + q, q)[0]  # the question twice, no answer
+    assert not grade(who, "Kim finished before Rex, and Rex finished before Max.\nAnswer: Kim", q)[0]
+    assert grade(who, "Rex finished before Max, so Max was last.\nAnswer: Max", q)[0]
+    assert grade(who, "Max finished last.", q)[0]
+    seq = "Continue the sequence 4 8 16 32 with one more number."
+    assert not grade(CHECK.validate_python({"type": "number", "answer": 64}), seq + " 4 8 16 32", seq)[0]
+    assert grade(CHECK.validate_python({"type": "number", "answer": 64}), "Each term doubles.\nAnswer: 64", seq)[0]

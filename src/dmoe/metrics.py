@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
+        # every choice submitted to the engine is counted once here, then once in requests by its outcome
+        # (stop, length, cancelled, rejected, failed, stopped): started == the sum of requests
+        self.started = Counter("dmoe_requests_started_total", "Choices submitted to the engine", ["expert"], registry=self.registry)
         self.requests = Counter("dmoe_requests_total", "Requests by adapter set and outcome", ["expert", "status"], registry=self.registry)
         self.tokens = Counter("dmoe_generated_tokens_total", "Generated tokens by adapter set", ["expert"], registry=self.registry)
         self.prompt_tokens = Counter("dmoe_prompt_tokens_total", "Prompt tokens by adapter set", ["expert"], registry=self.registry)

@@ -149,35 +149,87 @@ def math_heldout(rng: random.Random, n: int) -> list[Row]:
 NAMES_TRAIN = ["Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 NAMES_HELD = ["Kim", "Lou", "Max", "Ned", "Ola", "Pam", "Quin", "Rex"]
 KINDS_TRAIN = [("cats", "mammals", "animals"), ("roses", "flowers", "plants"), ("squares", "rectangles", "shapes"),
-               ("oaks", "trees", "plants"), ("sparrows", "birds", "animals"), ("violins", "string instruments", "instruments")]
+               ("oaks", "trees", "plants"), ("sparrows", "birds", "animals"), ("violins", "string instruments", "instruments"),
+               ("pines", "trees", "plants"), ("eagles", "birds", "animals"), ("lilies", "flowers", "plants"),
+               ("triangles", "polygons", "shapes"), ("cellos", "string instruments", "instruments"),
+               ("apples", "fruits", "foods"), ("carrots", "vegetables", "foods"), ("hammers", "tools", "objects"),
+               ("spoons", "utensils", "objects"), ("guitars", "string instruments", "instruments")]
 KINDS_HELD = [("trout", "fish", "vertebrates"), ("tulips", "bulbs", "plants"), ("cubes", "solids", "shapes"),
               ("wolves", "canines", "mammals")]
 
 
-def _order(names: list[str], rng: random.Random, adj: str, est: str) -> tuple[str, str, str]:
-    a, b, c = rng.sample(names, 3)
-    return (f"{a} is {adj} than {b}. {b} is {adj} than {c}. Who is the {est}?",
-            f"{a} > {b} and {b} > {c}, so {a} is the {est}.", a)
+# Ordering relations: (relation, the top of the chain, the bottom of the chain)
+RELATIONS_TRAIN = [("is taller than", "tallest", "shortest"), ("is older than", "oldest", "youngest"),
+                   ("is faster than", "fastest", "slowest"), ("is heavier than", "heaviest", "lightest")]
+BEFORE_TRAIN = [("arrived before", "arrived first", "arrived last"), ("woke up before", "woke up first", "woke up last"),
+                ("came in ahead of", "came in first", "came in last")]
+SYLLOGISM_YES = ["All {x} are {y}. All {y} are {z}. Are all {x} {z}?",
+                 "Every one of the {x} is one of the {y}, and all {y} are {z}. Are the {x} {z}?",
+                 "If all {x} are {y} and all {y} are {z}, are all {x} {z}? Reply yes or no."]
+SYLLOGISM_NO = ["All {x} are {z}. All {w} are {z}. Are all {x} {w}?",
+                "If all {x} are {z} and all {w} are {z}, are all {x} {w}? Reply yes or no."]
+SEQUENCE_ASKS = ["What comes next: {seq}, ...?", "Give the next number in {seq}.", "Which number follows {seq}?"]
+
+
+def _chain(names: list[str], rng: random.Random) -> list[str]:
+    return rng.sample(names, rng.choice([3, 3, 4]))
+
+
+def _order_row(rng: random.Random) -> tuple[str, str]:
+    """A chain of 3-4 names under one relation; the question asks for one end of it."""
+    chain = _chain(NAMES_TRAIN, rng)
+    if rng.random() < 0.5:
+        rel, top, bottom = rng.choice(RELATIONS_TRAIN)
+        facts = " ".join(f"{a} {rel} {b}." for a, b in zip(chain, chain[1:]))
+        ask_top = rng.random() < 0.5
+        who = chain[0] if ask_top else chain[-1]
+        q = f"{facts} Who is the {top if ask_top else bottom}?"
+        why = f"From most to least: {', '.join(chain)}. So the {top if ask_top else bottom} is {who}."
+    else:
+        rel, first, last = rng.choice(BEFORE_TRAIN)
+        facts = ", and ".join(f"{a} {rel} {b}" for a, b in zip(chain, chain[1:]))
+        ask_first = rng.random() < 0.5
+        who = chain[0] if ask_first else chain[-1]
+        q = f"{facts}. Who {first if ask_first else last}?"
+        why = f"In order: {', '.join(chain)}. So {who} {first if ask_first else last}."
+    return q, f"{why}\nAnswer: {who}"
+
+
+def _syllogism_row(rng: random.Random) -> tuple[str, str]:
+    x, y, z = rng.choice(KINDS_TRAIN)
+    if rng.random() < 0.6:
+        q = rng.choice(SYLLOGISM_YES).format(x=x, y=y, z=z)
+        return q, f"Every one of the {x} is one of the {y}, and every one of the {y} is one of the {z}, so yes.\nAnswer: yes"
+    w = rng.choice([k[0] for k in KINDS_TRAIN if k[2] == z and k[0] != x] or ["stones"])
+    q = rng.choice(SYLLOGISM_NO).format(x=x, w=w, z=z)
+    return q, f"Both the {x} and the {w} are {z}, but that does not make the {x} {w}, so no.\nAnswer: no"
+
+
+def _sequence_row(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        start, step = rng.randint(1, 30), rng.randint(2, 12)
+        seq = [start + step * i for i in range(4)]
+        nxt, why = seq[-1] + step, f"Each term adds {step}: {seq[-1]} + {step} = {seq[-1] + step}."
+    elif kind == 1:
+        step = rng.randint(2, 9)
+        start = rng.randint(4 * step, 90)
+        seq = [start - step * i for i in range(4)]
+        nxt, why = seq[-1] - step, f"Each term subtracts {step}: {seq[-1]} - {step} = {seq[-1] - step}."
+    else:
+        start, ratio = rng.randint(1, 9), rng.choice([2, 3, 4])
+        seq = [start * ratio ** i for i in range(4)]
+        nxt, why = seq[-1] * ratio, f"Each term is the one before times {ratio}: {seq[-1]} x {ratio} = {seq[-1] * ratio}."
+    q = rng.choice(SEQUENCE_ASKS).format(seq=", ".join(map(str, seq)))
+    return q, f"{why}\nAnswer: {nxt}"
 
 
 def reasoning_train(rng: random.Random, n: int) -> list[Row]:
-    def make() -> tuple[str, str]:
-        kind = rng.randrange(3)
-        if kind == 0:
-            x, y, z = rng.choice(KINDS_TRAIN)
-            q = f"All {x} are {y}. All {y} are {z}. Are all {x} {z}?"
-            a = f"Every {x[:-1]} is one of the {y}, and every one of the {y} is one of the {z}.\nAnswer: yes"
-        elif kind == 1:
-            q, why, who = _order(NAMES_TRAIN, rng, "taller", "tallest")
-            a = f"{why}\nAnswer: {who}"
-        else:
-            start, step = rng.randint(1, 20), rng.randint(2, 9)
-            seq = [start + step * i for i in range(4)]
-            q = f"What comes next: {', '.join(map(str, seq))}, ...?"
-            a = f"Each term adds {step}: {seq[-1]} + {step} = {seq[-1] + step}.\nAnswer: {seq[-1] + step}"
-        return q, a
-
-    return _distinct(n, make)
+    """Orderings (four relations and three "before" verbs, either end of a 3-4 name chain),
+    syllogisms (valid: yes; undistributed middle: no) and sequences (adding, subtracting,
+    multiplying), in several wordings; none of them a held-out wording, name or kind."""
+    makers = (_order_row, _syllogism_row, _sequence_row)
+    return _distinct(n, lambda: makers[rng.randrange(3)](rng))
 
 
 def reasoning_heldout(rng: random.Random, n: int) -> list[Row]:

@@ -97,20 +97,25 @@ class EngineRunner:
         off the event loop, so a running decode step never blocks other streams."""
         if self._draining or self._stop:
             raise ShuttingDown("the server is shutting down; retry on another replica or after the restart")
-        req = await asyncio.to_thread(self._submit_bounded, prompt_ids, adapters, params)
-        stream = Stream(req, asyncio.Queue(), asyncio.get_running_loop(), label=label)
+        queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        stream = await asyncio.to_thread(self._submit_bounded, prompt_ids, adapters, params, queue, loop, label)
         with self._cond:
-            self._streams[req.id] = stream
             self._cond.notify_all()
         return stream
 
-    def _submit_bounded(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams) -> Request:
-        # Check and enqueue under one lock, so a burst cannot overshoot the bound.
+    def _submit_bounded(self, prompt_ids: Sequence[int], adapters: list[tuple[str, float]], params: SamplingParams,
+                        queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, label: str) -> Stream:
+        # Check, enqueue and register the stream under the engine lock: a burst cannot overshoot
+        # the bound, and no step can advance (or finish) the request before its stream is known
+        # (a request finished before that would never tell its handler: it would wait forever).
         with self.engine.lock:
             waiting = self.engine.stats().waiting
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests already waiting (limit {self.max_queue}); retry later")
-            return self.engine.submit(prompt_ids, adapters, params)
+            req = self.engine.submit(prompt_ids, adapters, params)
+            stream = Stream(req, queue, loop, label=label)
+            self._streams[req.id] = stream
+            return stream
 
     def cancel(self, stream: Stream) -> None:
         """The client went away: free the request's KV slot."""

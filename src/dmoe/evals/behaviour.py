@@ -195,7 +195,7 @@ def ask(client: httpx.Client, url: str, mode: Mode, index: int, q: Question, par
     if route is not None:
         ans.route = route
     if q.check is not None and ans.error is None:  # graded here, in the client: never in the server's process
-        ans.passed, ans.why = grade(q.check, ans.text)
+        ans.passed, ans.why = grade(q.check, ans.text, q.question)
     return ans
 
 

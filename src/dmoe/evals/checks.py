@@ -93,8 +93,25 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def grade(check: Check, answer: str) -> tuple[bool, str]:
-    """(passed, why) for one answer."""
+_MARKER = re.compile(r"\banswer\s*:", re.I)
+
+
+def answer_part(answer: str, question: str = "") -> str:
+    """What a check reads: the text after the last "Answer:" marker when there is one, else
+    the answer without verbatim copies of the question (an echo is not an answer: a model
+    that repeats "Who finished last: Ann, Bob or Cal?" has not answered Cal)."""
+    marks = list(_MARKER.finditer(answer))
+    if marks:
+        return answer[marks[-1].end():]
+    q = question.strip()
+    return answer.replace(q, " ") if q else answer
+
+
+def grade(check: Check, answer: str, question: str = "") -> tuple[bool, str]:
+    """(passed, why) for one answer to ``question``. Regex and exact checks read
+    :func:`answer_part`; number checks take the final number of that part."""
+    if isinstance(check, (NumberCheck, ExactCheck, RegexCheck)):
+        answer = answer_part(answer, question)
     if isinstance(check, NumberCheck):
         got = final_number(answer)
         ok = got is not None and abs(got - check.answer) <= 1e-6 * max(1.0, abs(check.answer))

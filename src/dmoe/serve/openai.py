@@ -330,6 +330,7 @@ async def submit(st: ServeState, prompt_ids: list[int], adapters: list[tuple[str
     if len(prompt_ids) >= st.engine.max_seq:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context is {st.engine.max_seq}")
     assert st.runner is not None, "the app's lifespan starts the runner"
+    st.metrics.started.labels(label(adapters)).inc()
     try:
         stream = await st.runner.submit(prompt_ids, adapters, params, label=label(adapters))
     except Exception:
@@ -392,7 +393,14 @@ async def sse(c: Completion) -> AsyncIterator[str]:
     sent = [""] * n
     lp_sent = [0] * n  # tokens whose logprobs went out
     pending: dict[int, asyncio.Future] = {}
+    counted: set[int] = set()  # choices whose outcome is in the requests counter
     total = 0
+
+    def count(i: int, outcome: str) -> None:
+        if i not in counted:
+            counted.add(i)
+            st.metrics.requests.labels(c.streams[i].label, outcome).inc()
+
     try:
         for i in range(n):
             yield f"data: {json.dumps(c.chunk(None, index=i, role=True))}\n\n"
@@ -406,12 +414,14 @@ async def sse(c: Completion) -> AsyncIterator[str]:
                     status, code = status_of(err)
                     yield f"data: {json.dumps(error_body(str(err), status, code))}\n\n"
                     yield "data: [DONE]\n\n"
-                    st.metrics.requests.labels(stream.label, finish).inc()
+                    count(i, finish)
                     c.log(status, total)
                     for f in pending.values():
                         f.cancel()
                     pending.clear()
                     c.cancel_all()
+                    for j in range(n):
+                        count(j, "cancelled")
                     return
                 ids[i] += new
                 text = st.tokenizer.decode(ids[i], skip_special_tokens=True)
@@ -430,8 +440,8 @@ async def sse(c: Completion) -> AsyncIterator[str]:
                     st.runner.cancel(stream)
                 total += len(ids[i])
                 lp = c.logprobs(i, lp_sent[i], len(ids[i])) if lp_sent[i] < len(ids[i]) else None
+                count(i, finish)
                 yield f"data: {json.dumps(c.chunk(None, index=i, finish=finish, n_out=len(ids[i]), logprobs=lp))}\n\n"
-                st.metrics.requests.labels(stream.label, finish).inc()
         if c.include_usage:
             yield f"data: {json.dumps(c.usage_chunk(total))}\n\n"
         yield "data: [DONE]\n\n"
@@ -440,8 +450,8 @@ async def sse(c: Completion) -> AsyncIterator[str]:
         for f in pending.values():
             f.cancel()
         c.cancel_all()
-        for stream in c.streams:
-            st.metrics.requests.labels(stream.label, "cancelled").inc()
+        for j in range(n):
+            count(j, "cancelled")
         c.log("cancelled", total)
         raise
 
@@ -456,6 +466,7 @@ async def respond(st: ServeState, kind: str, body: ChatRequest | CompletionReque
         assert st.runner is not None
         for stream in streams:  # a later choice was refused (the queue is full): drop the earlier ones
             st.runner.cancel(stream)
+            st.metrics.requests.labels(stream.label, "cancelled").inc()
         raise
     c = Completion(st, kind, body.model or label(adapters), params[0], adapters, decision, prompt_ids, streams,
                    body.return_token_ids, include_usage=bool(body.stream_options and body.stream_options.include_usage))
