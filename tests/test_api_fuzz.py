@@ -7,8 +7,6 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "api_fuzz.py"
 
 
@@ -19,8 +17,6 @@ def _bench():
     return mod
 
 
-@pytest.mark.skipif(shutil.which("st") is None and not (Path(__import__("sys").executable).with_name("st")).exists(),
-                    reason="schemathesis is not installed (make test installs it)")
 def test_the_api_survives_schemathesis(make_state, tiny_experts, live_server, tmp_path):
     bench = _bench()
     experts = tmp_path / "experts"

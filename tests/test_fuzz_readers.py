@@ -326,3 +326,52 @@ def test_a_damaged_real_gguf(tiny_gguf_base, scratch, cut, flips):
     path = write(scratch / "damaged.gguf", bytes(real[:cut]))
     check(check_gguf_file, path)
     check(read_gguf_info, path)
+
+
+# ----------------------------------------------------------------------------- MCP tools
+def _hostile_args(tool) -> st.SearchStrategy:
+    """The tool's own argument names with any JSON values (plus, at times, an unknown one)."""
+    names = sorted((tool.input_schema or {}).get("properties", {}))
+    known = st.fixed_dictionaries({}, optional={n: json_value for n in names})
+    return st.tuples(known, st.dictionaries(st.text(min_size=1, max_size=8), json_value, max_size=1)).map(
+        lambda kv: {**kv[0], **kv[1]})
+
+
+def test_mcp_tools_answer_hostile_arguments_with_tool_errors(tiny_base, tiny_experts, tmp_path):
+    """Every tool, random and hostile arguments: a result or a tool error, never a protocol
+    error or a hang; the server still answers afterwards. (``model_name`` values that would
+    load the embedded base are swapped for a missing path: the test is about the arguments.)"""
+    import asyncio
+
+    from mcp import Client
+
+    from dmoe.mcp.server import build_mcp
+
+    srv = build_mcp(experts_dir=tiny_experts, base=str(tiny_base), dataset_dir=tmp_path)
+    calls: list[tuple[str, bool]] = []
+
+    async def main():
+        async with Client(srv) as c:
+            tools = (await c.list_tools()).tools
+            for tool in tools:
+                strategy = _hostile_args(tool)
+
+                @settings(FUZZ, max_examples=max(10, EXAMPLES // 6))
+                @given(args=strategy)
+                def draw(args):
+                    if args.get("model_name") in ("", "embedded"):
+                        args["model_name"] = str(tmp_path / "missing")
+                    drawn.append(args)
+
+                drawn: list[dict] = []
+                draw()
+                for args in drawn:
+                    result = await asyncio.wait_for(c.call_tool(tool.name, args), timeout=CALL_LIMIT_S * 3)
+                    calls.append((tool.name, bool(result.is_error)))
+                    if result.is_error:
+                        assert result.content and result.content[0].text.strip(), (tool.name, args)
+            assert {t.name for t in (await c.list_tools()).tools} == {t.name for t in tools}  # still serving
+
+    asyncio.run(main())
+    tools_called = {name for name, _ in calls}
+    assert len(tools_called) >= 10 and any(err for _, err in calls)
