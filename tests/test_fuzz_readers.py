@@ -337,6 +337,19 @@ def _hostile_args(tool) -> st.SearchStrategy:
         lambda kv: {**kv[0], **kv[1]})
 
 
+def _draws(strategy: st.SearchStrategy, n: int) -> list:
+    """``n`` seeded draws of ``strategy`` (Hypothesis generates; the caller runs them)."""
+    out: list = []
+
+    @settings(FUZZ, max_examples=n)
+    @given(value=strategy)
+    def draw(value):
+        out.append(value)
+
+    draw()
+    return out
+
+
 def test_mcp_tools_answer_hostile_arguments_with_tool_errors(tiny_base, tiny_experts, tmp_path):
     """Every tool, random and hostile arguments: a result or a tool error, never a protocol
     error or a hang; the server still answers afterwards. (``model_name`` values that would
@@ -354,18 +367,9 @@ def test_mcp_tools_answer_hostile_arguments_with_tool_errors(tiny_base, tiny_exp
         async with Client(srv) as c:
             tools = (await c.list_tools()).tools
             for tool in tools:
-                strategy = _hostile_args(tool)
-
-                @settings(FUZZ, max_examples=max(10, EXAMPLES // 6))
-                @given(args=strategy)
-                def draw(args):
+                for args in _draws(_hostile_args(tool), max(10, EXAMPLES // 6)):
                     if args.get("model_name") in ("", "embedded"):
                         args["model_name"] = str(tmp_path / "missing")
-                    drawn.append(args)
-
-                drawn: list[dict] = []
-                draw()
-                for args in drawn:
                     result = await asyncio.wait_for(c.call_tool(tool.name, args), timeout=CALL_LIMIT_S * 3)
                     calls.append((tool.name, bool(result.is_error)))
                     if result.is_error:

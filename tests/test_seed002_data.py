@@ -91,3 +91,24 @@ def test_the_seed002_configs_validate_and_point_at_the_shipped_data():
         cfg = load_train_config(REPO / "examples" / "seed002" / "configs" / f"{d}.yaml")
         assert cfg.model_name_or_path == "gemma3-270m" and cfg.lora_rank == 16 and cfg.num_train_epochs >= 3
         assert cfg.expert_name == d and (Path(cfg.dataset_dir) / f"{d}.jsonl").is_file()
+
+
+def test_reasoning_training_covers_each_procedure_the_held_out_set_asks_for(data):
+    """The first reasoning expert learned only 'tallest', 'yes' and adding sequences, and the
+    held-out set asks for the last of a chain, yes/no syllogisms and multiplying sequences:
+    training now has each procedure (in other wordings), and its answers are right."""
+    train, _ = data
+    rows = train["reasoning"]
+    outs = [r["output"] for r in rows]
+    assert sum(o.endswith("Answer: yes") for o in outs) >= 30 and sum(o.endswith("Answer: no") for o in outs) >= 20
+    assert sum("times" in o for o in outs) >= 40 and sum("subtracts" in o for o in outs) >= 40
+    assert sum(" last?" in r["instruction"] for r in rows) >= 20 and sum(" first?" in r["instruction"] for r in rows) >= 20
+    for r in rows:
+        m = re.search(r"(\d+), (\d+), (\d+), (\d+)", r["instruction"])
+        if m:
+            a, b, c, d = map(int, m.groups())
+            want = d + (d - c) if b - a == c - b == d - c else d * (d // c)
+            assert final_number(r["output"]) == want, r
+        if " last?" in r["instruction"]:
+            last = re.findall(r"([A-Z][a-z]+)\.? Who", r["instruction"])
+            assert r["output"].endswith(f"Answer: {last[0]}"), r

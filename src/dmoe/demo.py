@@ -102,3 +102,40 @@ def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tok
     console.print("Forced experts answer everything in their own style; auto picks the expert per question "
                   "and leaves off-domain questions to the base model.")
     return answers
+
+
+def run_seed002_demo(console: Console, max_tokens: int = 160) -> list[dict]:
+    """Seed 002 on its own base: serve the five capability experts on Gemma-3-270M (the base
+    their cards name) with their router, ask the first held-out question of each domain with
+    ``model=auto`` and with the bare base, and check both answers. Returns one row a domain."""
+    from dmoe.evals.checks import CHECK, grade
+    from dmoe.io import read_jsonl
+
+    root = examples_dir() / "seed002"
+    experts, held = root / "experts", root / "data" / "heldout.jsonl"
+    if not (experts / "router").is_dir() or not held.is_file():
+        raise DmoeError(f"the seed-002 demo needs {experts} (with its router) and {held}: run it from the dmoe "
+                        "repository's root, or set DMOE_EXAMPLES to its examples folder")
+    first: dict[str, dict] = {}
+    for _, row in read_jsonl(held):
+        first.setdefault(row["domain"], row)
+    console.rule("[bold]seed 002: five capability experts on Gemma-3-270M, routed per question")
+    st = build_state(ServeConfig.make(experts_dir=experts, max_batch=10, max_seq=1024))
+    rows = []
+    with serve_in_thread(st) as url:
+        jobs = [(m, d) for d in first for m in ("auto", "base")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = dict(zip(jobs, pool.map(lambda j: _ask(url, j[0], first[j[1]]["question"], max_tokens), jobs)))
+    table = Table(show_lines=True, expand=True, title="[bold]one held-out question per domain (greedy)", title_justify="left")
+    for col in ("domain", "question", "auto → expert", "answer (auto)", "auto", "base"):
+        table.add_column(col, no_wrap=col in ("domain", "auto", "base"))
+    for d, q in first.items():
+        check = CHECK.validate_python(q["check"])
+        (auto_text, route), (base_text, _) = replies[("auto", d)], replies[("base", d)]
+        ok_auto, ok_base = grade(check, auto_text, q["question"])[0], grade(check, base_text, q["question"])[0]
+        rows.append({"domain": d, "route": route, "auto_passed": ok_auto, "base_passed": ok_base, "answer": auto_text})
+        table.add_row(d, escape(q["question"]), route, escape(auto_text), "✔" if ok_auto else "✘", "✔" if ok_base else "✘")
+    console.print(table)
+    console.print(f"checked answers: auto {sum(r['auto_passed'] for r in rows)}/{len(rows)}, "
+                  f"base {sum(r['base_passed'] for r in rows)}/{len(rows)} (docs/benchmarks.md has the full held-out sets)")
+    return rows
