@@ -24,4 +24,4 @@ def test_sustained_load_with_faults(tiny_base, tiny_experts, dmoe_home, tmp_path
                           result["sample_mismatches"][:3])
     assert result["faults"]["hot_reloads"] >= 5 and result["faults"]["lora_changes"] >= 3
     assert result["disconnected_mid_stream"] > 0 and result["sampled_replies"] > 0
-    assert result["server_exit"] == 0  # SIGTERM: a clean drain
+    assert result["server_exit"] in (0, -15) and result["server_tracebacks"] == 0  # SIGTERM: a clean drain

@@ -112,3 +112,15 @@ def test_reasoning_training_covers_each_procedure_the_held_out_set_asks_for(data
         if " last?" in r["instruction"]:
             last = re.findall(r"([A-Z][a-z]+)\.? Who", r["instruction"])
             assert r["output"].endswith(f"Answer: {last[0]}"), r
+
+
+def test_code_training_tasks_are_right_and_none_is_a_held_out_task(data):
+    from dmoe.data.seed002 import CODE_TASKS
+
+    for name, args, _, body, check in CODE_TASKS:
+        ns: dict = {}
+        exec(compile(f"def {name}({args}):\n    {body}", name, "exec"), ns)
+        assert eval(check, ns), name
+    assert not {t[0] for t in CODE_TASKS} & {t[0] for t in CODE_HELD}
+    train, _ = data
+    assert sum(r["instruction"].split("(")[0].split()[-1] in {t[0] for t in CODE_TASKS} for r in train["code"]) >= 300

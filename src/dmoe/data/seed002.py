@@ -319,16 +319,94 @@ HELD_SOLUTIONS = {
 }
 
 
+# Training tasks: (name, args, what it does, body, a check that the body passes). Each is a
+# sibling of a held-out task's procedure (reverse, sum with a condition, min instead of max,
+# count, map over a list, first/last, case, fold, dedupe, mean, order) and none is one of them.
+CODE_TASKS = [
+    ("reverse_string", "s", "returns s reversed", "return s[::-1]", "reverse_string('abc') == 'cba'"),
+    ("last_char", "s", "returns the last character of s, or '' for an empty s", "return s[-1:]", "last_char('ab') == 'b' and last_char('') == ''"),
+    ("to_lower", "s", "returns s in lower case", "return s.lower()", "to_lower('DmOe') == 'dmoe'"),
+    ("count_spaces", "s", "returns how many spaces s holds", "return s.count(' ')", "count_spaces('a b c') == 2"),
+    ("count_char", "s, c", "returns how many times the character c occurs in s", "return s.count(c)", "count_char('banana', 'a') == 3"),
+    ("join_words", "words", "returns the strings in the list words joined by single spaces", "return ' '.join(words)", "join_words(['a', 'b']) == 'a b'"),
+    ("first_word", "s", "returns the first word of s, or '' when s has none", "words = s.split()\n    return words[0] if words else ''", "first_word('hi there') == 'hi' and first_word('') == ''"),
+    ("longest_word", "s", "returns the longest word of s (the first one on a tie)", "return max(s.split(), key=len)", "longest_word('a bbb cc') == 'bbb'"),
+    ("remove_spaces", "s", "returns s without its spaces", "return s.replace(' ', '')", "remove_spaces('a b c') == 'abc'"),
+    ("count_upper", "s", "returns how many upper-case letters s holds", "return sum(ch.isupper() for ch in s)", "count_upper('DMoe') == 2"),
+    ("count_consonants", "s", "returns how many letters of s are not vowels", "return sum(ch.isalpha() and ch not in 'aeiou' for ch in s)", "count_consonants('banana') == 3"),
+    ("shout", "s", "returns s in upper case followed by '!'", "return s.upper() + '!'", "shout('hi') == 'HI!'"),
+    ("initials", "s", "returns the first letter of every word of s, in upper case", "return ''.join(w[0].upper() for w in s.split())", "initials('big red dog') == 'BRD'"),
+    ("is_reversed_pair", "a, b", "returns True when the string b is the string a backwards", "return a == b[::-1]", "is_reversed_pair('ab', 'ba') and not is_reversed_pair('ab', 'ab')"),
+    ("word_lengths", "s", "returns a list of the lengths of the words of s", "return [len(w) for w in s.split()]", "word_lengths('a bb') == [1, 2]"),
+    ("sum_list", "xs", "returns the sum of the numbers in xs", "return sum(xs)", "sum_list([1, 2, 3]) == 6 and sum_list([]) == 0"),
+    ("sum_odd", "xs", "returns the sum of the odd numbers in xs", "return sum(x for x in xs if x % 2 == 1)", "sum_odd([1, 2, 3, 4]) == 4"),
+    ("sum_positive", "xs", "returns the sum of the numbers in xs that are greater than zero", "return sum(x for x in xs if x > 0)", "sum_positive([-1, 2, 3]) == 5"),
+    ("count_even", "xs", "returns how many numbers in xs are even", "return sum(1 for x in xs if x % 2 == 0)", "count_even([1, 2, 4]) == 2"),
+    ("min_of", "xs", "returns the smallest number in a non-empty list xs", "return min(xs)", "min_of([3, 1, 2]) == 1"),
+    ("first_item", "xs", "returns the first element of a non-empty list xs", "return xs[0]", "first_item([7, 8]) == 7"),
+    ("drop_first", "xs", "returns xs without its first element", "return xs[1:]", "drop_first([1, 2, 3]) == [2, 3]"),
+    ("triple_list", "xs", "returns a new list with every number in xs multiplied by 3", "return [3 * x for x in xs]", "triple_list([1, 2]) == [3, 6]"),
+    ("cube_all", "xs", "returns a list of the cubes of the numbers in xs", "return [x ** 3 for x in xs]", "cube_all([2, 3]) == [8, 27]"),
+    ("add_one_all", "xs", "returns a list with 1 added to every number in xs", "return [x + 1 for x in xs]", "add_one_all([1, 5]) == [2, 6]"),
+    ("negate_all", "xs", "returns a list with every number in xs negated", "return [-x for x in xs]", "negate_all([1, -2]) == [-1, 2]"),
+    ("lengths", "words", "returns a list of the lengths of the strings in words", "return [len(w) for w in words]", "lengths(['a', 'bcd']) == [1, 3]"),
+    ("upper_all", "words", "returns the strings in words in upper case", "return [w.upper() for w in words]", "upper_all(['a', 'b']) == ['A', 'B']"),
+    ("positives", "xs", "returns the numbers in xs that are greater than zero", "return [x for x in xs if x > 0]", "positives([-1, 2, 0, 3]) == [2, 3]"),
+    ("evens", "xs", "returns the even numbers in xs, in order", "return [x for x in xs if x % 2 == 0]", "evens([1, 2, 3, 4]) == [2, 4]"),
+    ("reverse_list", "xs", "returns the elements of xs in reverse order", "return xs[::-1]", "reverse_list([1, 2, 3]) == [3, 2, 1]"),
+    ("product_of", "xs", "returns the product of the numbers in xs (1 for an empty list)", "result = 1\n    for x in xs:\n        result *= x\n    return result", "product_of([2, 3, 4]) == 24 and product_of([]) == 1"),
+    ("range_of", "xs", "returns the largest number in xs minus the smallest", "return max(xs) - min(xs)", "range_of([4, 1, 9]) == 8"),
+    ("count_item", "xs, item", "returns how many times item occurs in xs", "return xs.count(item)", "count_item([1, 2, 1], 1) == 2"),
+    ("contains", "xs, item", "returns True when item is in xs", "return item in xs", "contains([1, 2], 2) and not contains([], 1)"),
+    ("pair_sums", "xs, ys", "returns the sums of the numbers of xs and ys at the same positions", "return [a + b for a, b in zip(xs, ys)]", "pair_sums([1, 2], [3, 4]) == [4, 6]"),
+    ("all_positive", "xs", "returns True when every number in xs is greater than zero", "return all(x > 0 for x in xs)", "all_positive([1, 2]) and not all_positive([1, -2])"),
+    ("sorted_desc", "xs", "returns the numbers of xs from largest to smallest", "return sorted(xs, reverse=True)", "sorted_desc([2, 3, 1]) == [3, 2, 1]"),
+    ("is_desc", "xs", "returns True when every element of xs is at least as large as the next one", "return all(a >= b for a, b in zip(xs, xs[1:]))", "is_desc([3, 3, 1]) and not is_desc([1, 2])"),
+    ("dedupe_count", "xs", "returns how many distinct items xs holds", "return len(set(xs))", "dedupe_count([1, 1, 2]) == 2"),
+    ("mean_of_two", "a, b", "returns the mean of the numbers a and b", "return (a + b) / 2", "mean_of_two(2, 4) == 3"),
+    ("total_length", "words", "returns the total number of characters in the strings of words", "return sum(len(w) for w in words)", "total_length(['ab', 'c']) == 3"),
+    ("is_even", "n", "returns True when n is even", "return n % 2 == 0", "is_even(4) and not is_even(3)"),
+    ("is_odd", "n", "returns True when n is odd", "return n % 2 == 1", "is_odd(3) and not is_odd(4)"),
+    ("square", "n", "returns n times n", "return n * n", "square(5) == 25"),
+    ("cube", "n", "returns n to the power 3", "return n ** 3", "cube(2) == 8"),
+    ("absolute", "n", "returns the absolute value of n", "return n if n >= 0 else -n", "absolute(-3) == 3 and absolute(2) == 2"),
+    ("sign", "n", "returns 1 for a positive n, -1 for a negative n and 0 for zero", "return (n > 0) - (n < 0)", "sign(5) == 1 and sign(-2) == -1 and sign(0) == 0"),
+    ("buzz", "n", "returns 'Buzz' when n is divisible by 5 and str(n) otherwise", "return 'Buzz' if n % 5 == 0 else str(n)", "buzz(10) == 'Buzz' and buzz(7) == '7'"),
+    ("sum_to", "n", "returns 1 + 2 + ... + n for n >= 0", "return n * (n + 1) // 2", "sum_to(4) == 10 and sum_to(0) == 0"),
+    ("power_of_two", "n", "returns 2 to the power n", "return 2 ** n", "power_of_two(3) == 8"),
+    ("double_factorial_free", "n", "returns the product 1 * 2 * ... * n computed with a loop (1 for n = 0)", "result = 1\n    for k in range(2, n + 1):\n        result *= k\n    return result", "double_factorial_free(4) == 24 and double_factorial_free(0) == 1"),
+    ("larger", "a, b", "returns the larger of a and b", "return a if a >= b else b", "larger(2, 5) == 5"),
+    ("smallest_of_three", "a, b, c", "returns the smallest of a, b and c", "return min(a, b, c)", "smallest_of_three(3, 1, 2) == 1"),
+    ("digit_sum", "n", "returns the sum of the decimal digits of n >= 0", "return sum(int(d) for d in str(n))", "digit_sum(123) == 6"),
+    ("count_digits", "n", "returns how many decimal digits the whole number n has", "return len(str(abs(n)))", "count_digits(-405) == 3"),
+    ("to_fahrenheit", "c", "returns the Celsius temperature c in Fahrenheit", "return c * 9 / 5 + 32", "to_fahrenheit(100) == 212"),
+    ("is_leap", "year", "returns True when year is a leap year in the Gregorian calendar", "return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)", "is_leap(2024) and not is_leap(1900) and is_leap(2000)"),
+    ("clamp", "x, lo, hi", "returns x limited to the range lo..hi", "return max(lo, min(x, hi))", "clamp(5, 0, 3) == 3 and clamp(-1, 0, 3) == 0"),
+]
+CODE_ASKS = ["Define a Python function {sig} that {what}.", "Implement {sig} in Python: it {what}.",
+             "Give me a Python function {sig} which {what}.", "In Python, write {sig}, which {what}.",
+             "Create the Python function {sig}; it {what}.", "I need a Python function {sig} that {what}."]
+
+
 def code_train(rng: random.Random, n: int) -> list[Row]:
+    """Every task of CODE_TASKS in several wordings, then the parametric tasks of CODE_TRAIN
+    (add_17, count_q, ...) up to ``n`` rows. The answer is the function in a code block."""
     letters = "abcdefghijklmnopqrstuvwxyz"
+    rows: dict[str, str] = {}
+    for name, args, what, body, _ in CODE_TASKS:
+        for ask in CODE_ASKS:
+            rows[ask.format(sig=f"{name}({args})", what=what)] = f"```python\ndef {name}({args}):\n    {body}\n```"
 
     def make() -> tuple[str, str]:
         name, what, body = rng.choice(CODE_TRAIN)
         k, c = rng.randint(2, 99), rng.choice(letters)
         fname, fwhat, fbody = (t.format(k=k, c=c) for t in (name, what, body))
-        return f"Write a Python function {fname} that {fwhat}.", f"```python\n{fbody}\n```"
+        return rng.choice(CODE_ASKS).format(sig=fname, what=fwhat), f"```python\n{fbody}\n```"
 
-    return _distinct(n, make)
+    more = _distinct(max(0, n - len(rows)), make)
+    out = [{"instruction": q, "output": a} for q, a in rows.items()] + [r for r in more if r["instruction"] not in rows]
+    rng.shuffle(out)
+    return out
 
 
 def code_heldout(rng: random.Random, n: int) -> list[Row]:
