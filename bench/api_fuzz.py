@@ -48,13 +48,13 @@ def tree_state(roots: list[Path]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def spare_expert(src: Path, root: Path) -> Path:
-    """A copy of expert ``src`` named '<name>-spare' under ``root``: in a root, not loaded, so
-    the stateful phase has an expert to load, use and unload."""
+def spare_expert(src: Path, root: Path, suffix: str = "spare") -> Path:
+    """A copy of expert ``src`` named '<name>-<suffix>' under ``root`` (here: in a root, not
+    loaded, so the stateful phase has an expert to load, use and unload)."""
     import yaml
 
     card = yaml.safe_load((src / "expert.yaml").read_text())
-    card["name"] = f"{card['name']}-spare"
+    card["name"] = f"{card['name']}-{suffix}"
     dst = root / card["name"]
     shutil.copytree(src, dst)
     (dst / "expert.yaml").write_text(yaml.safe_dump(card, sort_keys=False))

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is the script's own folder
+from api_fuzz import spare_expert  # noqa: E402
+
 PROMPTS = ["How do I sear a steak?", "What is the capital of France?", "Write a Python function that adds two numbers.",
            "My car makes a grinding noise when I brake.", "Tell me a short story about a cat.", "What is 17 + 25?",
            "Explain what a hash map is.", "How long should pasta boil?", "hello", "Why is the sky blue?"]
@@ -81,10 +84,14 @@ def reply_text(path: str, data: dict) -> str:
     return choice["message"]["content"] if path.endswith("chat/completions") else choice["text"]
 
 
-async def one(client: httpx.AsyncClient, path: str, body: dict, kind: str, rng: random.Random, tally: Tally) -> None:
+async def one(client: httpx.AsyncClient, path: str, body: dict, kind: str, rng: random.Random, tally: Tally,
+              stable_ids: frozenset[int] = frozenset()) -> None:
     stream = rng.random() < 0.5
     drop = stream and rng.random() < 0.2  # a tenth of all clients: half stream, a fifth of those drop
-    sample = not drop and kind != "default" and rng.random() < 0.05  # the global default changes under it
+    # sampled for the replay alone: not the global default (it changes under the request), and
+    # not a lora id of the hot expert (a reload gives it a new id: its old one is then a 404)
+    replayable = kind != "default" and all(x["id"] in stable_ids for x in body.get("lora", []))
+    sample = not drop and replayable and rng.random() < 0.05
     t0 = time.perf_counter()
     tally.sent += 1
     try:
@@ -204,7 +211,9 @@ async def drive(url: str, key: str, pid: int, *, duration: float, hot: str, hot_
                 max_tokens: tuple[int, int], capacity_s: float, concurrency: int, load_factor: float = 1.5) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         experts = sorted(e["name"] for e in (await c.get("/v1/experts")).json()["experts"])
-        lora_ids = [a["id"] for a in (await c.get("/lora-adapters")).json()]
+        adapters = (await c.get("/lora-adapters")).json()
+        lora_ids = [a["id"] for a in adapters]
+        stable_ids = frozenset(a["id"] for a in adapters if Path(a["path"]).name != hot)
     cap = await capacity(url, experts, lora_ids, concurrency, capacity_s, max_tokens, seed)
     rate = load_factor * cap
     rng = random.Random(seed)
@@ -225,7 +234,7 @@ async def drive(url: str, key: str, pid: int, *, duration: float, hot: str, hot_
                 rate, last_429 = rate * 1.5, now
             if now >= next_at:
                 path, body, kind = pick_request(rng, experts, lora_ids, max_tokens)
-                task = asyncio.ensure_future(one(client, path, body, kind, random.Random(rng.random()), tally))
+                task = asyncio.ensure_future(one(client, path, body, kind, random.Random(rng.random()), tally, stable_ids))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 next_at += rng.expovariate(rate)
@@ -333,24 +342,13 @@ def start_server(args: list[str], key: str, log_path: Path) -> tuple[subprocess.
         time.sleep(0.2)  # waiting for a server to start (bounded), not timing anything
 
 
-def spare_copy(src: Path, root: Path) -> Path:
-    import yaml
-
-    card = yaml.safe_load((src / "expert.yaml").read_text())
-    card["name"] = f"{card['name']}-hot"
-    dst = root / card["name"]
-    shutil.copytree(src, dst)
-    (dst / "expert.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
-    return dst
-
-
 def run(experts: Path, *, base: str | None, duration: float, seed: int, max_batch: int, max_queue: int,
         max_tokens: tuple[int, int], capacity_s: float, workdir: Path) -> dict:
     """Serve ``experts`` plus a hot copy of the first, drive the load, stop the server; the figures."""
     names = sorted(p.name for p in experts.iterdir() if (p / "expert.yaml").is_file())
     served = workdir / "experts"
     shutil.copytree(experts, served)
-    hot = spare_copy(served / names[0], served)  # loaded at start, then unloaded/loaded by the fault loop
+    hot = spare_expert(served / names[0], served, "hot")  # loaded at start, then unloaded/loaded by the fault loop
     key = secrets.token_urlsafe(12)
     args = ["--experts", str(served), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
             "--max-seq", "512", "--no-refit-router", "--drain", "5"] + (["--base", base] if base else [])

@@ -138,16 +138,13 @@ def read_text_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str 
 
 def read_json_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str = "file", mapping: bool = True) -> Any:
     """A JSON file's value (an object when ``mapping``), or ``error`` naming the file and the fault."""
-    text = read_text_file(path, error, what=what)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
-    except RecursionError:
-        raise error(f"{path}: JSON nested too deeply") from None
-    if mapping and not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object of key: value, got {type(value).__name__}")
-    return value
+    def parse(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+
+    return _read_structured(path, error, what, mapping, "JSON", parse)
 
 
 def read_yaml_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str = "file", mapping: bool = True) -> Any:
@@ -155,15 +152,21 @@ def read_yaml_file(path: Path, error: type[DmoeError] = DmoeError, *, what: str 
     or ``error`` naming the file and the fault."""
     import yaml
 
-    text = read_text_file(path, error, what=what)
+    def parse(text: str) -> Any:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise error(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+        return {} if value is None and mapping else value
+
+    return _read_structured(path, error, what, mapping, "YAML", parse)
+
+
+def _read_structured(path: Path, error: type[DmoeError], what: str, mapping: bool, kind: str, parse) -> Any:
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+        value = parse(read_text_file(path, error, what=what))
     except RecursionError:
-        raise error(f"{path}: YAML nested too deeply") from None
-    if value is None and mapping:
-        return {}
+        raise error(f"{path}: {kind} nested too deeply") from None
     if mapping and not isinstance(value, dict):
         raise error(f"{path}: expected a mapping of key: value, got {type(value).__name__}")
     return value

@@ -190,40 +190,36 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+    token_ids: list[int] | None = Field(default=None, description="with return_token_ids")
+
+
+class ChatChoice(_Choice):
     message: ChatMessageOut
-    logprobs: dict[str, Any] | None
-    finish_reason: str
-    token_ids: list[int] | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: str = Field(description="chat.completion")
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    dmoe: DmoeInfo
-
-
-class TextChoice(BaseModel):
-    index: int
+class TextChoice(_Choice):
     text: str
-    logprobs: dict[str, Any] | None
-    finish_reason: str
-    token_ids: list[int] | None = None
 
 
-class TextCompletion(BaseModel):
+class _Completion(BaseModel):
     id: str
-    object: str = Field(description="text_completion")
+    object: str = Field(description="chat.completion or text_completion")
     created: int
     model: str
-    choices: list[TextChoice]
     usage: Usage
     dmoe: DmoeInfo
+
+
+class ChatCompletion(_Completion):
+    choices: list[ChatChoice]
+
+
+class TextCompletion(_Completion):
+    choices: list[TextChoice]
 
 
 class ModelCard(BaseModel):
