@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -48,6 +50,32 @@ def tiny_base(tmp_path_factory, real_tokenizer) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     real_tokenizer.save_pretrained(path)
     return path
+
+
+class HashEncoder:
+    """Bag of words hashed into 64 dimensions: deterministic, instant, counts its calls."""
+
+    id = "hash64"
+    dim = 64
+
+    def __init__(self):
+        self.encoded: list[str] = []
+
+    def encode(self, texts):
+        self.encoded += texts
+        x = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"\w+", t.lower()):
+                x[i, sum(map(ord, w)) % self.dim] += 1.0
+        x += 1e-3
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def hand_copy(src: Path, dst: Path) -> Path:
+    """A copy of an expert to edit by hand, like an adapter made outside dmoe: without the
+    manifest dmoe writes (which would rightly refuse the edited weights)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("dmoe_manifest.json"))
+    return dst
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

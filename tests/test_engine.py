@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import step_wrapper
+from conftest import hand_copy, step_wrapper
 from dmoe.base import load_base
 from dmoe.engine.protocol import Engine, run_until_done
 from dmoe.engine.request import SamplingParams
@@ -86,11 +86,10 @@ def test_rows_finishing_at_different_steps_match_each_alone(engine, tiny_experts
 
 def test_a_larger_rank_grows_the_buffers_without_changing_loaded_experts(engine, tiny_experts, tmp_path):
     import json
-    import shutil
 
     before = engine.generate(PROMPTS, [[("alpha", 1.0)]] * len(PROMPTS), GREEDY)
     wide = tmp_path / "alpha_wide"  # alpha zero-padded to twice the rank: the same function
-    shutil.copytree(tiny_experts / "alpha", wide)
+    hand_copy(tiny_experts / "alpha", wide)
     w = load_file(str(wide / "adapter_model.safetensors"))
     save_file({k: torch.cat([v, torch.zeros_like(v)], dim=0 if "lora_A" in k else 1) for k, v in w.items()},
               str(wide / "adapter_model.safetensors"))
@@ -107,10 +106,9 @@ def test_a_larger_rank_grows_the_buffers_without_changing_loaded_experts(engine,
 
 def test_adapters_with_other_target_modules_mix_and_match_peft(engine, tiny_base, tiny_experts, tmp_path):
     import json
-    import shutil
 
     part = tmp_path / "attn_only"  # alpha restricted to q_proj and v_proj
-    shutil.copytree(tiny_experts / "alpha", part)
+    hand_copy(tiny_experts / "alpha", part)
     w = load_file(str(part / "adapter_model.safetensors"))
     save_file({k: v for k, v in w.items() if ".q_proj." in k or ".v_proj." in k}, str(part / "adapter_model.safetensors"))
     cfg = json.loads((part / "adapter_config.json").read_text())
@@ -167,10 +165,9 @@ def test_bad_lengths_are_refused(engine):
 
 
 def test_adapter_for_another_base_changes_nothing(engine, tiny_experts, tmp_path):
-    import shutil
 
     bad = tmp_path / "wide"
-    shutil.copytree(tiny_experts / "alpha", bad)
+    hand_copy(tiny_experts / "alpha", bad)
     w = load_file(str(bad / "adapter_model.safetensors"))
     save_file({k: torch.cat([v, v], dim=-1) if "lora_A" in k else v for k, v in w.items()}, str(bad / "adapter_model.safetensors"))
     before = engine.generate([PROMPTS[1]], [[("beta", 1.0)]], GREEDY)

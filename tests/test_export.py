@@ -4,7 +4,6 @@ export; merge; and every refusal the issue lists. llama.cpp itself is in test_ll
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import hand_copy
 from dmoe.base import resolve_base
 from dmoe.cli import app
 from dmoe.experts import load_expert
@@ -84,7 +84,7 @@ def test_adapter_gguf_layout(tiny_base, tiny_experts, tmp_path):
 
 
 def _copy_expert(src: Path, dst: Path, **config_changes) -> Path:
-    shutil.copytree(src, dst)
+    hand_copy(src, dst)
     cfg = json.loads((dst / "adapter_config.json").read_text())
     cfg.update(config_changes)
     (dst / "adapter_config.json").write_text(json.dumps(cfg))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import HashEncoder
 from dmoe.experts import find_experts
 from dmoe.route.classifiers import KINDS, fit
 from dmoe.route.decision import NONE, decide
@@ -30,25 +31,6 @@ TOPICS = {
     "space": ["planet", "orbit", "rocket", "galaxy", "star", "telescope", "astronaut", "moon", "comet", "nebula"],
 }
 GENERAL_WORDS = ["weather", "tax", "garden", "holiday", "shoes", "dentist", "rent", "bread", "sleep", "email"]
-
-
-class HashEncoder:
-    """Bag of words hashed into 64 dimensions: deterministic, instant, counts its calls."""
-
-    id = "hash64"
-    dim = 64
-
-    def __init__(self):
-        self.encoded: list[str] = []
-
-    def encode(self, texts):
-        self.encoded += texts
-        x = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"\w+", t.lower()):
-                x[i, sum(map(ord, w)) % self.dim] += 1.0
-        x += 1e-3
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _questions(words, n, seed):

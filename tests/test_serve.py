@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import StepHook
+from conftest import StepHook, hand_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -169,7 +169,7 @@ def test_admin_load_unload_and_refusals(own_server, roots, tmp_path):
     cases = {}
     for name in ("corrupt", "pickled", "wide", "otherbase"):
         d = bad / name
-        shutil.copytree(roots / "spare" / "gamma", d)
+        hand_copy(roots / "spare" / "gamma", d)
         (d / "expert.yaml").write_text((d / "expert.yaml").read_text().replace("name: gamma", f"name: {name}"))
         cases[name] = d
     (cases["corrupt"] / "adapter_model.safetensors").write_bytes(b"\x00not safetensors")

@@ -111,6 +111,13 @@ def _run(args: list[str], env_extra: dict | None = None) -> subprocess.Completed
     return subprocess.run(DMOE + args, capture_output=True, text=True, env=env, timeout=600)
 
 
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_kill_minus_9_then_same_command_resumes_exactly(tiny_train_cfg, tmp_path):
     """A SIGKILL after step 7 (checkpoints every 3) loses no finished checkpointed step:
     rerunning the same command resumes at step 6 and reproduces the uninterrupted run."""
@@ -123,12 +130,14 @@ def test_kill_minus_9_then_same_command_resumes_exactly(tiny_train_cfg, tmp_path
     assert killed.returncode == -9
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert max(losses(out)) == 7  # step 7 finished and was logged, but never checkpointed
-    (out / ".checkpoint-9.tmp").mkdir()  # debris of a kill during a checkpoint write
+    dead = _dead_pid()
+    (out / f".checkpoint-9.{dead}.x.tmp").mkdir()  # debris of a kill during a checkpoint write
+    (out / ".checkpoint-8.tmp").mkdir()  # the same, as an older dmoe named it
 
     resumed = _run(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 6" in resumed.stdout
-    assert not (out / ".checkpoint-9.tmp").exists()
+    assert not list(out.glob(".checkpoint-*.tmp"))
     ref_l, got = losses(ref_out), losses(out)
     assert sorted(got) == sorted(ref_l) == list(range(1, 13))  # 24 rows / bs 4 x 2 epochs
     for step in ref_l:

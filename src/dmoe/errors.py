@@ -62,5 +62,9 @@ class ExpertNotLoadedError(AdapterError):
 
 
 # ---------------------------------------------------------------- engines
+class TrainError(DmoeError):
+    """Training cannot start or continue as configured."""
+
+
 class EngineError(DmoeError):
     """The engine itself failed (a backend refused a batch, a step loop did not finish)."""

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from dmoe.base import BaseIdentity
 from dmoe.config import ConfigError, ExpertCard, load_expert_card
 from dmoe.errors import AdapterError, ExpertError, ExpertNotFoundError, OutsideRootsError
-from dmoe.io import atomic_write_text, read_json_file
+from dmoe.io import atomic_write_text, read_json_file, verify_manifest
 
 CARD_FILE = "expert.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,6 +71,10 @@ def load_expert(path: str | os.PathLike) -> Expert:
         card = load_expert_card(p / CARD_FILE)
     except ConfigError as exc:
         raise ExpertError(str(exc)) from None
+    # The weights must be the ones written (the card and adapter_config.json are text the user
+    # may edit, and are validated when read): weights cut or changed afterwards are refused.
+    verify_manifest(p, ExpertError, names=(ADAPTER_WEIGHTS,),
+                    fix="Retrain the expert, or restore the folder from a copy.")
     return Expert(p, card)
 
 

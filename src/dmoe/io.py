@@ -2,22 +2,30 @@
 
 Every file dmoe writes goes through :func:`atomic_write_text`, :func:`atomic_write_bytes`
 or :func:`atomic_dir`: a reader (or a crash) sees the old content or the new one,
-never half of it.
+never half of it. Temp files carry the writer's process id, so the next writer removes
+what a killed one left. Directories dmoe reads back carry a manifest of sizes and digests
+(:func:`write_manifest`, :func:`verify_manifest`): a file cut or edited afterwards is
+detected, never trusted. :func:`file_lock` serialises writers of one cache entry.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dmoe.errors import DmoeError
+
+log = logging.getLogger(__name__)
 
 
 def dmoe_home() -> Path:
@@ -25,11 +33,70 @@ def dmoe_home() -> Path:
     return Path(os.environ.get("DMOE_HOME") or Path.home() / ".cache" / "dmoe")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove what a killed writer of ``target`` left beside it (``.NAME.PID.*.tmp``, named by
+    the writing process's id; only dead processes' files go). If a killed swap left ``target``
+    missing and its previous version aside, that version is put back first."""
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+        pid = p.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.name.endswith(".old.tmp") and not target.exists():
+            os.replace(p, target)  # a swap cut between its two renames: the old version returns
+            log.warning("restored %s from %s (a writer was killed while swapping it)", target, p.name)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the folders themselves (durable before the rename)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath), directory=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary user files
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -47,38 +114,146 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _link_missing(src: Path, dst: Path) -> None:
+    """Hard-link (or copy, across devices) each entry of ``src`` that ``dst`` lacks."""
+    for entry in src.iterdir():
+        to = dst / entry.name
+        if to.exists() or entry.name == MANIFEST:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, to, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(to))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 @contextmanager
-def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
-    """Build a directory in a hidden temp folder beside ``target``; rename it into place
-    when the block ends without an error, else remove it.
+def atomic_dir(target: str | os.PathLike, *, replace: bool = False, carry_over: bool = False,
+               manifest: bool = False) -> Iterator[Path]:
+    """Build a directory in a hidden temp folder beside ``target``; move it into place when
+    the block ends without an error, else remove it.
 
         with atomic_dir(out) as tmp:
             (tmp / "model.safetensors").write_bytes(...)
 
     ``replace=False``: if ``target`` appeared meanwhile (another process won the race),
     the new copy is dropped and the existing one kept. ``replace=True``: an existing
-    ``target`` is swapped out (renamed aside, then removed) after the new one is complete.
+    ``target`` is swapped for the new one in one step (``renameat2`` exchange; where the
+    file system cannot, two renames, and a kill between them is repaired by the next
+    writer). ``carry_over``: entries of the old ``target`` the block did not write are kept
+    (hard links). ``manifest``: a :data:`MANIFEST` of the top-level files' sizes and digests
+    is written, for :func:`verify_manifest`. Files are fsynced before the move.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_tmp_prefix(target), suffix=".tmp"))
     tmp.chmod(0o755)
     try:
         yield tmp
+        if carry_over and target.is_dir():
+            _link_missing(target, tmp)
+        if manifest:
+            write_manifest(tmp)
+        _fsync_tree(tmp)
         if replace and target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(tmp, target):
+                old = target.with_name(f"{_tmp_prefix(target)}old.tmp")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             try:
                 os.replace(tmp, target)
             except OSError:
                 if not target.is_dir():  # not a lost race: a real failure
                     raise
+        _fsync_path(target.parent, directory=True)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and "os error 28" in str(exc):  # safetensors' own error for ENOSPC
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) for the block; the system drops it
+    if the process dies, so a killed holder never blocks the next one."""
+    import fcntl
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+MANIFEST = "dmoe_manifest.json"
+
+
+def write_manifest(directory: Path) -> None:
+    """``dmoe_manifest.json``: size and digest of each top-level file of ``directory``."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    entries = {p.name: {"size": p.stat().st_size, "digest": content_hash([p])} for p in files}
+    atomic_write_text(directory / MANIFEST, json.dumps({"version": 1, "files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def verify_manifest(directory: Path, error: type[DmoeError] = DmoeError, *, names: Sequence[str] | None = None,
+                    fix: str = "") -> bool:
+    """Check files against the manifest written with them (all, or ``names``): size first, then
+    digest (memoised on size and mtime, so a file is hashed once per change). Returns False
+    where there is no manifest (a directory made before dmoe wrote them, or by hand); raises
+    ``error`` naming the file when one is missing, cut or changed. ``fix`` ends the message."""
+    m = directory / MANIFEST
+    if not m.is_file():
+        return False
+    data = read_json_file(m, error, what="manifest")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise error(f"{m}: no 'files' mapping; the manifest was damaged. {fix}".strip())
+    for name, want in files.items():
+        if names is not None and name not in names:
+            continue
+        p = directory / name
+        if not isinstance(want, dict):
+            raise error(f"{m}: entry {name!r} is not a mapping; the manifest was damaged. {fix}".strip())
+        if not p.is_file():
+            raise error(f"{p} is missing (the manifest lists it). {fix}".strip())
+        size = p.stat().st_size
+        if size != want.get("size"):
+            raise error(f"{p} has {size} bytes, not the {want.get('size')} written: it was cut or changed. {fix}".strip())
+        if content_hash([p]) != want.get("digest"):
+            raise error(f"{p} does not match the digest written with it: it was changed after dmoe wrote it. {fix}".strip())
+    return True
 
 
 def _sha256_files(files: list[Path]) -> str:

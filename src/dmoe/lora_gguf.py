@@ -19,7 +19,9 @@ adapter silently does something else.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,7 +34,9 @@ import torch
 from dmoe.base import BaseSpec, hf_dir
 from dmoe.errors import AdapterError, DmoeError
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, read_peft_adapter
-from dmoe.io import content_hash, dmoe_home
+from dmoe.io import atomic_write_text, clean_stale, content_hash, dmoe_home, file_lock
+
+log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _PERMUTED_ARCHS = {"llama"}  # architectures whose base q/k rows llama.cpp permutes
@@ -96,7 +100,8 @@ def write_gguf(out: Path, arch: str, fill) -> None:
     file in the same folder, then renamed, so a crash never leaves a half-written file."""
     g = gguf
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    clean_stale(out)  # what a killed writer of this file left
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         w = g.GGUFWriter(tmp, arch)
@@ -107,6 +112,10 @@ def write_gguf(out: Path, arch: str, fill) -> None:
         w.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC and not exc.filename:  # numpy's write names no file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -252,9 +261,17 @@ def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
     adapter's and the base's content. Failures are AdapterErrors (nothing is cached)."""
     key = content_hash([expert.path / ADAPTER_CONFIG, expert.path / ADAPTER_WEIGHTS])[:16]
     path = dmoe_home() / "gguf-adapters" / f"{expert.name}-{key}-{base.identity.sha256[:12]}-f32.gguf"
-    if not path.is_file():
+    digest = path.with_name(path.name + ".digest")
+    # One converter at a time per entry (two servers starting together); the digest, written
+    # after the file, marks it complete and catches a file cut or changed later: rebuilt.
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        if path.is_file() and digest.is_file() and digest.read_text().strip() == content_hash([path]):
+            return path
+        if path.exists():
+            log.warning("rebuilding %s: it does not match the digest written with it", path)
         try:
             write_adapter_gguf(expert, path, base, "f32")
         except ExportError as exc:
             raise AdapterError(str(exc)) from None
+        atomic_write_text(digest, content_hash([path]) + "\n")
     return path

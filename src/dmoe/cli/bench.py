@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +43,7 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from dmoe.evals.behaviour import BenchRun, limit_per_domain, parse_mode, read_question_set, seed_tables
+    from dmoe.evals.behaviour import BenchRun, limit_per_domain, new_run_dir, parse_mode, read_question_set, seed_tables
     from dmoe.evals.report import write_report
     from dmoe.experts import find_experts_in
 
@@ -55,7 +54,7 @@ def bench(
                           limit)
     names = modes.split(",") if modes else ["vanilla", *(f"expert:{e.name}" for e in found), "auto"]
     mode_list = [parse_mode(m) for m in names]
-    run_dir = out / (run_id or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = new_run_dir(out, run_id)
     with contextlib.ExitStack() as stack:
         if url is None:
             from dmoe.runtime import ServeConfig, build_state

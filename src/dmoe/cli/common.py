@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import warnings
@@ -48,7 +49,15 @@ def user_errors(fn: F) -> F:
         except DmoeError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
-        except (OSError, UnicodeDecodeError) as exc:  # a file that is missing, unreadable, a folder, or binary
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                err_console.print(f"[bold red]error:[/] no space left on device writing {exc.filename or 'a file'}: free some "
+                                  "space or write elsewhere (-o, $DMOE_HOME); what was there before is unchanged",
+                                  highlight=False, markup=True)
+            else:  # a file that is missing, unreadable, a folder...
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except UnicodeDecodeError as exc:  # a binary file where text was expected
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from dmoe import DmoeError
 from dmoe.evals.checks import CHECK, KINDS, Check, RegexCheck, grade
 from dmoe.evals.hits import wilson
-from dmoe.io import atomic_write_text, read_jsonl
+from dmoe.io import atomic_dir, read_jsonl
 from dmoe.route.decision import NONE
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,28 @@ class Answer:
     error: str | None = None
     passed: bool | None = None  # the question's check, when it has one
     why: str = ""
+
+
+def new_run_dir(root: Path, run_id: str | None = None) -> Path:
+    """A fresh folder for one run under ``root``: ``run_id``, or the time (``-2``, ``-3`` ... when
+    two runs start in one second). An earlier run is never written over."""
+    root.mkdir(parents=True, exist_ok=True)
+    if run_id is not None:
+        d = root / run_id
+        try:
+            d.mkdir()
+        except FileExistsError:
+            raise BenchError(f"{d} already holds a run; choose another --run-id (or delete that folder)") from None
+        return d
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        d = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise BenchError(f"{root}: 999 runs started in one second; choose a --run-id")
 
 
 def limit_per_domain(questions: list[Question], limit: int | None) -> list[Question]:
@@ -388,7 +410,6 @@ class BenchRun:
             "url": self.url, "questions": len(self.questions), "repeat": self.repeat, "parallel": self.parallel,
             "params": self.params, "modes": modes,
         }
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         rows = []
         for i, q in enumerate(self.questions):
             row = {"question": q.question, "domain": q.domain}
@@ -397,11 +418,15 @@ class BenchRun:
                 if a is not None:
                     row[mode] = a.error and f"ERROR: {a.error}" or a.text
             rows.append(row)
-        atomic_write_text(self.out / "comparison.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         per_answer = [{"mode": a.mode, "index": a.index, "tokens": a.tokens, "ttft_s": a.ttft_s, "latency_s": a.latency_s,
                        "route": a.route, "error": a.error, "passed": a.passed, "check": a.why or None}
                       for got in answers.values() for a in got]
-        atomic_write_text(self.out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in per_answer))
+        # The three result files land together (the run's logs carried over), with a manifest:
+        # a kill leaves the logs alone or the logs and a whole result set, never a mixture.
+        with atomic_dir(self.out, replace=True, carry_over=True, manifest=True) as tmp:
+            (tmp / "comparison.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            (tmp / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_answer), encoding="utf-8")
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 def seed_tables(summary: dict, signatures: dict[str, list[str]]) -> str:

@@ -18,14 +18,16 @@ import json
 from pathlib import Path
 
 from dmoe.evals.behaviour import BenchError
-from dmoe.io import read_jsonl
+from dmoe.io import atomic_write_text, read_json_file, read_jsonl, verify_manifest
 
 
 def _load(run: Path) -> dict:
     f = Path(run) / "summary.json"
     if not f.is_file():
         raise BenchError(f"{run} is not a benchmark run: summary.json is missing")
-    return json.loads(f.read_text())
+    verify_manifest(Path(run), BenchError, names=("summary.json", "answers.jsonl", "comparison.jsonl"),
+                    fix="Run the benchmark again.")
+    return read_json_file(f, BenchError, what="benchmark summary")
 
 
 def _png(fig) -> str:
@@ -109,9 +111,7 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}.bad{{color:#b00}}<
 <h2>Answers side by side</h2><table><tr><th>question</th>{heads}</tr>{side}</table>
 </body></html>"""
     out = run / "report.html"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, doc)
     return out
 
 

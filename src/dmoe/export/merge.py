@@ -21,7 +21,7 @@ def merge_expert(expert: Expert, out_dir: str | os.PathLike, base: BaseSpec | st
     model, tok, spec = load_base(base)
     check_base(expert, spec.identity)
     merged = apply_expert(model, expert, scale).merge_and_unload()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, manifest=True) as tmp:  # the manifest lets dmoe detect a file changed later
         merged.config._name_or_path = f"{spec.identity.name}+{expert.name}"
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

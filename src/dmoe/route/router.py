@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,11 +35,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic import Field as PField
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from dmoe.experts import ADAPTER_WEIGHTS, Expert
-from dmoe.io import atomic_write_text, content_hash, read_json_file
+from dmoe.io import atomic_dir, content_hash, read_json_file, verify_manifest
 from dmoe.route.classifiers import KINDS, Classifier, fit
 from dmoe.route.decision import NONE, RouteDecision, decide
 from dmoe.route.encoders import Encoder
@@ -47,6 +50,7 @@ ROUTER_DIR = "router"
 ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def expert_fingerprint(expert: Expert) -> str:
@@ -91,16 +95,15 @@ class EmbeddingRouter:
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
-        """Write router.json and router.safetensors (each atomically)."""
+        """Write router.json and router.safetensors together: the folder is rebuilt beside itself
+        (its embedding cache carried over) and swapped in at once, with a manifest."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{ROUTER_WEIGHTS}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in self.clf.arrays.items()}, str(tmp))
-        tmp.replace(d / ROUTER_WEIGHTS)
         meta = {"version": VERSION, "classes": self.classes, "encoder": self.encoder.id, "classifier": self.clf.kind,
                 "temperature": self.clf.temperature, "k": self.clf.k, "threshold": self.threshold,
                 "experts": self.experts, "report": self.report}
-        atomic_write_text(d / ROUTER_JSON, json.dumps(meta, indent=2) + "\n")
+        with atomic_dir(d, replace=True, carry_over=True, manifest=True) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.clf.arrays.items()}, str(tmp / ROUTER_WEIGHTS))
+            (tmp / ROUTER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         return d
 
 
@@ -168,6 +171,8 @@ def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder |
     d = Path(directory)
     if not (d / ROUTER_JSON).is_file():
         raise RouteError(f"no router in {d}: train one with `dmoe route train --experts {d.parent}`")
+    verify_manifest(d, RouteError, names=(ROUTER_WEIGHTS,),  # router.json is validated as it is read
+                    fix=f"Retrain it with `dmoe route train --experts {d.parent}`.")
     meta = _read_meta(d / ROUTER_JSON)
     want = {e.name: expert_fingerprint(e) for e in experts}
     have = meta.experts
@@ -200,13 +205,38 @@ def _cached_encode(encoder: Encoder, prompts: list[str], cache: Path | None, tag
     key = hashlib.sha256((encoder.id + "\n" + "\n".join(prompts)).encode()).hexdigest()[:16]
     f = cache / f"{tag}-{key}.safetensors" if cache else None
     if f is not None and f.is_file():
-        return load_file(str(f))["x"]
+        cached = _read_cached(f)
+        if cached is not None:
+            return cached
     x = encoder.encode(prompts)
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        save_file({"x": x}, str(tmp))
-        tmp.replace(f)
+        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"x": x}, tmp, metadata={"sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()})
+            os.replace(tmp, f)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return x
+
+
+def _read_cached(f: Path) -> np.ndarray | None:
+    """A cached embedding matrix whose bytes match the digest saved with it; None (encode
+    again) for a file that was cut, changed or written by an older dmoe."""
+    try:
+        with safe_open(str(f), "np") as fh:
+            want = (fh.metadata() or {}).get("sha256")
+            x = fh.get_tensor("x")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file  # noqa: BLE001
+        log.warning("re-encoding: the cached embeddings %s are unreadable (%s)", f, exc)
+        return None
+    if want is None:
+        log.info("re-encoding: the cached embeddings %s carry no digest (an older dmoe wrote them)", f)
+        return None
+    if want != hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest():
+        log.warning("re-encoding: the cached embeddings %s do not match their digest", f)
+        return None
     return x
 
 

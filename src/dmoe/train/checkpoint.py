@@ -3,15 +3,16 @@
 A checkpoint is a directory ``checkpoint-<step>/`` holding the trainable weights
 (safetensors), the optimizer and scheduler state and RNG state (``torch.save`` of
 tensors and numbers only, read back with ``weights_only=True``), and
-``trainer_state.json``. It is written as ``.checkpoint-<step>.tmp`` and renamed into
-place, so a kill at any moment leaves either the previous checkpoint set or the new
-one, never a half-written directory that looks complete.
+``trainer_state.json``, with a manifest of their sizes and digests. It is built in a
+hidden temp folder and moved into place (``io.atomic_dir``), so a kill at any moment leaves
+either the previous checkpoint set or the new one, never a half-written directory that
+looks complete; a checkpoint damaged afterwards fails its manifest and is skipped.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
 from collections.abc import Mapping
@@ -20,6 +21,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from dmoe.errors import TrainError
+from dmoe.io import atomic_dir, clean_stale, verify_manifest
+
+log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -47,55 +53,46 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """The newest checkpoint whose files match their manifest; damaged ones are skipped, with a warning."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except TrainError as exc:
+            log.warning("skipping a damaged checkpoint: %s", exc)
+            continue
+        return path
+    return None
 
 
 def save_checkpoint(output_dir: Path, state: TrainerState, trainable: Mapping[str, torch.Tensor], optimizer, scheduler, keep: int | None) -> Path:
-    """Write checkpoint-<step> atomically, then drop the oldest beyond ``keep``."""
+    """Write checkpoint-<step> atomically (with a manifest), then drop the oldest beyond ``keep``."""
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = output_dir / f".checkpoint-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        tmp / "optimizer.pt",
-    )
-    # The state file is written last: its presence marks the checkpoint complete.
-    with open(tmp / STATE_FILE, "w") as fh:
-        json.dump(asdict(state), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    with atomic_dir(final, replace=True, manifest=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "optimizer.pt",
+        )
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # its presence marks a checkpoint
     if keep is not None:
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def verify_checkpoint(path: Path) -> None:
+    """TrainError if a file of the checkpoint was cut or changed after it was written."""
+    verify_manifest(path, TrainError, fix="Delete that checkpoint folder to resume from the one before it.")
+
+
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> TrainerState:
     """Restore weights, optimizer, scheduler and RNG from ``path``; return its state."""
+    verify_checkpoint(path)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(trainable) - set(weights)
     if missing:
@@ -113,7 +110,11 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
 
 
 def clean_stale_tmp(output_dir: Path) -> None:
-    """Remove half-written checkpoints left by a killed run."""
+    """Remove half-written checkpoints left by a killed run (only a dead writer's: the temp
+    folders are named by process id)."""
     if output_dir.is_dir():
         for p in output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+            if re.fullmatch(r"\.checkpoint-\d+\.tmp", p.name):  # an older dmoe's name, without a process id
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                clean_stale(output_dir / p.name[1:].split(".", 1)[0])

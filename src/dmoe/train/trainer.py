@@ -39,13 +39,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from dmoe import DmoeError
 from dmoe.base import BaseSpec, load_base, resolve_base
 from dmoe.config import ExpertCard, TrainConfig
 from dmoe.data import load_conversations
 from dmoe.data.tokenize import Encoded, chat_template_for, encode
+from dmoe.errors import TrainError  # noqa: F401 - raised here, and imported from here by callers
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_card
-from dmoe.io import atomic_write_text, cpu_has_bf16
+from dmoe.io import atomic_dir, atomic_write_text, cpu_has_bf16
 from dmoe.train.batches import collate, epoch_batches
 from dmoe.train.checkpoint import (
     TrainerState,
@@ -61,10 +61,6 @@ from dmoe.train.progress import LOG_FILE, TrainLog, plot_loss, progress_bar, tru
 SUMMARY_FILE = "summary.json"
 # Test hook: SIGKILL ourselves right after this optimizer step (a real kill -9).
 _KILL_AFTER_STEP_ENV = "DMOE_KILL_AFTER_STEP"
-
-
-class TrainError(DmoeError):
-    """Training cannot start or continue as configured."""
 
 
 @dataclass
@@ -490,41 +486,43 @@ def example_prompts(turns: list[tuple[str, str]], signature: list[str], k: int =
 
 
 def save_expert(model, cfg: TrainConfig, base: BaseSpec, n_train: int, examples: list[str], result: TrainResult) -> None:
-    """Write the PEFT adapter, ``expert.yaml``, ``summary.json`` and the loss plot."""
+    """Write the PEFT adapter, ``expert.yaml``, ``summary.json`` and the loss plot. The
+    directory is rebuilt beside itself and swapped in at once (its log, config and checkpoints
+    carried over), with a manifest: a kill leaves the previous expert or the new one."""
     out = result.output_dir
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    adapter_dir = tmp / model.active_adapter if (tmp / model.active_adapter).is_dir() else tmp
-    if cfg.adapter_dtype != "float32":
-        weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-        dtype = getattr(torch, cfg.adapter_dtype)
-        save_file({k: v.to(dtype) for k, v in weights.items()}, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    if isinstance(adapter_config.get("target_modules"), list):  # PEFT keeps a set: its order changes run to run
-        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-        (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        os.replace(adapter_dir / f, out / f)
-    shutil.rmtree(tmp, ignore_errors=True)
-    summary = {
-        "steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-        "tokens_per_s": round(result.tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 1),
-        "train_examples": n_train, "resumed_from_step": result.resumed_from,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "base": base.identity.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "compute_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
-    }
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    card = ExpertCard(
-        name=cfg.expert_name or out.resolve().name,
-        domain=cfg.expert_domain,
-        description=cfg.expert_description,
-        base=base.identity.to_dict(),
-        examples=examples,
-        signature=cfg.expert_signature,
-        training=cfg.model_dump(mode="json", exclude_none=True),
-        metrics={"train_loss": result.train_loss, "eval_loss": result.eval_loss, "steps": result.steps},
-    )
-    write_card(out, card)
+    with atomic_dir(out, replace=True, carry_over=True, manifest=True) as new:
+        tmp = new / ".adapter.tmp"
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        adapter_dir = tmp / model.active_adapter if (tmp / model.active_adapter).is_dir() else tmp
+        if cfg.adapter_dtype != "float32":
+            weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+            dtype = getattr(torch, cfg.adapter_dtype)
+            save_file({k: v.to(dtype) for k, v in weights.items()}, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        if isinstance(adapter_config.get("target_modules"), list):  # PEFT keeps a set: its order changes run to run
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+            (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            os.replace(adapter_dir / f, new / f)
+        shutil.rmtree(tmp, ignore_errors=True)
+        summary = {
+            "steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 1),
+            "train_examples": n_train, "resumed_from_step": result.resumed_from,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "base": base.identity.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "compute_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
+        }
+        (new / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        card = ExpertCard(
+            name=cfg.expert_name or out.resolve().name,
+            domain=cfg.expert_domain,
+            description=cfg.expert_description,
+            base=base.identity.to_dict(),
+            examples=examples,
+            signature=cfg.expert_signature,
+            training=cfg.model_dump(mode="json", exclude_none=True),
+            metrics={"train_loss": result.train_loss, "eval_loss": result.eval_loss, "steps": result.steps},
+        )
+        write_card(new, card)
     plot_loss(out)
