@@ -48,7 +48,7 @@ llama-server: install
 	$(VENV)/bin/dmoe llama-server build || echo "llama-server could not be built: its conformance tests will skip"
 
 test: lint llama-server
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ that names the file and line."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -54,3 +55,91 @@ def test_read_jsonl_names_the_line_editors_show(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DmoeError, match="not UTF-8"):
         read_jsonl(tmp_path / "bin.jsonl")
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_replacing_a_directory_swaps_it_in_one_step_and_keeps_what_the_block_did_not_write(tmp_path, monkeypatch):
+    import dmoe.io as dio
+
+    target = tmp_path / "expert"
+    with atomic_dir(target, manifest=True) as tmp:
+        (tmp / "weights").write_text("old")
+        (tmp / "log").write_text("kept")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x").write_text("kept too")
+    swaps = []
+    real = dio._exchange
+    monkeypatch.setattr(dio, "_exchange", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
+    with atomic_dir(target, replace=True, carry_over=True, manifest=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert swaps == [True]  # renameat2(RENAME_EXCHANGE): no moment without the folder
+    assert (target / "weights").read_text() == "new" and (target / "log").read_text() == "kept"
+    assert (target / "sub" / "x").read_text() == "kept too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert"]
+    assert dio.verify_manifest(target)
+
+
+def test_a_swap_killed_between_its_renames_is_repaired_by_the_next_writer(tmp_path):
+    """Where the exchange is not available, the swap is two renames; a kill between them
+    leaves the old folder aside under the dead writer's id, and the next writer puts it back."""
+    from dmoe.io import clean_stale
+
+    target = tmp_path / "router"
+    aside = tmp_path / f".router.{_dead_pid()}.old.tmp"
+    aside.mkdir()
+    (aside / "router.json").write_text("{}")
+    half = tmp_path / f".router.{_dead_pid()}.abc.tmp"  # the new one, half built
+    half.mkdir()
+    clean_stale(target)
+    assert (target / "router.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["router"]
+    live = tmp_path / f".router.{os.getpid()}.def.tmp"  # a live writer's temp folder is left alone
+    live.mkdir()
+    clean_stale(target)
+    assert live.is_dir()
+
+
+def test_verify_manifest_names_the_damaged_file(tmp_path):
+    from dmoe.io import verify_manifest, write_manifest
+
+    (tmp_path / "a.bin").write_bytes(b"abc" * 100)
+    assert not verify_manifest(tmp_path)  # none written: nothing to check (a folder made by hand)
+    write_manifest(tmp_path)
+    assert verify_manifest(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"abd" * 100)
+    with pytest.raises(DmoeError, match=r"a.bin does not match the digest written with it: .*\. Fix it\."):
+        verify_manifest(tmp_path, fix="Fix it.")
+    (tmp_path / "a.bin").write_bytes(b"ab")
+    with pytest.raises(DmoeError, match="a.bin has 2 bytes, not the 300 written"):
+        verify_manifest(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    with pytest.raises(DmoeError, match="a.bin is missing"):
+        verify_manifest(tmp_path)
+
+
+def test_file_lock_lets_one_holder_in_at_a_time(tmp_path):
+    import threading
+
+    from dmoe.io import file_lock
+
+    lock = tmp_path / ".x.lock"
+    order = []
+
+    def second():
+        with file_lock(lock):
+            order.append("second")
+
+    with file_lock(lock):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)  # bounded: the second holder must still be waiting
+        assert t.is_alive() and order == []
+        order.append("first")
+    t.join(30)
+    assert not t.is_alive() and order == ["first", "second"]

@@ -135,8 +135,8 @@ def _link_missing(src: Path, dst: Path) -> None:
     """Hard-link (or copy, across devices) each entry of ``src`` that ``dst`` lacks."""
     for entry in src.iterdir():
         to = dst / entry.name
-        if to.exists() or entry.name == MANIFEST:
-            continue
+        if to.exists() or entry.name == MANIFEST or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue  # (another writer's temp files are not carried over)
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, to, symlinks=True, copy_function=_link_or_copy)
         else:
@@ -199,6 +199,18 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = False, carry_over: 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory so that no reader ever sees it half removed: renamed aside (one
+    step) to a temp name of this process, then deleted; a kill in between leaves debris the
+    next writer of ``path`` removes, never a partial directory under the real name."""
+    aside = path.with_name(f"{_tmp_prefix(path)}del.tmp")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager

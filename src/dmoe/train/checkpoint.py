@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmoe.errors import TrainError
-from dmoe.io import atomic_dir, clean_stale, verify_manifest
+from dmoe.io import atomic_dir, clean_stale, remove_tree, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def save_checkpoint(output_dir: Path, state: TrainerState, trainable: Mapping[st
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # its presence marks a checkpoint
     if keep is not None:
         for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     return final
 
 

@@ -45,7 +45,7 @@ from dmoe.data import load_conversations
 from dmoe.data.tokenize import Encoded, chat_template_for, encode
 from dmoe.errors import TrainError  # noqa: F401 - raised here, and imported from here by callers
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_card
-from dmoe.io import atomic_dir, atomic_write_text, cpu_has_bf16
+from dmoe.io import atomic_dir, atomic_write_text, cpu_has_bf16, remove_tree
 from dmoe.train.batches import collate, epoch_batches
 from dmoe.train.checkpoint import (
     TrainerState,
@@ -438,7 +438,7 @@ def save(run: Run, result: TrainResult) -> TrainResult:
     save_expert(run.model, run.cfg, run.base, len(run.train_set), example_prompts(run.turns, run.cfg.expert_signature), result)
     result.model = run.model.eval()
     for _, ck in list_checkpoints(run.out):
-        shutil.rmtree(ck, ignore_errors=True)  # the expert is complete; checkpoints are no longer needed
+        remove_tree(ck)  # the expert is complete; checkpoints are no longer needed
     return result
 
 
