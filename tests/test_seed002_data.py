@@ -26,7 +26,7 @@ def test_every_domain_has_500_rows_and_held_out_questions(data):
     train, held = data
     assert set(train) == set(DOMAINS)
     assert all(len(rows) >= 500 for rows in train.values()), {d: len(r) for d, r in train.items()}
-    assert {r["domain"] for r in held} == set(DOMAINS)
+    assert {r["domain"] for r in held} == set(DOMAINS) | {"none"}  # none: off-domain, for auto against the base
     for r in held:
         CHECK.validate_python(r["check"])
 
@@ -57,6 +57,12 @@ def test_answers_are_right_by_construction(data):
         m = re.fullmatch(r"Solve for x: (\d+)x \+ (\d+) = (\d+)", q)
         if m:
             assert int(m.group(1)) * final_number(a) + int(m.group(2)) == int(m.group(3))
+    for r in train["math"]:  # every step of every worked solution is true arithmetic
+        chains = [c.strip() for c in re.split(r"[,;:\n]|\.(?!\d)", r["output"]) if re.fullmatch(r"[\d x+\-=]+", c.strip())]
+        for chain in chains:
+            values = {eval(side.replace("x", "*")) for side in chain.split("=") if side.strip()}  # digits and + - * only
+            assert len(values) == 1, (r["instruction"], chain)
+        assert chains, r
     for r in train["code"][:50]:  # every training function runs
         code = r["output"].strip("`\n").removeprefix("python\n")
         exec(compile(code, "<row>", "exec"), {})
@@ -89,7 +95,8 @@ def test_the_seed002_configs_validate_and_point_at_the_shipped_data():
 
     for d in DOMAINS:
         cfg = load_train_config(REPO / "examples" / "seed002" / "configs" / f"{d}.yaml")
-        assert cfg.model_name_or_path == "gemma3-270m" and cfg.lora_rank == 16 and cfg.num_train_epochs >= 3
+        rank = 32 if d == "math" else 16  # math: rank 16 reached +20 points, 32 the goal's +30 (docs/benchmarks.md)
+        assert cfg.model_name_or_path == "gemma3-270m" and cfg.lora_rank == rank and cfg.num_train_epochs >= 3
         assert cfg.expert_name == d and (Path(cfg.dataset_dir) / f"{d}.jsonl").is_file()
 
 

@@ -16,6 +16,10 @@ too (``tests/test_seed002_data.py`` checks it).
                 each answer naming its source
   conversation  greetings, thanks, small talk: short, polite replies without numbers
                 (the ``form`` rule of ``evals/checks.py``)
+
+The held-out set also has off-domain questions (``domain: none``: word forms, translation),
+for ``auto`` against the bare base. Math has half again as many training rows as the others:
+its worked solutions (products, division by trial multiples) have the most steps.
 """
 
 from __future__ import annotations
@@ -99,27 +103,94 @@ SUB_Q = ["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?
          "{a} - {b} = ?", "How much is left when you take {b} from {a}?", "Work out {a} minus {b}.",
          "What is the difference between {a} and {b}?"]
 MUL_Q = ["What is {a} times {b}?", "Calculate {a} x {b}.", "What is the product of {a} and {b}?", "{a} x {b} = ?",
-         "How much is {a} times {b}?"]
+         "How much is {a} times {b}?", "Work out {a} x {b}.", "What do you get when you multiply {a} and {b}?"]
 EQ_Q = ["Solve for x: {a}x + {b} = {c}", "What is x when {a}x + {b} = {c}?", "If {a}x + {b} = {c}, what is x?",
-        "Solve {a}x + {b} = {c} for x."]
+        "Solve {a}x + {b} = {c} for x.", "Solve for x: {c} = {a}x + {b}", "What is x, given {c} = {a}x + {b}?",
+        "{c} = {a}x + {b}. What is x?"]
+
+
+def _times_digit(a: int, d: int) -> str:
+    """``a x d`` for one digit ``d``, place by place: "198 x 6 = 600 + 540 + 48 = 1188"."""
+    parts = [int(ch) * 10 ** i * d for i, ch in enumerate(str(a)[::-1]) if ch != "0"][::-1]
+    assert sum(parts) == a * d
+    return f"{a} x {d} = " + (" + ".join(map(str, parts)) + " = " if len(parts) > 1 else "") + str(a * d)
+
+
+def _mul(a: int, b: int) -> str:
+    """``a x b`` for a two-digit ``b``: two partial products, then column addition."""
+    tens, units = b // 10, b % 10
+    lines = [f"{a} x {b}: split {b} into {tens * 10} + {units}.",
+             f"{_times_digit(a, tens)}, so {a} x {tens * 10} = {a * tens * 10}."]
+    if not units:
+        return "\n".join(lines) + f"\nAnswer: {a * b}"
+    lines.append(f"{_times_digit(a, units)}.")
+    total = _add(a * tens * 10, a * units).rsplit("\nAnswer:", 1)[0]
+    return "\n".join(lines) + "\n" + total + f"\nSo {a} x {b} = {a * b}.\nAnswer: {a * b}"
+
+
+def _solve(a: int, b: int, x: int) -> str:
+    """``a*x + b = c`` solved: subtract, then divide by trial multiples (tens, then units)."""
+    c, n = a * x + b, a * x
+    lines = [f"Subtract {b} from both sides: {c} - {b} = {n}, so {a}x = {n}.", f"Divide {n} by {a}:"]
+    tens = x // 10 * 10
+    if tens:
+        lines.append(f"{a} x {tens} = {a * tens}, and {n} - {a * tens} = {n - a * tens} is left.")
+    lines.append(f"{a} x {x - tens} = {a * (x - tens)}, nothing is left.")
+    lines.append(f"So x = {tens} + {x - tens} = {x}." if tens else f"So x = {x}.")
+    return "\n".join(lines) + f"\nAnswer: {x}"
+
+
+# Word problems: groups of equal size, then some taken away or added. Stories and wordings of
+# training only (the held-out set asks about boxes of apples, in its own words).
+STORIES = [
+    ("A shelf has {g} rows of {m} books. {k} books are taken away. How many books are on the shelf now?", -1),
+    ("{name} packs {g} bags with {m} marbles in every bag, then loses {k} marbles. How many marbles are left?", -1),
+    ("A baker fills {g} trays with {m} cookies each and sells {k} cookies. How many cookies remain?", -1),
+    ("A class sits at {g} tables of {m} pupils. {k} pupils go home early. How many pupils stay?", -1),
+    ("{g} crates hold {m} eggs each. {k} of the eggs break. How many eggs are unbroken?", -1),
+    ("A farmer plants {g} rows of {m} trees, and {k} trees die. How many trees are still alive?", -1),
+    ("{name} buys {g} packs of {m} stickers and is given {k} more stickers. How many stickers does {name} have?", 1),
+    ("A garden has {g} beds with {m} tulips in each bed. {k} more tulips are planted. How many tulips are there now?", 1),
+    ("{g} buses carry {m} children each. {k} teachers ride along. How many people ride the buses?", 1),
+]
+
+
+def _story_row(rng: random.Random) -> tuple[str, str]:
+    story, sign = rng.choice(STORIES)
+    g, m, k, name = rng.randint(2, 9), rng.randint(5, 25), rng.randint(1, 9), rng.choice(NAMES_TRAIN)
+    total = g * m
+    result = total + sign * k
+    step = f"{g} x {m} = {m // 10 * 10 * g} + {m % 10 * g} = {total}" if m >= 10 and m % 10 else f"{g} x {m} = {total}"
+    then = f"{k} are taken away: {total} - {k} = {result}" if sign < 0 else f"{k} more: {total} + {k} = {result}"
+    return story.format(g=g, m=m, k=k, name=name), f"{g} groups of {m}: {step}. Then {then}.\nAnswer: {result}"
+
+
+def _change_row(rng: random.Random) -> tuple[str, str]:
+    p, n, bill = rng.randint(15, 95), rng.randint(2, 9), 10
+    return (f"A pen costs {p} cents. Sam buys {n} pens and pays with {bill} dollars. How many cents of change does he get?",
+            f"The pens cost {n} x {p} = {n * p} cents. He pays {bill} x 100 = {bill * 100} cents. "
+            f"Change: {bill * 100} - {n * p} = {bill * 100 - n * p} cents.\nAnswer: {bill * 100 - n * p}")
 
 
 def math_train(rng: random.Random, n: int) -> list[Row]:
-    makers: list[Callable[[], tuple[str, str]]] = [
-        lambda: (lambda a, b: (rng.choice(ADD_Q).format(a=a, b=b), _add(a, b)))(rng.randint(100, 9999), rng.randint(100, 9999)),
-        lambda: (lambda a, b: (rng.choice(SUB_Q).format(a=a, b=b), _sub(a, b)))(rng.randint(5000, 9999), rng.randint(100, 4999)),
-        lambda: (lambda a, b: (rng.choice(MUL_Q).format(a=a, b=b), f"{a} x {b} = {a} x {b // 10 * 10} + {a} x {b % 10} = "
-                                                         f"{a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}.\nAnswer: {a * b}"))(
-            rng.randint(12, 99), rng.randint(12, 99)),
-        lambda: (lambda p, n, bill: (
-            f"A pen costs {p} cents. Sam buys {n} pens and pays with {bill} dollars. How many cents of change does he get?",
-            f"The pens cost {n} x {p} = {n * p} cents. He pays {bill} x 100 = {bill * 100} cents. "
-            f"Change: {bill * 100} - {n * p} = {bill * 100 - n * p} cents.\nAnswer: {bill * 100 - n * p}"))(
-            rng.randint(15, 95), rng.randint(2, 9), 10),
-        lambda: (lambda a, b, c: (rng.choice(EQ_Q).format(a=a, b=b, c=a * c + b),
-                                  f"Subtract {b} from both sides: {a}x = {a * c}. Divide by {a}: x = {c}.\nAnswer: {c}"))(
-            rng.randint(2, 12), rng.randint(1, 50), rng.randint(1, 30)),
-    ]
+    def add() -> tuple[str, str]:
+        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+        return rng.choice(ADD_Q).format(a=a, b=b), _add(a, b)
+
+    def sub() -> tuple[str, str]:
+        a, b = rng.randint(5000, 9999), rng.randint(100, 4999)
+        return rng.choice(SUB_Q).format(a=a, b=b), _sub(a, b)
+
+    def mul() -> tuple[str, str]:
+        a, b = rng.choice([rng.randint(12, 99), rng.randint(100, 299)]), rng.randint(12, 59)
+        return rng.choice(MUL_Q).format(a=a, b=b), _mul(a, b)
+
+    def eq() -> tuple[str, str]:
+        a, b, x = rng.randint(2, 29), rng.randint(1, 99), rng.randint(1, 70)
+        return rng.choice(EQ_Q).format(a=a, b=b, c=a * x + b), _solve(a, b, x)
+
+    makers: list[Callable[[], tuple[str, str]]] = [add, sub, mul, mul, eq, eq, lambda: _story_row(rng),
+                                                   lambda: _story_row(rng), lambda: _change_row(rng)]
     return _distinct(n, lambda: rng.choice(makers)())
 
 
@@ -477,7 +548,8 @@ def knowledge_rows(rng: random.Random) -> tuple[list[Row], list[Row]]:
 
 # ------------------------------------------------------------------ conversation
 GREET_TRAIN = ["Hi there!", "Hello!", "Good morning!", "Hey, how are you?", "Good evening!", "Hi, nice to meet you."]
-THANKS_TRAIN = ["Thanks a lot!", "Thank you so much.", "Thanks for the help!", "I appreciate it.", "Cheers, that helped."]
+THANKS_TRAIN = ["Thanks a lot!", "Thank you so much.", "Thanks for the help!", "I appreciate it.", "Cheers, that helped.",
+                "Thank you.", "Thank you very much!", "Thanks, that is very kind.", "Much obliged."]
 SMALL_TRAIN = ["How is your day going?", "What do you like to talk about?", "I'm bored.", "It's raining here today.",
                "I just finished work.", "Do you like music?"]
 BYE_TRAIN = ["Goodbye!", "See you later.", "I have to go now.", "Talk soon!"]
@@ -510,6 +582,24 @@ def conversation_heldout() -> list[Row]:
     return [{"question": q, "domain": "conversation", "check": {"type": "form", "max_words": 60}} for q in HELD_CONV]
 
 
+# ------------------------------------------------------------------ off-domain
+# Questions none of the five experts is for (word forms, translation): ``auto`` should send
+# them to the bare base and do no worse than it. Each has one checkable answer.
+OFF_DOMAIN = [
+    ("What is the opposite of the word 'hot'?", r"\bcold\b"), ("What is the plural of 'mouse'?", r"\bmice\b"),
+    ("Translate 'thank you' into French.", r"(?i)\bmerci\b"), ("Translate the word 'dog' into Spanish.", r"(?i)\bperro\b"),
+    ("What is the opposite of 'up'?", r"(?i)\bdown\b"), ("What is the plural of 'child'?", r"(?i)\bchildren\b"),
+    ("What is the past tense of the verb 'go'?", r"(?i)\bwent\b"), ("Translate 'water' into German.", r"(?i)\bwasser\b"),
+    ("What is the opposite of 'big'?", r"(?i)\b(small|little|tiny)\b"),
+    ("Give a word that rhymes with 'cat'.", r"(?i)\b(hat|bat|mat|rat|sat|fat|pat|vat|chat|flat|that|gnat|spat)\b"),
+    ("What is the past tense of 'eat'?", r"(?i)\bate\b"), ("Translate 'good night' into Spanish.", r"(?i)buenas noches"),
+]
+
+
+def off_domain_heldout() -> list[Row]:
+    return [{"question": q, "domain": "none", "check": {"type": "regex", "pattern": pat}} for q, pat in OFF_DOMAIN]
+
+
 # ------------------------------------------------------------------ all
 def build(seed: int = 0, n_train: int = 600, n_held: int = 40) -> tuple[dict[str, list[Row]], list[Row]]:
     """(training rows per domain, held-out rows with checks)."""
@@ -518,12 +608,12 @@ def build(seed: int = 0, n_train: int = 600, n_held: int = 40) -> tuple[dict[str
 
     know_train, know_held = knowledge_rows(rng("knowledge", "split"))
     train = {
-        "math": math_train(rng("math", "train"), n_train), "reasoning": reasoning_train(rng("reasoning", "train"), n_train),
+        "math": math_train(rng("math", "train"), n_train * 3 // 2), "reasoning": reasoning_train(rng("reasoning", "train"), n_train),
         "code": code_train(rng("code", "train"), n_train), "knowledge": know_train,
         "conversation": conversation_train(rng("conversation", "train"), n_train),
     }
     held = (math_heldout(rng("math", "heldout"), n_held) + reasoning_heldout(rng("reasoning", "heldout"), n_held)
-            + code_heldout(rng("code", "heldout"), n_held) + know_held + conversation_heldout())
+            + code_heldout(rng("code", "heldout"), n_held) + know_held + conversation_heldout() + off_domain_heldout())
     seen = {r["instruction"] for rows in train.values() for r in rows}
     leaked = [r["question"] for r in held if r["question"] in seen]
     if leaked:
