@@ -106,8 +106,9 @@ def run_demo(steps: int, out: Path, use_bundled: bool, console: Console, max_tok
 
 def run_seed002_demo(console: Console, max_tokens: int = 160) -> list[dict]:
     """Seed 002 on its own base: serve the five capability experts on Gemma-3-270M (the base
-    their cards name) with their router, ask the first held-out question of each domain with
-    ``model=auto`` and with the bare base, and check both answers. Returns one row a domain."""
+    their cards name) with their router, ask the first held-out question of each domain (and
+    the first off-domain one, which should go to the base) with ``model=auto`` and with the
+    bare base, and check both answers. Returns one row a domain."""
     from dmoe.evals.checks import CHECK, grade
     from dmoe.io import read_jsonl
 
