@@ -1,6 +1,7 @@
 """The architecture support table (README): each architecture the torch engine claims runs a
 tiny random model whose greedy tokens equal HF transformers' (base) and PEFT's (an expert
-trained with `dmoe train`), in one mixed batch; an unsupported one is refused by name."""
+trained with `dmoe train`), in one mixed batch, and `dmoe merge` equals the adapter; an
+unsupported one is refused by name."""
 
 from __future__ import annotations
 
@@ -88,6 +89,23 @@ def test_greedy_equals_hf_and_peft_in_one_mixed_batch(arch):
         want = _hf_greedy(ref_peft if s else ref_base, p, n)
         assert r.output_ids == want, (kind, p, s)
     assert any(a.output_ids != b.output_ids for a, b in zip(reqs[::2], reqs[1::2]))  # the expert changes answers
+
+
+def test_merge_equals_the_adapter_on_every_architecture(arch, tmp_path):
+    """`dmoe merge` (W + (alpha/r) B A) gives the logits PEFT gives with the adapter applied."""
+    from dmoe.export.merge import merge_expert
+
+    kind, base, expert_dir = arch
+    merged_dir = merge_expert(load_expert(expert_dir), tmp_path / "merged", str(base))
+    merged, _, _ = load_base(merged_dir)
+    peft = apply_expert(load_base(base)[0], load_expert(expert_dir))
+    plain = load_base(base)[0]
+    ids = torch.tensor([[1, 4093, 198, 1780, 1076, 88, 99, 1000, 2000, 3000]])
+    with torch.no_grad():
+        want, got, before = peft(ids).logits, merged(ids).logits, plain(ids).logits
+    assert merged.config.model_type == kind
+    assert torch.allclose(got, want, atol=1e-4), (kind, (got - want).abs().max())
+    assert not torch.allclose(before, want, atol=1e-4)  # the adapter changes the logits: the check can fail
 
 
 def test_an_unsupported_architecture_is_refused_by_name(real_tokenizer):
