@@ -43,11 +43,11 @@ def adapters(tiny_gguf_base, tiny_gguf_experts, tmp_path_factory):
 
 
 @contextmanager
-def llama_server(model: Path, loras: list[Path], log: Path) -> Iterator[str]:
+def llama_server(model: Path, loras: list[Path], log: Path, slots: int = 2) -> Iterator[str]:
     """The real llama-server on a free loopback port, adapters loaded at scale 0 (the seed's flags)."""
     port = unused_port()
     cmd = [str(BINARY), "-m", str(model), "--lora", ",".join(map(str, loras)), "--lora-init-without-apply",
-           "--host", "127.0.0.1", "--port", str(port), "-np", "2", "-c", "2048", "-t", "2", "--no-webui"]
+           "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(1024 * slots), "-t", "2", "--no-webui"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -311,9 +311,9 @@ def test_dmoe_bench_gives_the_same_hit_rates_against_llama_server_and_dmoe_serve
             loras.append(tmp_path / f"{name}-f16.gguf")
             write_adapter_gguf(load_expert(experts / name), loras[-1], base, "f16")
         modes = ",".join(f"lora:{i}=1" for i in range(len(order)))
-        args = ["bench", "--modes", modes, "--limit", "8", "--max-tokens", "64", "--parallel", "2", "--experts", str(experts),
+        args = ["bench", "--modes", modes, "--limit", "8", "--max-tokens", "64", "--parallel", "4", "--experts", str(experts),
                 "--out", str(tmp_path / "res")]
-        with llama_server(base.path, loras, tmp_path / "server.log") as upstream_url:
+        with llama_server(base.path, loras, tmp_path / "server.log", slots=4) as upstream_url:
             for who, url in (("llama-server", upstream_url), ("dmoe", ours_url)):
                 r = CliRunner().invoke(app, [*args, "--url", url, "--run-id", who])
                 assert r.exit_code == 0, r.output
