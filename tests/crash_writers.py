@@ -64,14 +64,11 @@ def child(writer: str, root: str, kill_at: int, params: dict, report: str | None
 # ---------------------------------------------------------------- the writers
 def checkpoint(p: dict) -> None:
     """``checkpoint-<step>`` beside the previous one (keep 1: the previous one then goes)."""
-    import torch
-
     from dmoe.train.checkpoint import TrainerState, save_checkpoint
 
     trainable, opt, sched = checkpoint_objects(p["step"])
     save_checkpoint(Path(p["out"]), TrainerState(p["step"], 10, 100 * p["step"], 1.0, "digest"), trainable, opt, sched,
                     keep=1)
-    del torch
 
 
 def checkpoint_objects(step: int):

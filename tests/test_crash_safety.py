@@ -61,11 +61,11 @@ def debris(root: Path) -> list[str]:
 
 
 def crash_matrix(ctx, tmp_path: Path, writer: str, template: Path, params, after_kill, after_rerun, *,
-                 rerun_needed=lambda root: True, n: int = POINTS) -> dict:
+                 rerun_needed=lambda root: True, n: int = POINTS, next_writer=lambda root: None) -> dict:
     """Count the writer's events on a copy of ``template`` (and time it), then for each kill
     point: a fresh copy, the writer killed there, ``after_kill(root)``, the writer again
-    without a kill (unless ``rerun_needed`` says the write had completed), ``after_rerun(root)``,
-    and no debris. Kill points: POINTS seeded file events (between steps) and POINTS seeded
+    without a kill (unless ``rerun_needed`` says the write had completed: then ``next_writer``,
+    the first step of the next command), ``after_rerun(root)``, and no debris. Kill points: POINTS seeded file events (between steps) and POINTS seeded
     moments of the writer's run (inside steps)."""
     root = tmp_path / f"{writer}-count"
     shutil.copytree(template, root, symlinks=True)
@@ -90,6 +90,8 @@ def crash_matrix(ctx, tmp_path: Path, writer: str, template: Path, params, after
         after_kill(root)
         if code == -9 and rerun_needed(root):
             assert _run(ctx, writer, root, params(root), -1) == 0, f"{writer}: the rerun after a kill at {kind} {at} failed"
+        else:
+            next_writer(root)
         after_rerun(root)
         assert debris(root) == [], f"{writer}: a kill at {kind} {at} left {debris(root)}"
         shutil.rmtree(root)
@@ -138,7 +140,7 @@ def test_a_training_run_killed_anywhere_resumes_to_the_same_expert(ctx, tmp_path
     """Checkpoints every step and the expert directory: after a kill there is a complete expert
     or none (checkpoints that verify); the same command finishes it, with the uninterrupted run's weights."""
     from dmoe.experts import is_expert_dir, load_expert, read_peft_adapter
-    from dmoe.train.checkpoint import list_checkpoints, verify_checkpoint
+    from dmoe.train.checkpoint import clean_stale_tmp, list_checkpoints, verify_checkpoint
 
     template = tmp_path / "template"
     template.mkdir()
@@ -169,8 +171,11 @@ def test_a_training_run_killed_anywhere_resumes_to_the_same_expert(ctx, tmp_path
         assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
         verify_manifest(root / "out", ExpertError)
 
+    # A kill while the finished run removes its checkpoints leaves a dead writer's folder: the
+    # next `dmoe train` into that folder removes it first (and then says the expert exists).
     crash_matrix(ctx, tmp_path, "train", template, params, after_kill, after_rerun,
-                 rerun_needed=lambda root: not complete(root) or bool(list_checkpoints(root / "out")))
+                 rerun_needed=lambda root: not complete(root) or bool(list_checkpoints(root / "out")),
+                 next_writer=lambda root: clean_stale_tmp(root / "out"))
 
 
 @pytest.fixture(scope="module")

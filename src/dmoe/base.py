@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmoe.errors import DmoeError
-from dmoe.io import atomic_dir, atomic_write_text, clean_stale, content_hash, dmoe_home, file_lock, verify_manifest
+from dmoe.io import (
+    atomic_dir,
+    clean_stale,
+    content_hash,
+    dmoe_home,
+    file_lock,
+    stamp_matches,
+    verify_manifest,
+    write_stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +136,10 @@ def gemma_gguf_path() -> Path:
     stamp = target.with_suffix(".sha256")  # the package's SHA-256, then dmoe's memoised digest of the file
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{GEMMA_FILE}.lock"):
-        if target.is_file() and stamp.is_file() and stamp.read_text().split() == [want, content_hash([target])]:
+        if stamp_matches(target, stamp, want):
             return target
         _assemble_gemma(target, want)
-        atomic_write_text(stamp, f"{want} {content_hash([target])}\n")
+        write_stamp(target, stamp, want)
     return target
 
 

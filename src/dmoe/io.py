@@ -49,7 +49,7 @@ def clean_stale(target: Path) -> None:
     missing and its previous version aside, that version is put back first."""
     if not target.parent.is_dir():
         return
-    for p in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+    for p in target.parent.glob(f".{_glob_escape(target.name)}.*.tmp"):
         pid = p.name[len(target.name) + 2:].split(".", 1)[0]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
@@ -62,7 +62,7 @@ def clean_stale(target: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
@@ -227,6 +227,18 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def write_stamp(path: Path, stamp: Path, tag: str = "") -> None:
+    """Beside a cached file: ``tag`` (e.g. the source's checksum) and the file's digest, written
+    after the file, so the stamp marks it complete (:func:`stamp_matches`)."""
+    atomic_write_text(stamp, " ".join([*tag.split(), content_hash([path])]) + "\n")
+
+
+def stamp_matches(path: Path, stamp: Path, tag: str = "") -> bool:
+    """True when ``path`` is complete and unchanged since :func:`write_stamp` (same ``tag``);
+    False for a file cut, edited, or never stamped: the caller rebuilds it."""
+    return path.is_file() and stamp.is_file() and stamp.read_text().split() == [*tag.split(), content_hash([path])]
 
 
 MANIFEST = "dmoe_manifest.json"

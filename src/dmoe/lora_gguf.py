@@ -34,7 +34,7 @@ import torch
 from dmoe.base import BaseSpec, hf_dir
 from dmoe.errors import AdapterError, DmoeError
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, read_peft_adapter
-from dmoe.io import atomic_write_text, clean_stale, content_hash, dmoe_home, file_lock
+from dmoe.io import clean_stale, content_hash, dmoe_home, file_lock, stamp_matches, write_stamp
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
     # One converter at a time per entry (two servers starting together); the digest, written
     # after the file, marks it complete and catches a file cut or changed later: rebuilt.
     with file_lock(path.with_name(f".{path.name}.lock")):
-        if path.is_file() and digest.is_file() and digest.read_text().strip() == content_hash([path]):
+        if stamp_matches(path, digest):
             return path
         if path.exists():
             log.warning("rebuilding %s: it does not match the digest written with it", path)
@@ -273,5 +273,5 @@ def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
             write_adapter_gguf(expert, path, base, "f32")
         except ExportError as exc:
             raise AdapterError(str(exc)) from None
-        atomic_write_text(digest, content_hash([path]) + "\n")
+        write_stamp(path, digest)
     return path

@@ -228,7 +228,7 @@ def _read_cached(f: Path) -> np.ndarray | None:
         with safe_open(str(f), "np") as fh:
             want = (fh.metadata() or {}).get("sha256")
             x = fh.get_tensor("x")
-    except Exception as exc:  # safetensors raises its own error types for a damaged file  # noqa: BLE001
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
         log.warning("re-encoding: the cached embeddings %s are unreadable (%s)", f, exc)
         return None
     if want is None:

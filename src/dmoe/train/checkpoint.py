@@ -67,6 +67,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def save_checkpoint(output_dir: Path, state: TrainerState, trainable: Mapping[str, torch.Tensor], optimizer, scheduler, keep: int | None) -> Path:
     """Write checkpoint-<step> atomically (with a manifest), then drop the oldest beyond ``keep``."""
     final = output_dir / f"checkpoint-{state.step}"
+    clean_stale_tmp(output_dir)  # any checkpoint a killed writer left half written or half removed
     with atomic_dir(final, replace=True, manifest=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(
