@@ -68,3 +68,12 @@ class TrainError(DmoeError):
 
 class EngineError(DmoeError):
     """The engine itself failed (a backend refused a batch, a step loop did not finish)."""
+
+
+# ---------------------------------------------------------------- cluster
+class ClusterError(DmoeError):
+    """The cluster could not serve a request: every replica and fallback failed, or Ray is unreachable."""
+
+
+class ExpertFetchError(ClusterError):
+    """A replica could not fetch an expert's files from Ray's object store."""

@@ -28,3 +28,10 @@ class Metrics:
         self.adapter_switches = Gauge("dmoe_adapter_switches", "Adapter-set changes on the llama.cpp context since start (0: torch)",
                                       registry=self.registry)
         self.loaded_experts = Gauge("dmoe_loaded_experts", "Experts resident in adapter slots", registry=self.registry)
+        # dmoe cluster (the gateway): every retry and fallback, and where requests ran
+        self.retries = Counter("dmoe_cluster_retries_total", "Calls retried on another replica, by expert and reason",
+                               ["expert", "reason"], registry=self.registry)
+        self.fallbacks = Counter("dmoe_cluster_fallbacks_total", "Requests that fell back to the next-ranked expert or the base",
+                                 ["expert", "to"], registry=self.registry)
+        self.replica_calls = Counter("dmoe_cluster_replica_calls_total", "Replica calls by replica and outcome",
+                                     ["replica", "outcome"], registry=self.registry)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,20 +78,75 @@ class ServeConfig(BaseModel):
 
 
 @dataclass
-class ServeState:
-    """A running server's state. ``adapter_ids`` and ``defaults`` are llama-server's view
-    (``/lora-adapters``): ids in load order, and the scales requests get when they choose nothing."""
+class Job:
+    """One validated generation request, as a back-end receives it: ``kind`` "chat" or "text",
+    the request body (the API's pydantic model, or its JSON on a remote replica), the adapter
+    set it runs with, and the router's decision when it was ``model=auto``."""
 
-    engine: Engine
-    tokenizer: Any
+    kind: str
+    body: Any
+    adapters: list[tuple[str, float]]
+    decision: Any = None  # RouteDecision | None
+
+
+@dataclass
+class Reply:
+    """What a back-end answers: a JSON body, or SSE lines (``data: ...\\n\\n``), and headers."""
+
+    body: dict | None = None
+    stream: AsyncIterator[str] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """What the HTTP app serves from (``dmoe.serve``): the engine of this process
+    (``serve.local.LocalBackend``) or replicas on Ray Serve (``dmoe.cluster``). The app's
+    handlers validate a request, choose its adapters or route it, and hand a :class:`Job` here."""
+
+    def names(self) -> dict[str, str]:
+        """The experts a request may name: name -> adapter path."""
+        ...
+
+    def expert_info(self) -> dict[str, dict]:
+        """name -> {"path", "slot", "rank"} (slot None where no one slot holds it: a cluster)."""
+        ...
+
+    async def complete(self, job: Job) -> Reply: ...
+
+    async def load_expert(self, expert: Expert) -> dict:
+        """Make ``expert`` servable (validated first); {"name", "slot", "rank", "path"}."""
+        ...
+
+    async def unload_expert(self, name: str) -> None: ...
+
+    def health(self) -> dict:
+        """{"ok": bool, "status": "ok" | "draining" | "down", "running": int, "waiting": int}."""
+        ...
+
+    def update_gauges(self, metrics: Metrics) -> None:
+        """Fill the gauges /metrics reports (batch size, queue, KV bytes...)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(kw_only=True)
+class ApiState:
+    """What the HTTP API keeps whatever runs the model: the base's identity, the roots experts
+    load from, the API key, llama-server's adapter ids and default scales (``/lora-adapters``:
+    ids in load order, and the scales requests get when they choose nothing), metrics, the
+    router, and the request limits. ``backend`` runs the requests."""
+
     base: BaseIdentity
     roots: list[Path]
+    backend: Any = None  # Backend; set by the app (LocalBackend) or the cluster gateway
     api_key: str | None = None
     max_queue: int = 64
     adapter_ids: dict[int, str] = field(default_factory=dict)  # llama-server id -> expert name
     defaults: dict[str, float] = field(default_factory=dict)  # POST /lora-adapters
     metrics: Metrics = field(default_factory=Metrics)
-    runner: EngineRunner | None = None
     router: Any = None  # EmbeddingRouter | KeywordRouter | None (auto -> base)
     route_mode: str = "threshold"
     router_note: str = ""
@@ -107,6 +163,10 @@ class ServeState:
     _router_lock: threading.Lock = field(default_factory=threading.Lock)
     _router_gen: int = 0
 
+    def names(self) -> dict[str, str]:
+        """The experts a request may name (name -> adapter path)."""
+        return self.backend.names()
+
     def next_id(self) -> int:
         return max(self.adapter_ids, default=-1) + 1
 
@@ -116,14 +176,14 @@ class ServeState:
             self.adapter_ids[self.next_id()] = name
         if expert is not None:
             self.cards[name] = expert
-        self.metrics.loaded_experts.set(len(self.engine.resident))
+        self.metrics.loaded_experts.set(len(self.names()))
 
     def forget(self, name: str) -> None:
         """An unloaded expert loses its id and its default scale."""
         self.adapter_ids = {i: n for i, n in self.adapter_ids.items() if n != name}
         self.defaults = {n: s for n, s in self.defaults.items() if n != name}
         self.cards.pop(name, None)
-        self.metrics.loaded_experts.set(len(self.engine.resident))
+        self.metrics.loaded_experts.set(len(self.names()))
 
     # ------------------------------------------------------------------ the router follows the experts
     def refit_router(self) -> threading.Thread | None:
@@ -136,7 +196,7 @@ class ServeState:
         with self._router_lock:
             self._router_gen += 1
             gen = self._router_gen
-            experts = [self.cards[n] for n in sorted(self.engine.resident) if n in self.cards]
+            experts = [self.cards[n] for n in sorted(self.names()) if n in self.cards]
             self.router_status = {"state": "refitting", "experts": [e.name for e in experts],
                                   "note": "model=auto keeps the previous router until the refit is done"}
         log.info("refitting the router for experts: %s", ", ".join(e.name for e in experts) or "none")
@@ -177,6 +237,18 @@ class ServeState:
             r = self.router
             self.router_status = {"state": "ready", "experts": [c for c in r.classes if c != NONE],
                                   "val_accuracy": r.report.get("classifier_trials", {}).get(r.report.get("chosen"), {}).get("val_accuracy")}
+
+
+@dataclass(kw_only=True)
+class ServeState(ApiState):
+    """A server whose engine runs in this process (``dmoe serve``, MCP, the demo, a cluster replica)."""
+
+    engine: Engine
+    tokenizer: Any
+    runner: EngineRunner | None = None
+
+    def names(self) -> dict[str, str]:
+        return {n: r.path for n, r in self.engine.resident.items()}
 
 
 def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:

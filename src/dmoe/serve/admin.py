@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from dmoe.engine.request import check_scale
 from dmoe.errors import ExpertError, RequestError, Unauthorized
 from dmoe.experts import check_base, resolve_expert
-from dmoe.runtime import ServeState
+from dmoe.runtime import ApiState
 from dmoe.serve.errors import documented_errors
 from dmoe.serve.openai import lora_adapter, state
 from dmoe.serve.schemas import (
@@ -37,7 +37,7 @@ ROUTER_WAIT_S = 300.0  # a load with wait_router waits this long for the refit a
 _LORA_LIST = TypeAdapter(list[LoraScale])
 
 
-def require_key(st: ServeState, request: Request) -> None:
+def require_key(st: ApiState, request: Request) -> None:
     """The API key (``Authorization: Bearer`` or ``X-API-Key``), compared in constant time."""
     if not st.api_key:
         return
@@ -47,9 +47,9 @@ def require_key(st: ServeState, request: Request) -> None:
         raise Unauthorized("this endpoint changes the server's state and needs the API key: send 'Authorization: Bearer <key>'")
 
 
-def _adapters(st: ServeState) -> list[dict]:
-    res = st.engine.resident
-    return [{"id": i, "path": res[n].path, "scale": st.defaults.get(n, 0.0)} for i, n in sorted(st.adapter_ids.items()) if n in res]
+def _adapters(st: ApiState) -> list[dict]:
+    res = st.names()
+    return [{"id": i, "path": res[n], "scale": st.defaults.get(n, 0.0)} for i, n in sorted(st.adapter_ids.items()) if n in res]
 
 
 # state-changing routes: the key is optional (only when the server sets one)
@@ -99,10 +99,10 @@ async def load_expert(body: LoadExpertRequest, request: Request):
     if body.name and body.name != expert.name:
         raise ExpertError(f"the expert at {body.path} is named '{expert.name}', not '{body.name}'")
     check_base(expert, st.base)
-    res = await asyncio.to_thread(st.engine.load_expert, expert)
+    res = await st.backend.load_expert(expert)
     st.register(expert.name, expert)
     await _follow(st, body.wait_router)
-    return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path, "router": st.router_status}
+    return {**res, "router": st.router_status}
 
 
 @router.delete("/v1/experts/{name}", response_model=ExpertUnloaded, responses=documented_errors(401, 404, 409),
@@ -111,13 +111,13 @@ async def unload_expert(name: str, request: Request, wait_router: bool = Query(
         False, description="answer after the router refit; otherwise it runs in the background")):
     st = state(request)
     require_key(st, request)
-    await asyncio.to_thread(st.engine.unload_expert, name)
+    await st.backend.unload_expert(name)
     st.forget(name)
     await _follow(st, wait_router)
     return {"unloaded": name, "router": st.router_status}
 
 
-async def _follow(st: ServeState, wait: bool) -> None:
+async def _follow(st: ApiState, wait: bool) -> None:
     """The router follows the loaded experts: refit in the background (or wait for it)."""
     thread = st.refit_router()
     if thread is not None and wait:
@@ -129,32 +129,23 @@ async def list_experts(request: Request):
     """The loaded experts (with their llama-server ids) and the router's state."""
     st = state(request)
     ids = {n: i for i, n in st.adapter_ids.items()}
-    res = st.engine.resident
-    experts = [{"name": n, "id": ids.get(n), "slot": r.slot, "rank": r.rank, "path": r.path,
-                "domain": st.cards[n].card.domain if n in st.cards else None} for n, r in sorted(res.items())]
+    experts = [{"name": n, "id": ids.get(n), **info, "domain": st.cards[n].card.domain if n in st.cards else None}
+               for n, info in sorted(st.backend.expert_info().items())]
     return {"experts": experts, "router": st.router_status}
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "draining or down"}})
 async def health(request: Request):
     st = state(request)
-    ok = st.runner is not None and st.runner.alive
-    status = "ok" if ok else "draining" if st.runner is not None and st.runner.draining else "down"
-    s = st.engine.stats()
-    return JSONResponse({"status": status, "experts": sorted(st.engine.resident), "running": s.running, "waiting": s.waiting},
-                        status_code=200 if ok else 503)
+    h = st.backend.health()
+    return JSONResponse({"status": h["status"], "experts": sorted(st.names()), "running": h["running"], "waiting": h["waiting"]},
+                        status_code=200 if h["ok"] else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}})
 async def metrics(request: Request):
     st = state(request)
-    s = st.engine.stats()
     m = st.metrics
-    m.batch_size.set(s.running)
-    m.waiting.set(s.waiting)
-    m.kv_bytes.set(s.kv_bytes_used)
-    m.kv_bytes_total.set(s.kv_bytes_total)
-    m.loaded_experts.set(s.experts)
-    m.adapter_switches.set(s.adapter_switches)
+    st.backend.update_gauges(m)
     return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")

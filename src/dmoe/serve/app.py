@@ -5,12 +5,12 @@
 One file per concern, as llama.cpp's ``tools/server``: ``openai.py`` (completions and
 models), ``admin.py`` (``/lora-adapters``, experts, health, metrics), ``errors.py`` (error
 type -> status), ``http.py`` (uvicorn, graceful drain, a server on a thread). The app
-talks to the engine only through ``dmoe.engine.protocol.Engine`` and its runner.
+runs requests through a back-end (``dmoe.runtime.Backend``): ``local.py`` on this process's
+engine, or ``dmoe.cluster``'s gateway on replicas of a Ray Serve cluster: one app, two back-ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -19,36 +19,29 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
 from dmoe import __version__
-from dmoe.engine.runner import EngineRunner, Stream
-from dmoe.runtime import ServeState
+from dmoe.runtime import ApiState, ServeState
 from dmoe.serve import admin, openai
 from dmoe.serve.errors import documented_errors, install_error_handlers
 from dmoe.serve.guard import Guard
+from dmoe.serve.local import LocalBackend
 
 log = logging.getLogger("dmoe.serve.requests")
 _COMPLETIONS = ("/v1/chat/completions", "/v1/completions")  # these log their own line, with token counts
 
 
-def create_app(st: ServeState, after_step=None) -> FastAPI:
-    """The app around a ready engine (experts already loaded). ``after_step`` is handed to the
-    runner (tests: a hook that fires after N engine steps)."""
-
-    def on_token(stream: Stream, n: int) -> None:
-        name = stream.label
-        st.metrics.tokens.labels(name).inc(n)
-        if stream.sent == n and stream.first_token_at is not None:
-            st.metrics.ttft.labels(name).observe(stream.first_token_at - stream.submitted_at)
-        else:
-            now = time.perf_counter()
-            st.metrics.token_latency.labels(name).observe(now - (stream.last_at or now))
-        stream.last_at = time.perf_counter()
+def create_app(st: ApiState, after_step=None) -> FastAPI:
+    """The app over a state whose back-end runs the requests: a :class:`ServeState` (experts
+    already loaded) gets a :class:`LocalBackend` on its engine; a cluster gateway brings its own.
+    ``after_step`` is handed to the local runner (tests: a hook that fires after N engine steps)."""
+    if st is not None and st.backend is None:
+        assert isinstance(st, ServeState), "a state without an engine brings its own back-end"
+        st.backend = LocalBackend(st, after_step=after_step)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st.runner = EngineRunner(st.engine, max_queue=st.max_queue, on_token=on_token, after_step=after_step)
-        st.runner.start()
+        await st.backend.start()
         yield
-        await asyncio.to_thread(st.runner.stop)
+        await st.backend.stop()
 
     app = FastAPI(title="dmoe", version=__version__, lifespan=lifespan)
     app.state.dmoe = st

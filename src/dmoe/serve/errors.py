@@ -18,6 +18,7 @@ from dmoe.config import ConfigError
 from dmoe.errors import (
     AdapterError,
     AdapterInUseError,
+    ClusterError,
     DmoeError,
     EngineError,
     ExpertError,
@@ -48,6 +49,7 @@ ERROR_STATUS: dict[type[Exception], tuple[int, str]] = {
     ExpertNotLoadedError: (404, "model_not_found"),
     ConfigError: (400, "invalid_request_error"),
     EngineError: (500, "server_error"),
+    ClusterError: (503, "service_unavailable"),
     DmoeError: (400, "invalid_request_error"),
 }
 
@@ -70,7 +72,7 @@ STATUS_MEANING = {
     413: "the request body is larger than --max-body-mb (refused unread)",
     421: "the Host header is not served here (DNS-rebinding protection)",
     429: "the queue is full: retry later",
-    503: "the server is draining (shutting down)",
+    503: "the server is draining (shutting down), or no replica of a cluster could serve the request",
 }
 GUARD_STATUSES = (400, 408, 413, 421)  # any route: bad JSON or fields, slow body, large body, foreign Host
 

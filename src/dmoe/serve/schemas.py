@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -50,6 +50,24 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(default=False, description="a last chunk with empty choices and the usage")
+
+
+ROUTINGS = ("threshold", "top1", "topk", "load", "latency")
+AGGREGATES = ("weighted", "vote", "ensemble")
+
+
+class DmoeOptions(BaseModel):
+    """dmoe's per-request routing options (``"dmoe": {...}``): how ``model=auto`` picks experts
+    and, on a cluster, how a top-k fan-out is aggregated and how long an expert may take."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    routing: Literal["threshold", "top1", "topk", "load", "latency"] | None = Field(
+        default=None, description="threshold | top1 | topk (any server); load | latency (dmoe cluster); default: the server's")
+    k: int | None = Field(default=None, ge=1, le=8, description="topk: how many experts (default 2)")
+    aggregate: Literal["weighted", "vote", "ensemble"] | None = Field(
+        default=None, description="topk on a cluster: weighted | vote | ensemble (default weighted); one server: ensemble only")
+    timeout_s: float | None = Field(default=None, gt=0, le=3600, description="dmoe cluster: per-expert timeout before failover")
 
 
 class _Generation(BaseModel):
@@ -100,6 +118,7 @@ class _Generation(BaseModel):
     lora: list[LoraScale] | None = Field(default=None, description="llama-server: per-request adapter scales by id")
     experts: list[ExpertScale] | None = Field(default=None, description="dmoe: a blend of experts by name")
     return_token_ids: bool = Field(default=False, description="as vLLM: include the completion's token ids")
+    dmoe: DmoeOptions | None = Field(default=None, description="dmoe: routing strategy, top-k aggregation, failover timeout")
     json_schema: dict[str, Any] | None = Field(default=None, description="llama-server: the output's JSON Schema")
     grammar: str | None = Field(default=None, description="llama-server: a GBNF grammar the output must match")
 
@@ -250,7 +269,7 @@ class RouterStatus(BaseModel):
 
 class ExpertLoaded(BaseModel):
     name: str
-    slot: int
+    slot: int | None = Field(description="the engine's adapter slot (None on a cluster: each replica has its own)")
     rank: int
     path: str
     router: RouterStatus
@@ -264,7 +283,7 @@ class ExpertUnloaded(BaseModel):
 class ExpertInfo(BaseModel):
     name: str
     id: int | None
-    slot: int
+    slot: int | None
     rank: int
     path: str
     domain: str | None
