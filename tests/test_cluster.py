@@ -78,7 +78,7 @@ def ray_cluster(dmoe_home):
     workers = [cluster.add_node(num_cpus=1, resources={"dmoe_replica": 4}, node_ip_address="127.0.0.1") for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     port = unused_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield {"cluster": cluster, "workers": workers, "port": port}
     serve.shutdown()
     ray.shutdown()
@@ -203,3 +203,196 @@ def test_bad_requests_are_refused_clearly(deployed):
     r = chat(url, "q1", model="alpha", dmoe={"aggregate": "vote"})
     assert r.status_code == 400 and "topk" in r.json()["error"]["message"]
     assert chat(url, "q1", model="alpha").status_code == 200  # still serving
+
+
+# ------------------------------------------------------------------ top-k fan-out and aggregation
+def test_each_aggregation_changes_the_answer_where_it_should(deployed, reference):
+    """'shared lead': beta 0.5, alpha 0.25, alpha2 0.25. top-1 answers with beta; alpha and
+    alpha2 share their weights, so their replies agree and outvote beta's."""
+    url, q = deployed["url"], "shared lead"
+    beta, alpha = reference(q, [("beta", 1.0)]), reference(q, [("alpha", 1.0)])
+    assert beta != alpha, "precondition: the two experts answer differently"
+    top1 = chat(url, q, dmoe={"routing": "top1"})
+    assert top1.json()["dmoe"]["route"]["label"] == "beta" and text_of(top1) == beta
+
+    vote = chat(url, q, dmoe={"routing": "topk", "k": 3, "aggregate": "vote"})
+    assert vote.status_code == 200, vote.text
+    info = vote.json()["dmoe"]["cluster"]
+    assert sorted(c["expert"] for c in info["candidates"]) == ["alpha", "alpha2", "beta"]
+    assert text_of(vote) == alpha != text_of(top1)
+    assert info["chosen"] in ("alpha", "alpha2") and "2 of 3" in info["why"]
+
+    weighted = chat(url, q, dmoe={"routing": "topk", "k": 3, "aggregate": "weighted"})
+    cands = weighted.json()["dmoe"]["cluster"]["candidates"]
+    import math
+    best = max(cands, key=lambda c: (math.log(c["p"]) + c["mean_logprob"], c["p"]))
+    assert text_of(weighted) == best["text"] and weighted.json()["dmoe"]["cluster"]["chosen"] == best["expert"]
+    for c in cands:  # each candidate is that expert's own greedy reply
+        assert c["text"] == reference(q, [(c["expert"], 1.0)])
+
+    ensemble = chat(url, q, dmoe={"routing": "topk", "k": 3, "aggregate": "ensemble"})
+    blend = [(e["name"], e["scale"]) for e in ensemble.json()["dmoe"]["experts"]]
+    assert sorted(n for n, _ in blend) == ["alpha", "alpha2", "beta"]
+    assert text_of(ensemble) == reference(q, [(n, s) for n, s in blend]) != beta
+
+
+def test_a_streamed_fan_out_sends_the_chosen_reply(deployed, reference):
+    url, q = deployed["url"], "shared lead"
+    body = {"model": "auto", "messages": [{"role": "user", "content": q}], "max_tokens": 8, "ignore_eos": True,
+            "stream": True, "dmoe": {"routing": "topk", "k": 3, "aggregate": "vote"}}
+    text, chunks = "", []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                text += "".join((c.get("delta") or {}).get("content") or "" for c in chunks[-1]["choices"])
+    assert text == reference(q, [("alpha", 1.0)])
+    assert chunks[0]["dmoe"]["cluster"]["aggregate"] == "vote"
+
+
+# ------------------------------------------------------------------ strategies
+def replicas(deployed) -> list[dict]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Gateway", app_name="dmoe").cluster.remote().result(timeout_s=60)["replicas"]
+
+
+def test_load_routing_spreads_over_the_qualifying_experts(deployed, reference):
+    """routing=load: 'shared' qualifies alpha, alpha2 and beta (1/3 each); concurrent requests
+    go to the expert with the fewest in flight, so more than one of them answers."""
+    url = deployed["url"]
+    with ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(lambda _: chat(url, "shared", dmoe={"routing": "load"}), range(12)))
+    assert all(r.status_code == 200 for r in rs)
+    used = {r.json()["dmoe"]["experts"][0]["name"] for r in rs}
+    assert len(used) >= 2 and used <= {"alpha", "alpha2", "beta"}
+    for r in rs:
+        assert text_of(r) == reference("shared", [(r.json()["dmoe"]["experts"][0]["name"], 1.0)])
+
+
+def test_latency_routing_avoids_a_slowed_replica(deployed):
+    from ray import serve
+
+    url = deployed["url"]
+    reps = replicas(deployed)
+    assert len(reps) == 3
+    slow = reps[0]["replica"]
+    handle = serve.get_deployment_handle("ExpertReplica", app_name="dmoe")
+    others = [r["replica"] for r in reps if r["replica"] != slow]
+    assert handle.inject.remote(0.05, exclude=others).result(timeout_s=30)["replica"] == slow
+    try:
+        def one(i):
+            return chat(url, f"q{i}", model="alpha", dmoe={"routing": "latency"}, max_tokens=6)
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(one, range(12)))  # every replica gets measured
+            rs = list(pool.map(one, range(45)))
+        assert all(r.status_code == 200 for r in rs)
+        share = sum(r.json()["dmoe"]["cluster"]["replica"] == slow for r in rs) / len(rs)
+        assert share < 0.2, f"the slowed replica served {share:.0%} of latency-routed requests (uniform: 33%)"
+    finally:
+        handle.inject.remote(0.0, exclude=others).result(timeout_s=30)
+
+
+# ------------------------------------------------------------------ runtime changes
+def test_an_expert_registered_mid_load_serves_and_nothing_in_flight_fails(deployed, cluster_experts, reference):
+    url = deployed["url"]
+    new = cluster_experts / "gamma2"
+    shutil.copytree(cluster_experts / "gamma", new)
+    card = yaml.safe_load((new / "expert.yaml").read_text())
+    card["name"] = "gamma2"
+    (new / "expert.yaml").write_text(yaml.safe_dump(card))
+    with ThreadPoolExecutor(4) as pool:
+        load = [pool.submit(chat, url, f"q{i}", ["alpha", "beta", "gamma"][i % 3]) for i in range(24)]
+        r = httpx.post(f"{url}/v1/experts", json={"path": str(new)}, timeout=60)
+        assert r.status_code == 200, r.text
+        first = chat(url, "q9", model="gamma2")
+        results = [f.result() for f in load]
+    assert first.status_code == 200 and text_of(first) == reference("q9", [("gamma", 1.0)])
+    assert all(x.status_code == 200 for x in results)
+    assert "gamma2" in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
+    assert httpx.delete(f"{url}/v1/experts/gamma2", timeout=30).status_code == 200
+    assert chat(url, "q9", model="gamma2").status_code == 404
+
+
+# ------------------------------------------------------------------ bad input reaching a replica
+def test_a_replica_refuses_an_adapter_for_another_base_and_a_lost_object(deployed, cluster_experts):
+    import ray
+    from ray import serve
+
+    from dmoe.cluster.store import pack_expert
+    from dmoe.experts import load_expert
+
+    foreign = cluster_experts / "foreign"  # inside the roots: refused for its base, not its place
+    shutil.copytree(cluster_experts / "beta", foreign)
+    (foreign / "dmoe_manifest.json").unlink(missing_ok=True)
+    card = yaml.safe_load((foreign / "expert.yaml").read_text())
+    card["name"], card["base"]["sha256"] = "foreign", "0" * 64
+    (foreign / "expert.yaml").write_text(yaml.safe_dump(card))
+    # the gateway checks first: a 400 that names both bases
+    r = httpx.post(f"{deployed['url']}/v1/experts", json={"path": str(foreign)}, timeout=60)
+    assert r.status_code == 400 and "trained on base" in r.json()["error"]["message"]
+    # and a replica checks again (a gateway and replicas on different bases)
+    blob = pack_expert(load_expert(foreign))
+    handle = serve.get_deployment_handle("ExpertReplica", app_name="dmoe").options(multiplexed_model_id="foreign")
+    job = {"kind": "chat", "body": {"model": "foreign", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+           "adapters": [["foreign", 1.0]]}
+    out = handle.generate.remote(job, {"foreign": (ray.put(blob), blob.fingerprint)}, {"foreign": blob.fingerprint}).result(
+        timeout_s=60)
+    assert out["error"]["type"] == "ExpertError" and "trained on base" in out["error"]["message"]
+    # an object the store lost (its owner died): a typed error that says what to do, and the replica goes on serving
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self, b):
+            return [ray.put(b)]  # in a list: the caller gets the reference, not the value
+
+    owner = Owner.remote()
+    lost_blob = pack_expert(load_expert(cluster_experts / "gamma"))
+    [lost] = ray.get(owner.put.remote(lost_blob))
+    ray.kill(owner)
+    job["adapters"] = [["gamma", 1.0]]
+    out = serve.get_deployment_handle("ExpertReplica", app_name="dmoe").options(multiplexed_model_id="lostgamma").generate.remote(
+        {**job, "adapters": [["lostgamma", 1.0]]}, {"lostgamma": (lost, lost_blob.fingerprint)},
+        {"lostgamma": lost_blob.fingerprint}).result(timeout_s=60)
+    assert out["error"]["type"] in ("ExpertFetchError",), out
+    assert chat(deployed["url"], "q1", model="gamma").status_code == 200
+
+
+# ------------------------------------------------------------------ failover (last: it damages the cluster)
+def test_failover_under_load_replica_killed_then_node_removed(deployed, reference):
+    """200 requests over 3 experts, 8 at a time; after 50 replies a replica is SIGKILLed, after
+    120 a whole worker node is removed. No client request fails, and every greedy reply equals
+    its single-request reference."""
+    from concurrent.futures import as_completed
+
+    url = deployed["url"]
+    experts = ["alpha", "beta", "gamma"]
+    jobs = [(f"q{i % 10}", experts[i % 3]) for i in range(200)]
+    victim = replicas(deployed)[0]
+    killed = removed = False
+    failed, wrong, retried = [], [], 0
+    with ThreadPoolExecutor(8) as pool:
+        futures = {pool.submit(chat, url, q, name, 8, 180): (q, name) for q, name in jobs}
+        for done, fut in enumerate(as_completed(futures), 1):
+            q, name = futures[fut]
+            r = fut.result()
+            if r.status_code != 200:
+                failed.append((name, r.status_code, r.text[:200]))
+            else:
+                retried += r.json()["dmoe"]["cluster"]["retries"]
+                if text_of(r) != reference(q, [(name, 1.0)]):
+                    wrong.append((q, name))
+            if done == 50 and not killed:
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed = True
+            if done == 120 and not removed:
+                deployed["cluster"].remove_node(deployed["workers"][1])
+                removed = True
+    assert killed and removed
+    print(f"retried calls: {retried}")
+    assert failed == [], f"{len(failed)} requests failed: {failed[:3]}"
+    assert wrong == []
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert "dmoe_cluster_replica_calls_total" in metrics
+    if retried:
+        assert "dmoe_cluster_retries_total{" in metrics

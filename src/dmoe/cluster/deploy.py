@@ -161,7 +161,7 @@ def up(cfg: ClusterConfig, address: str | None = None) -> dict:
         started = True
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception:
         if started:

@@ -134,8 +134,8 @@ class ClusterBackend:
         return None
 
     # ---------------------------------------------------------------- one call to one replica
-    def _job(self, job: Job, adapters: list[tuple[str, float]], score: bool) -> dict:
-        body = job.body.model_dump(exclude={"dmoe"}, exclude_unset=True)
+    def _job(self, job: Job, adapters: list[tuple[str, float]], score: bool, stream: bool = False) -> dict:
+        body = job.body.model_dump(exclude={"dmoe", "stream", "stream_options"} if not stream else {"dmoe"}, exclude_unset=True)
         return {"kind": job.kind, "body": body, "adapters": adapters, "score": score}
 
     def _handle(self, adapters: list[tuple[str, float]], stream: bool = False):
@@ -360,7 +360,7 @@ class ClusterBackend:
         fallbacks: list = []
         chain = self._chain(job, first)
         for i, adapters in enumerate(chain):
-            payload = self._job(job, adapters, False)
+            payload = self._job(job, adapters, False, stream=True)
             exclude: list[str] = []
             label = "+".join(n for n, _ in adapters) or "base"
             for attempt in range(self.cfg.retries + 1):

@@ -172,6 +172,14 @@ class ExpertReplica:
             yield line
         self._observe(time.perf_counter() - t0, max(chunks - 2, 1))
 
+    async def inject(self, step_delay_s: float = 0.0, routing: str | None = None, exclude: list[str] | None = None) -> dict:
+        """Fault injection (tests, ``bench/cluster.py``): pause this replica's engine after every step."""
+        delay = float(step_delay_s)
+        self.backend.after_step = (lambda _n: time.sleep(delay)) if delay > 0 else None
+        if self.st.runner is not None:
+            self.st.runner.after_step = self.backend.after_step
+        return {**self._meta(), "step_delay_s": delay}
+
     # ---------------------------------------------------------------- Ray Serve hooks
     def record_routing_stats(self) -> dict:
         s = self.st.engine.stats()

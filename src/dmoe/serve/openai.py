@@ -223,8 +223,9 @@ def check_options(st: ApiState, body: ChatRequest | CompletionRequest) -> None:
         raise RequestError("dmoe.timeout_s is the per-expert failover timeout of dmoe cluster; this server has no failover")
     if (opts.k is not None or opts.aggregate is not None) and (opts.routing or st.route_mode) != "topk":
         raise RequestError("dmoe.k and dmoe.aggregate go with dmoe.routing='topk'")
-    if not is_auto(body) and (opts.routing is not None or opts.k is not None or opts.aggregate is not None):
-        raise RequestError("dmoe.routing, k and aggregate choose experts for model=auto; this request names its adapters")
+    if not is_auto(body) and (opts.routing in ("threshold", "top1", "topk") or opts.k is not None or opts.aggregate is not None):
+        raise RequestError("dmoe.routing threshold/top1/topk, k and aggregate choose experts for model=auto; this request "
+                           "names its adapters (load and latency, which choose replicas, apply to any request)")
 
 
 def route_mode(st: ApiState, body: ChatRequest | CompletionRequest) -> tuple[str, int]:
