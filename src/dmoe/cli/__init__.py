@@ -14,6 +14,7 @@ torchtune's ``_cli`` does; each group lives in its own module.
     dmoe merge EXPERT -o DIR [--format gguf]    a standalone merged model         (export.py)
     dmoe moe upcycle|train|generate|analyze     token-level MoE from a dense model (moe.py)
     dmoe mcp [--transport http]                 MCP tools (MoE + experts)         (mcp.py)
+    dmoe cluster up | status | down | config    experts across machines on Ray    (cluster.py)
     dmoe llama-server build | path              the real llama-server, for tests  (llama_server.py)
 
 Global options: ``--version``, ``--log-level``, ``--verbose``.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import typer
 
 from dmoe import __version__
-from dmoe.cli import bench, chat, demo, experts, export, generate, llama_server, mcp, moe, route, serve, train
+from dmoe.cli import bench, chat, cluster, demo, experts, export, generate, llama_server, mcp, moe, route, serve, train
 from dmoe.cli.common import LOG_LEVELS, console, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dmoe: LoRA domain experts over one shared base model.")
@@ -62,3 +63,4 @@ app.add_typer(moe.moe_app, name="moe")
 app.command("mcp")(mcp.mcp_server)
 app.command()(demo.demo)
 app.add_typer(llama_server.llama_server_app, name="llama-server")
+app.add_typer(cluster.cluster_app, name="cluster")

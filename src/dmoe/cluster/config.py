@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,14 @@ from dmoe.config import ConfigError, format_validation_error
 from dmoe.runtime import LOOPBACK_HOSTS
 
 APP_NAME = "dmoe"
+
+
+def ray_auth_env(start_head: bool = False) -> None:
+    """Ray's token authentication: on for a head ``dmoe cluster up`` starts, and for joining any
+    cluster whose token is in ~/.ray/auth_token (a joining driver does not switch it on by
+    itself). Ray reads this when it is first imported: call before ``import ray``."""
+    if "RAY_AUTH_MODE" not in os.environ and (start_head or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class ClusterConfig(BaseModel):

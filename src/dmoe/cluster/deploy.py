@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dmoe.cluster.config import APP_NAME, ClusterConfig
+from dmoe.cluster.config import APP_NAME, ClusterConfig, ray_auth_env
 from dmoe.cluster.gateway import ClusterBackend
 from dmoe.cluster.replica import ExpertReplica
 from dmoe.errors import ClusterError
@@ -137,27 +137,29 @@ def _ray_bin() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
-def start_local_ray(num_cpus: int | None = None) -> str:
-    """A Ray head on this machine, on 127.0.0.1 (its ports are listed in the README); its address."""
+def start_local_ray(num_cpus: int | None = None, port: int = 6380) -> str:
+    """A Ray head on this machine, on 127.0.0.1 (its ports are listed in the README), with
+    token authentication; its address."""
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-           "--disable-usage-stats", "--port=6380"]
+           "--disable-usage-stats", f"--port={port}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     if r.returncode != 0:
         raise ClusterError(f"`ray start --head` failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}; "
                            "is a Ray head already running here? then pass --address auto")
-    return "127.0.0.1:6380"
+    return f"127.0.0.1:{port}"
 
 
-def up(cfg: ClusterConfig, address: str | None = None) -> dict:
+def up(cfg: ClusterConfig, address: str | None = None, ray_port: int = 6380) -> dict:
     """Start (or join) Ray, deploy the gateway and the replicas, and return; the state for ``down``."""
     import ray
     from ray import serve
 
     started = False
+    ray_auth_env(start_head=address is None)
     if address is None:
-        address = start_local_ray()
+        address = start_local_ray(port=ray_port)
         started = True
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -188,6 +190,7 @@ def connect(address: str | None) -> None:
     address = address or read_state().get("address")
     if address is None:
         raise ClusterError("no cluster to talk to: `dmoe cluster up` first, or pass --address")
+    ray_auth_env()
     if not ray.is_initialized():
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -80,12 +80,21 @@ class ExpertReplica:
 
         self.get_model: Any = serve.multiplexed(max_num_models_per_replica=c.max_models_per_replica)(load)
         await self._start()
+        await self._warm_up()
         log.info("replica %s on node %s: base %s", self.id, self.node[:8], self.st.base.short())
 
     async def _start(self) -> None:
         if not self.started:
             self.started = True
             await self.backend.start()
+
+    async def _warm_up(self) -> None:
+        """One token on the base before the replica takes traffic: the first request should not
+        pay for the first forward pass (allocations, kernel selection)."""
+        from dmoe.serve.schemas import CompletionRequest
+
+        body = CompletionRequest.model_validate({"prompt": "Hello", "max_tokens": 1})
+        await self.backend.complete(Job("text", body, []))
 
     # ---------------------------------------------------------------- experts
     async def _load(self, name: str) -> _Held:
