@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import unused_port
 from test_cluster import interfaces, loopback_only
 
