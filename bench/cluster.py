@@ -1,0 +1,315 @@
+"""dmoe cluster on Ray Serve, measured on this machine, with its baselines in the same run.
+
+    unshare -n sh -c 'ip link set lo up && .venv/bin/python bench/cluster.py' > cluster.json
+
+(Ray binds 0.0.0.0; the script refuses to start it outside a loopback-only network namespace.)
+Embedded base (SmolLM2-135M) and the bundled experts. Prints one JSON object:
+
+* ``overhead``: the same sequential requests (1 new token, so the model's share is small)
+  against a direct ``dmoe serve`` and against the gateway with one replica, alternating;
+  p50/p99 latency of each and the added latency (goal: <= 10 ms at p50);
+* ``scaling``: throughput and p50/p99 latency with 1, 2 and 3 replicas under the same
+  concurrent load (on 2 cores this shows the overhead of more replicas, not scaling: the
+  per-replica figure of the 1-replica run is what each node adds on real machines);
+* ``recovery``: 2 replicas under steady load, one SIGKILLed: failed requests (goal 0), the
+  time until Ray Serve runs a replacement, and the time until throughput per 1-s window is
+  back to 90% of its level before the kill;
+* ``hot_add``: an expert registered during load: time from the registration's answer to its
+  first reply (goal: within 2 s), and failed requests in flight (goal 0);
+* ``topk``: top-1 against top-k (k = 2, 3) with each aggregation on held-out questions
+  (hits: the domain's signature in an in-domain answer, none of them in an off-domain one):
+  hit rate and latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERTS = REPO / "examples" / "experts"
+QUESTIONS = REPO / "examples" / "data" / "heldout.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    if not xs:
+        return {"p50": None, "p99": None, "n": 0}
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": round(pick(0.5) * 1e3, 2), "p99": round(pick(0.99) * 1e3, 2), "mean": round(statistics.fmean(xs) * 1e3, 2),
+            "n": len(xs)}
+
+
+def chat(client: httpx.Client, url: str, q: str, model: str, max_tokens: int, **extra) -> tuple[float, httpx.Response]:
+    t0 = time.perf_counter()
+    r = client.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": q}],
+                                                        "max_tokens": max_tokens, **extra}, timeout=300)
+    return time.perf_counter() - t0, r
+
+
+def wait_ready(url: str, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not become ready in {limit_s:.0f} s")
+
+
+def deploy(port: int, replicas: int, **kw) -> str:
+    from ray import serve
+
+    from dmoe.cluster.config import ClusterConfig
+    from dmoe.cluster.deploy import build_app
+
+    cfg = ClusterConfig.make(experts_dir=str(EXPERTS), replicas=replicas, routing="threshold", max_batch=8,
+                             gateway_cpus=0.1, replica_cpus=0.5, routing_stats_period_s=0.5, port=port, **kw)
+    serve.run(build_app(cfg), name="dmoe", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url
+
+
+def load(url: str, jobs: list[tuple[str, str]], parallel: int, max_tokens: int) -> dict:
+    lat, failed, tokens = [], 0, 0
+    t0 = time.perf_counter()
+    with httpx.Client() as client, ThreadPoolExecutor(parallel) as pool:
+        for dt, r in pool.map(lambda j: chat(client, url, j[0], j[1], max_tokens, ignore_eos=True), jobs):
+            if r.status_code == 200:
+                lat.append(dt)
+                tokens += r.json()["usage"]["completion_tokens"]
+            else:
+                failed += 1
+    wall = time.perf_counter() - t0
+    return {"latency_ms": pct(lat), "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(jobs) / wall, 2),
+            "failed": failed, "wall_s": round(wall, 1)}
+
+
+def bench_overhead(port: int, n: int) -> dict:
+    direct_port = free_port()
+    # one thread, as Ray gives a replica with num_cpus=0.5: the same model time on both sides
+    proc = subprocess.Popen([sys.executable, "-m", "dmoe.cli", "serve", "--experts", str(EXPERTS), "--port", str(direct_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        direct = f"http://127.0.0.1:{direct_port}"
+        wait_ready(direct)
+        gw = deploy(port, 1)
+        a, b = [], []
+        with httpx.Client() as client:
+            for url in (direct, gw):  # warm both (experts loaded, first forward done)
+                for name in ("cooking", "automotive", "programming"):
+                    chat(client, url, "warm up", name, 1)
+            for i in range(n):
+                name = ("cooking", "automotive", "programming")[i % 3]
+                q = f"Question number {i}: what should I know?"
+                order = [(direct, a), (gw, b)] if i % 2 == 0 else [(gw, b), (direct, a)]
+                for url, out in order:
+                    dt, r = chat(client, url, q, name, 1)
+                    assert r.status_code == 200, r.text
+                    out.append(dt)
+        d, g = pct(a), pct(b)
+        return {"direct_serve_ms": d, "gateway_ms": g, "added_p50_ms": round(g["p50"] - d["p50"], 2),
+                "added_p99_ms": round(g["p99"] - d["p99"], 2), "requests": n, "max_tokens": 1}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def bench_scaling(port: int, requests: int, parallel: int, max_tokens: int) -> dict:
+    names = ("cooking", "automotive", "programming")
+    jobs = [(f"Tell me something useful, case {i}.", names[i % 3]) for i in range(requests)]
+    out = {}
+    for n in (1, 2, 3):
+        url = deploy(port, n)
+        load(url, jobs[: parallel * 2], parallel, 4)  # warm every replica and expert
+        out[f"{n}_replicas"] = load(url, jobs, parallel, max_tokens)
+    one = out["1_replicas"]["tokens_per_s"]
+    out["per_replica_tokens_per_s"] = one
+    out["note"] = ("2 cores for every replica, the gateway and Ray: more replicas share the same cores, so this shows "
+                   "overhead, not scaling; on real nodes each replica adds about per_replica_tokens_per_s")
+    return out
+
+
+def bench_recovery(port: int, parallel: int, max_tokens: int, window_s: float = 1.0, run_s: float = 40.0) -> dict:
+    from ray import serve
+
+    url = deploy(port, 2)
+    stop = threading.Event()
+    done: list[float] = []
+    failed = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        names = ("cooking", "automotive", "programming")
+        i = 0
+        with httpx.Client() as client:
+            while not stop.is_set():
+                _, r = chat(client, url, f"steady load {k}-{i}", names[i % 3], max_tokens, ignore_eos=True)
+                with lock:
+                    (done if r.status_code == 200 else failed).append(time.perf_counter())
+                i += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(parallel)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(run_s / 3)
+    view = serve.get_deployment_handle("Gateway", app_name="dmoe").cluster.remote().result(timeout_s=60)
+    victim = view["replicas"][0]
+    kill_at = time.perf_counter()
+    os.kill(victim["pid"], signal.SIGKILL)
+    replaced_at = None
+    while time.perf_counter() - kill_at < run_s:
+        st = serve.status().applications["dmoe"].deployments["ExpertReplica"]
+        running = st.replica_states.get("RUNNING", 0) if isinstance(st.replica_states, dict) else 0
+        running = running or sum(v for k, v in st.replica_states.items() if str(getattr(k, "value", k)) == "RUNNING")
+        if replaced_at is None and running >= 2 and time.perf_counter() - kill_at > 1.0:
+            replaced_at = time.perf_counter()
+        time.sleep(0.25)
+    stop.set()
+    for t in threads:
+        t.join(300)
+    before = [x for x in done if t0 + 3 <= x < kill_at]
+    base_rate = len(before) / max(kill_at - t0 - 3, 1e-9)
+    recovered_at = None
+    w = kill_at
+    while w + window_s <= kill_at + run_s:
+        n = sum(1 for x in done if w <= x < w + window_s)
+        if n / window_s >= 0.9 * base_rate and w > kill_at:
+            recovered_at = w + window_s
+            break
+        w += window_s
+    return {"failed_requests": len(failed), "completed": len(done), "requests_per_s_before": round(base_rate, 2),
+            "replacement_running_after_s": None if replaced_at is None else round(replaced_at - kill_at, 1),
+            "throughput_back_after_s": None if recovered_at is None else round(recovered_at - kill_at, 1),
+            "window_s": window_s, "parallel": parallel}
+
+
+def bench_hot_add(port: int, parallel: int) -> dict:
+    url = deploy(port, 2)
+    tmp = Path(tempfile.mkdtemp(prefix="dmoe-bench-"))
+    new = EXPERTS / "cooking_hot"
+    shutil.copytree(EXPERTS / "cooking", new)
+    card = (new / "expert.yaml").read_text().replace("name: cooking", "name: cooking_hot", 1)
+    (new / "expert.yaml").write_text(card)
+    try:
+        jobs = [(f"load {i}", ("automotive", "programming")[i % 2]) for i in range(parallel * 6)]
+        with ThreadPoolExecutor(1) as pool:
+            bg = pool.submit(load, url, jobs, parallel, 16)
+            r = httpx.post(f"{url}/v1/experts", json={"path": str(new)}, timeout=120)
+            registered = time.perf_counter()
+            assert r.status_code == 200, r.text
+            with httpx.Client() as client:
+                _, first = chat(client, url, "How do I sear a steak?", "cooking_hot", 8)
+            first_s = time.perf_counter() - registered
+            during = bg.result()
+        return {"first_reply_after_registration_s": round(first_s, 3), "first_status": first.status_code,
+                "failed_in_flight": during["failed"], "requests_during": len(jobs)}
+    finally:
+        httpx.delete(f"{url}/v1/experts/cooking_hot", timeout=60)
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_topk(port: int, per_domain: int, max_tokens: int, parallel: int) -> dict:
+    from dmoe.evals.behaviour import read_question_set
+    from dmoe.experts import find_experts_in
+
+    found = find_experts_in([EXPERTS])
+    sigs = {(e.card.domain or e.name): e.card.signature for e in found if e.card.signature}
+    qs = read_question_set(QUESTIONS, sigs)
+    picked, seen = [], {}
+    for q in qs:
+        if seen.get(q.domain, 0) < per_domain:
+            picked.append(q)
+            seen[q.domain] = seen.get(q.domain, 0) + 1
+    url = deploy(port, 3)
+    import re
+
+    def hit(q, text: str) -> bool:
+        if q.domain == "none":
+            return not any(re.search(f, text) for f in q.forbid)
+        return any(re.search(e, text) for e in q.expect)
+
+    configs = [("top1", {"routing": "top1"})]
+    for k in (2, 3):
+        for agg in ("weighted", "vote", "ensemble"):
+            configs.append((f"top{k}-{agg}", {"routing": "topk", "k": k, "aggregate": agg}))
+    out = {}
+    with httpx.Client() as client, ThreadPoolExecutor(parallel) as pool:
+        for name, opts in configs:
+            rs = list(pool.map(lambda q, o=opts: (q, *chat(client, url, q.text, "auto", max_tokens, dmoe=o)), picked))
+            ok = [(q, dt, r) for q, dt, r in rs if r.status_code == 200]
+            hits = sum(hit(q, r.json()["choices"][0]["message"]["content"]) for q, _, r in ok)
+            fanned = sum(1 for _, _, r in ok if len(r.json()["dmoe"]["cluster"].get("candidates", [])) > 1)
+            out[name] = {"hits": hits, "n": len(ok), "rate": round(hits / max(len(ok), 1), 3), "failed": len(rs) - len(ok),
+                         "latency_ms": pct([dt for _, dt, _ in ok]), "fanned_out": fanned}
+    return {"questions": len(picked), "per_domain": per_domain, "max_tokens": max_tokens, "results": out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--overhead-requests", type=int, default=60)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--per-domain", type=int, default=8, help="top-k: held-out questions per domain")
+    p.add_argument("--only", default="overhead,scaling,recovery,hot_add,topk")
+    args = p.parse_args()
+    ifaces = sorted(n for _, n in socket.if_nameindex())
+    if ifaces != ["lo"]:
+        raise SystemExit(f"run in a loopback-only network namespace (Ray binds 0.0.0.0); this one has {ifaces}:\n"
+                         "  unshare -n sh -c 'ip link set lo up && .venv/bin/python bench/cluster.py'")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    result: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                    "ray": ray.__version__, "base": "embedded SmolLM2-135M-Instruct", "experts": str(EXPERTS.relative_to(REPO))}
+    only = set(args.only.split(","))
+    try:
+        if "overhead" in only:
+            result["overhead"] = bench_overhead(port, args.overhead_requests)
+        if "scaling" in only:
+            result["scaling"] = bench_scaling(port, args.requests, args.parallel, args.max_tokens)
+        if "recovery" in only:
+            result["recovery"] = bench_recovery(port, args.parallel, 16)
+        if "hot_add" in only:
+            result["hot_add"] = bench_hot_add(port, args.parallel)
+        if "topk" in only:
+            result["topk"] = bench_topk(port, args.per_domain, args.max_tokens, args.parallel)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
