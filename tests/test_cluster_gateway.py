@@ -208,3 +208,79 @@ def test_the_serve_deploy_config_is_valid_for_ray(tmp_path: Path):
     assert app.import_path == "dmoe.cluster.deploy:app_builder"
     assert app.deployments[0].autoscaling_config["max_replicas"] == 3
     ClusterConfig.make(**app.args)  # the args are a valid ClusterConfig
+
+
+# ------------------------------------------------------------------ streams: failover only before the first token
+def sse(content: str | None = None, finish: str | None = None) -> str:
+    import json
+
+    delta = {"content": content} if content is not None else {"role": "assistant", "content": ""}
+    return f"data: {json.dumps({'id': 'x', 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+
+
+class Gen:
+    """A replica's streamed answer: scripted items, an exception raised where the script says."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class StreamHandle(FakeHandle):
+    def options(self, **kw):
+        h = StreamHandle.__new__(StreamHandle)
+        h.script, h.calls, h.model = self.script, self.calls, kw.get("multiplexed_model_id", "")
+        return h
+
+    @property
+    def generate_stream(self):
+        return self
+
+    def remote(self, payload, refs, known, routing=None, exclude=None):
+        self.calls.append({"model": self.model, "exclude": list(exclude or [])})
+        return Gen(self.script[self.model or "base"].pop(0))
+
+
+async def drain(reply) -> list[str]:
+    return [line async for line in reply.stream]
+
+
+def stream_backend(script):
+    b, _, st = backend({})
+    b.handle = StreamHandle(script)
+    return b, b.handle, st
+
+
+def test_a_stream_fails_over_before_its_first_token():
+    head = {"replica": "r1", "node": "n", "headers": {}}
+    died = [dict(head), sse(), RuntimeError("replica died")]  # role chunk sent, no token yet
+    good = [dict(head, replica="r2"), sse(), sse("Hello"), sse(None, "stop"), "data: [DONE]\n\n"]
+    b, h, _ = stream_backend({"alpha": [died, good]})
+    body = ChatRequest.model_validate({"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    reply = run(b.complete(Job("chat", body, [("alpha", 1.0)])))
+    lines = run(drain(reply))
+    assert reply.headers["X-DMoE-Replica"] == "r2" and len(h.calls) == 2
+    assert any("Hello" in line for line in lines) and lines[-1] == "data: [DONE]\n\n"
+    assert '"retries": 1' in lines[0]  # the first chunk says what happened
+
+
+def test_a_stream_that_dies_after_its_first_token_ends_with_an_sse_error():
+    head = {"replica": "r1", "node": "n", "headers": {}}
+    b, h, _ = stream_backend({"alpha": [[head, sse(), sse("Hel"), RuntimeError("replica died")]]})
+    body = ChatRequest.model_validate({"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    lines = run(drain(run(b.complete(Job("chat", body, [("alpha", 1.0)])))))
+    assert "Hel" in "".join(lines) and '"error"' in lines[-2] and lines[-1] == "data: [DONE]\n\n"
+    assert len(h.calls) == 1  # no second replica: the client already has tokens
