@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from dmoe import errors as dmoe_errors
 from dmoe.cluster.aggregate import AGGREGATORS, Candidate
@@ -51,7 +51,7 @@ log = logging.getLogger("dmoe.cluster.gateway")
 RETRYABLE = ("QueueFull", "ShuttingDown", "EngineError", "ClusterError")  # another replica may serve it
 
 
-def raise_remote(err: dict) -> None:
+def raise_remote(err: dict) -> NoReturn:
     """Raise again a typed error a replica returned as data (an unknown type: ClusterError)."""
     cls = getattr(dmoe_errors, err.get("type", ""), None)
     if err.get("type") == "ConfigError":
@@ -171,6 +171,19 @@ class ClusterBackend:
             self.registry[name] = await asyncio.to_thread(self._put, reg.expert)
             log.warning("expert %s: its files were lost from the object store; registered again", name)
 
+    async def _replica_refused(self, out: dict, adapters: list[tuple[str, float]], exclude: list[str]) -> str:
+        """A replica answered with an error: put a lost expert again, or exclude that replica for a
+        retry, and say why; an error that is the request's own is raised (no retry)."""
+        err = out["error"]
+        self._seen(out, "error")
+        if err["type"] == "ExpertFetchError":
+            await self._refresh(self._failed_expert(adapters, err["message"]))
+            return "fetch_error: " + err["message"]
+        if err["type"] in RETRYABLE:
+            exclude.append(out["replica"])
+            return f"{err['type']}: {err['message']}"
+        raise_remote(err)
+
     def _failed_expert(self, adapters: list[tuple[str, float]], message: str) -> str:
         for name, _ in adapters:
             if f"'{name}'" in message:
@@ -205,16 +218,7 @@ class ClusterBackend:
                 trail.append({"expert": label, "attempt": attempt, "error": last})
                 continue
             if "error" in out:
-                err = out["error"]
-                self._seen(out, "error")
-                if err["type"] == "ExpertFetchError":
-                    await self._refresh(self._failed_expert(adapters, err["message"]))
-                    last = "fetch_error: " + err["message"]
-                elif err["type"] in RETRYABLE:
-                    exclude.append(out["replica"])
-                    last = f"{err['type']}: {err['message']}"
-                else:
-                    raise_remote(err)
+                last = await self._replica_refused(out, adapters, exclude)
                 trail.append({"expert": label, "attempt": attempt, "replica": out.get("replica"), "error": last})
                 continue
             self._seen(out, "ok")
@@ -378,16 +382,9 @@ class ClusterBackend:
                     self.st.metrics.retries.labels(label, why.split(":")[0]).inc()
                     continue
                 if "error" in head:
-                    err = head["error"]
-                    self._seen(head, "error")
-                    if err["type"] == "ExpertFetchError":
-                        await self._refresh(self._failed_expert(adapters, err["message"]))
-                    elif err["type"] in RETRYABLE:
-                        exclude.append(head["replica"])
-                    else:
-                        raise_remote(err)
-                    trail.append({"expert": label, "attempt": attempt, "replica": head.get("replica"), "error": err["type"]})
-                    self.st.metrics.retries.labels(label, err["type"]).inc()
+                    why = await self._replica_refused(head, adapters, exclude)
+                    trail.append({"expert": label, "attempt": attempt, "replica": head.get("replica"), "error": why})
+                    self.st.metrics.retries.labels(label, head["error"]["type"]).inc()
                     continue
                 self._seen(head, "ok")
                 trail.append({"expert": label, "attempt": attempt, "replica": head["replica"], "node": head["node"]})
