@@ -262,7 +262,7 @@ def bench_topk(port: int, per_domain: int, max_tokens: int, parallel: int) -> di
     out = {}
     with httpx.Client() as client, ThreadPoolExecutor(parallel) as pool:
         for name, opts in configs:
-            rs = list(pool.map(lambda q, o=opts: (q, *chat(client, url, q.text, "auto", max_tokens, dmoe=o)), picked))
+            rs = list(pool.map(lambda q, o=opts: (q, *chat(client, url, q.question, "auto", max_tokens, dmoe=o)), picked))
             ok = [(q, dt, r) for q, dt, r in rs if r.status_code == 200]
             hits = sum(hit(q, r.json()["choices"][0]["message"]["content"]) for q, _, r in ok)
             fanned = sum(1 for _, _, r in ok if len(r.json()["dmoe"]["cluster"].get("candidates", [])) > 1)
@@ -285,6 +285,7 @@ def main() -> None:
         raise SystemExit(f"run in a loopback-only network namespace (Ray binds 0.0.0.0); this one has {ifaces}:\n"
                          "  unshare -n sh -c 'ip link set lo up && .venv/bin/python bench/cluster.py'")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # 1: as `dmoe cluster up --throughput-optimized`
     import ray
     from ray import serve
 
@@ -292,6 +293,7 @@ def main() -> None:
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     result: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"],
                     "ray": ray.__version__, "base": "embedded SmolLM2-135M-Instruct", "experts": str(EXPERTS.relative_to(REPO))}
     only = set(args.only.split(","))
     try:
@@ -305,10 +307,10 @@ def main() -> None:
             result["hot_add"] = bench_hot_add(port, args.parallel)
         if "topk" in only:
             result["topk"] = bench_topk(port, args.per_domain, args.max_tokens, args.parallel)
-    finally:
+    finally:  # what was measured is printed even if a later part fails
+        print(json.dumps(result, indent=1))
         serve.shutdown()
         ray.shutdown()
-    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def up(
     address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001, HOST:6379 "
                                           "or auto); default: start a Ray head on 127.0.0.1 here"),
     ray_port: int = typer.Option(6380, help="the GCS port of the Ray head started here (without --address)"),
+    throughput_optimized: bool = typer.Option(False, help="start the Ray head in Ray Serve's throughput-optimized mode "
+                                              "(no proxy hop: less added latency; failover through a node loss unverified)"),
     experts: Optional[list[Path]] = experts_option(),
     base: Optional[str] = typer.Option(None, help="HF directory or .gguf file, at the same path on every node"),
     engine: str = typer.Option("torch", help="torch or llamacpp"),
@@ -71,7 +73,7 @@ def up(
     cfg = _config(experts, base=base, engine=engine, replicas=replicas, autoscale=autoscale, min_replicas=min_replicas,
                   max_replicas=max_replicas, replica_cpus=replica_cpus, routing=routing, aggregate=aggregate,
                   timeout_s=timeout, host=host, port=port, api_key=api_key, keywords=str(keywords) if keywords else None)
-    state = deploy.up(cfg, address, ray_port=ray_port)
+    state = deploy.up(cfg, address, ray_port=ray_port, throughput_optimized=throughput_optimized)
     console.print(f"dmoe cluster up: gateway {state['url']} (Ray at {state['address']}"
                   f"{', started here' if state['started_ray'] else ''}); `dmoe cluster status`, `dmoe cluster down`")
     console.print(state["url"], highlight=False)

@@ -41,13 +41,15 @@ def remote_error(exc: DmoeError) -> dict:
 
 
 class _Held:
-    """What the multiplex cache holds for one expert: evicting it unloads the adapter."""
+    """What the multiplex cache holds for one expert. Evicting it unloads the adapter, once, and
+    only the load it stands for (a later reload of the same name has another token)."""
 
-    def __init__(self, replica: ExpertReplica, name: str):
-        self.replica, self.name = replica, name
+    def __init__(self, replica: ExpertReplica, name: str, token: int):
+        self.replica, self.name, self.token = replica, name, token
 
     def __del__(self) -> None:
-        self.replica.drop(self.name)
+        if self.replica.tokens.get(self.name) == self.token:
+            self.replica.drop(self.name)
 
 
 class ExpertReplica:
@@ -66,6 +68,8 @@ class ExpertReplica:
         self.backend = LocalBackend(self.st, after_step=(lambda _n: time.sleep(delay)) if delay else None)
         self.dir = Path(tempfile.mkdtemp(prefix="dmoe-replica-"))
         self.held: dict[str, str] = {}  # expert -> fingerprint of the files loaded
+        self.tokens: dict[str, int] = {}  # expert -> which load is resident (see _Held)
+        self._loads = 0
         self.refs: dict[str, tuple[Any, str]] = {}  # expert -> (object ref, fingerprint), from the latest calls
         self.ewma: float | None = None  # seconds per generated token
         self.served = 0
@@ -76,7 +80,9 @@ class ExpertReplica:
         self.pid = __import__("os").getpid()
 
         async def load(name: str) -> _Held:  # a plain function: Ray's multiplexer keeps its cache on it
-            return await self._load(name)
+            if name not in self.held:
+                await self._load(name)
+            return _Held(self, name, self.tokens[name])
 
         self.get_model: Any = serve.multiplexed(max_num_models_per_replica=c.max_models_per_replica)(load)
         await self._start()
@@ -97,7 +103,7 @@ class ExpertReplica:
         await self.backend.complete(Job("text", body, []))
 
     # ---------------------------------------------------------------- experts
-    async def _load(self, name: str) -> _Held:
+    async def _load(self, name: str) -> None:
         ref, want = self.refs.get(name, (None, ""))
         if ref is None:
             raise ExpertFetchError(f"expert '{name}': the gateway sent no object reference for it; register it again")
@@ -110,8 +116,9 @@ class ExpertReplica:
         check_base(expert, self.st.base)
         await self.backend.load_expert(expert)
         self.held[name] = want
+        self._loads += 1
+        self.tokens[name] = self._loads
         log.info("replica %s loaded expert %s (%s)", self.id, name, want[:12])
-        return _Held(self, name)
 
     def drop(self, name: str) -> None:
         """Unload an expert (evicted, or no longer registered); one in use stays until a later call."""
@@ -119,6 +126,7 @@ class ExpertReplica:
             try:
                 self.st.engine.unload_expert(name)
                 del self.held[name]
+                self.tokens.pop(name, None)
             except DmoeError as exc:
                 log.info("replica %s keeps %s for now: %s", self.id, name, exc)
 

@@ -181,12 +181,14 @@ def usage(prompt: int, completion: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
-async def route(st: ApiState, text: str, context: list[str], mode: str | None = None, k: int = 2) -> RouteDecision:
+async def route(st: ApiState, text: str, context: list[str], mode: str | None = None, k: int = 2,
+                min_prob: float = 0.2) -> RouteDecision:
     """model=auto: route off the event loop; experts not loaded (any more) are dropped, with a reason."""
     if st.router is None:
         decision = RouteDecision([], [(NONE, 1.0)], 1.0, f"no router: base model ({st.router_note or 'none configured'})")
     else:
-        decision = await asyncio.to_thread(st.router.route, text, mode or st.route_mode, context=context, k=k)
+        decision = await asyncio.to_thread(st.router.route, text, mode or st.route_mode, context=context, k=k,
+                                           min_prob=min_prob)
     loaded = st.names()
     gone = [n for n, _ in decision.experts if n not in loaded]
     if gone:
@@ -221,18 +223,22 @@ def check_options(st: ApiState, body: ChatRequest | CompletionRequest) -> None:
                            f"this server aggregates top-k with {', '.join(aggs)} (a blend of the experts)")
     if opts.timeout_s is not None and not getattr(st.backend, "timeouts", False):
         raise RequestError("dmoe.timeout_s is the per-expert failover timeout of dmoe cluster; this server has no failover")
-    if (opts.k is not None or opts.aggregate is not None) and (opts.routing or st.route_mode) != "topk":
-        raise RequestError("dmoe.k and dmoe.aggregate go with dmoe.routing='topk'")
-    if not is_auto(body) and (opts.routing in ("threshold", "top1", "topk") or opts.k is not None or opts.aggregate is not None):
+    topk_only = [f for f in ("k", "aggregate", "min_prob") if getattr(opts, f) is not None]
+    if topk_only and (opts.routing or st.route_mode) != "topk":
+        raise RequestError(f"dmoe.{', dmoe.'.join(topk_only)} go{'es' if len(topk_only) == 1 else ''} with dmoe.routing='topk'")
+    if not is_auto(body) and (opts.routing in ("threshold", "top1", "topk") or topk_only):
         raise RequestError("dmoe.routing threshold/top1/topk, k and aggregate choose experts for model=auto; this request "
                            "names its adapters (load and latency, which choose replicas, apply to any request)")
 
 
-def route_mode(st: ApiState, body: ChatRequest | CompletionRequest) -> tuple[str, int]:
-    """The router mode and k of a request (its dmoe options, else the server's)."""
+def route_mode(st: ApiState, body: ChatRequest | CompletionRequest) -> tuple[str, int, float]:
+    """The router mode, k and min_prob of a request (its dmoe options, else the server's).
+    ``load`` routes top-k (the qualifying experts), ``latency`` as threshold (one expert)."""
     opts = body.dmoe
     mode = (opts.routing if opts and opts.routing else st.route_mode)
-    return ("topk" if mode in ("load", "latency") else mode), (opts.k if opts and opts.k else 2)
+    mode = {"load": "topk", "latency": "threshold"}.get(mode, mode)
+    k = opts.k if opts and opts.k else 2
+    return mode, k, (opts.min_prob if opts and opts.min_prob is not None else 0.2)
 
 
 async def reply(st: ApiState, job: Job):

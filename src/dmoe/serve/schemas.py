@@ -65,6 +65,8 @@ class DmoeOptions(BaseModel):
     routing: Literal["threshold", "top1", "topk", "load", "latency"] | None = Field(
         default=None, description="threshold | top1 | topk (any server); load | latency (dmoe cluster); default: the server's")
     k: int | None = Field(default=None, ge=1, le=8, description="topk: how many experts (default 2)")
+    min_prob: float | None = Field(default=None, ge=0, le=1, description="topk: the least router probability an expert "
+                                   "needs to be one of the k (default 0.2; 0: always the k likeliest)")
     aggregate: Literal["weighted", "vote", "ensemble"] | None = Field(
         default=None, description="topk on a cluster: weighted | vote | ensemble (default weighted); one server: ensemble only")
     timeout_s: float | None = Field(default=None, gt=0, le=3600, description="dmoe cluster: per-expert timeout before failover")
