@@ -73,13 +73,14 @@ def ray_cluster(dmoe_home):
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")  # autoscaling within seconds
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "node_ip_address": "127.0.0.1"})
     workers = [cluster.add_node(num_cpus=1, resources={"dmoe_replica": 4}, node_ip_address="127.0.0.1") for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
-    port = unused_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    yield {"cluster": cluster, "workers": workers, "port": port}
+    proxy_port = unused_port()  # Ray's HTTP proxy, for the `ray` ingress; the default gateway takes HTTP itself
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": proxy_port})
+    yield {"cluster": cluster, "workers": workers, "proxy_port": proxy_port}
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
@@ -101,9 +102,10 @@ def deployed(ray_cluster, tiny_base, cluster_experts, keywords):
 
     from dmoe.cluster.deploy import build_app
 
-    serve.run(build_app(cluster_cfg(tiny_base, cluster_experts, keywords)), name="dmoe", route_prefix="/")
-    url = f"http://127.0.0.1:{ray_cluster['port']}"
-    yield {"url": url, **ray_cluster}
+    port = unused_port()
+    serve.run(build_app(cluster_cfg(tiny_base, cluster_experts, keywords, port=port)), name="dmoe", route_prefix=None)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "port": port, **ray_cluster}
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +177,39 @@ def test_gateway_serves_the_same_api_and_replies_as_one_server(deployed, referen
     r = httpx.post(f"{url}/v1/completions", json={"model": "beta", "prompt": "q3", "max_tokens": 4, "ignore_eos": True},
                    timeout=60)
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+
+def test_the_ray_proxy_ingress_serves_the_same_replies(deployed, tiny_base, cluster_experts, keywords, reference):
+    """``ingress: ray``: Ray Serve's HTTP proxy in front of the same gateway app (a second application)."""
+    from ray import serve
+
+    from dmoe.cluster.deploy import build_app
+
+    cfg = cluster_cfg(tiny_base, cluster_experts, keywords, ingress="ray", replicas=1)
+    serve.run(build_app(cfg), name="dmoe_proxy", route_prefix="/")
+    try:
+        url = f"http://127.0.0.1:{deployed['proxy_port']}"
+        r = chat(url, "q2", model="alpha")
+        assert r.status_code == 200, r.text
+        assert text_of(r) == reference("q2", [("alpha", 1.0)])
+        assert r.json()["dmoe"]["cluster"]["replica"]
+        assert chat(url, "q2", model="nope").status_code == 404
+    finally:
+        serve.delete("dmoe_proxy")
+
+
+def test_the_gateway_refuses_a_busy_port_with_a_readable_error(deployed, tiny_base, cluster_experts, keywords):
+    """A second gateway on the first one's port fails at once, naming the port (not a hang)."""
+    from ray import serve
+
+    from dmoe.cluster.deploy import run_app
+    from dmoe.errors import ClusterError
+
+    cfg = cluster_cfg(tiny_base, cluster_experts, keywords, replicas=1, port=deployed["port"])
+    with pytest.raises(ClusterError, match=f"Gateway: cannot listen on 127.0.0.1:{deployed['port']} .*choose another --port"):
+        run_app(cfg, "dmoe_busy")
+    assert "dmoe_busy" not in serve.status().applications  # the failed application was removed
+    assert chat(deployed["url"], "q1", model="alpha").status_code == 200  # the first gateway still serves
 
 
 def test_streaming_through_the_gateway_equals_the_reply(deployed, reference):
@@ -359,6 +394,108 @@ def test_a_replica_refuses_an_adapter_for_another_base_and_a_lost_object(deploye
 
 
 # ------------------------------------------------------------------ failover (last: it damages the cluster)
+def wait_running(app: str, limit_s: float = 180) -> dict:
+    """Poll Serve until application ``app`` runs (bounded); its status."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get(app)
+        if st is not None and str(st.status.value if hasattr(st.status, "value") else st.status) == "RUNNING":
+            return st
+        assert st is None or "FAILED" not in str(st.status), st
+        time.sleep(0.5)
+    raise AssertionError(f"{app} did not run within {limit_s} s: {serve.status().applications.get(app)}")
+
+
+def running_replicas(app: str) -> int:
+    from ray import serve
+
+    d = serve.status().applications[app].deployments["ExpertReplica"]
+    return sum(v for k, v in d.replica_states.items() if "RUNNING" in str(k))
+
+
+def test_a_written_serve_config_deploys_and_autoscales(deployed, tiny_base, cluster_experts, keywords, tmp_path, reference):
+    """``dmoe cluster config``'s file, deployed the way ``serve deploy`` does (Serve's controller
+    builds it from the import path and args), scales its replicas up under load."""
+    import threading
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from dmoe.cluster.deploy import serve_config
+
+    port = unused_port()
+    cfg = cluster_cfg(tiny_base, cluster_experts, keywords, port=port, replica_cpus=0.25, min_replicas=1, max_replicas=2,
+                      target_ongoing_requests=1, upscale_delay_s=0.5, step_delay_s=0.02)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve_config(cfg, name="dmoe_cfg"), sort_keys=False))
+    written = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    actor = written.applications[0].deployments[0].ray_actor_options
+    assert actor.num_cpus == 0.25 and actor.resources == {"dmoe_replica": 1}
+    _get_global_client().deploy_apps(written)
+    try:
+        wait_running("dmoe_cfg")
+        url = f"http://127.0.0.1:{port}"
+        r = chat(url, "q1", model="alpha")
+        assert r.status_code == 200 and text_of(r) == reference("q1", [("alpha", 1.0)])
+        assert running_replicas("dmoe_cfg") == 1
+        stop, failed = threading.Event(), []
+
+        def client(k: int) -> None:
+            for i in range(200):  # bounded; ends when the scale-up was seen
+                if stop.is_set():
+                    return
+                r = chat(url, f"load {k} {i}", model=("alpha", "beta", "gamma")[k % 3], max_tokens=24)
+                if r.status_code != 200:
+                    failed.append(r.status_code)
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while running_replicas("dmoe_cfg") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        scaled = running_replicas("dmoe_cfg")
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert scaled == 2, "6 requests in flight against a target of 1 per replica did not add the second replica"
+        assert failed == []
+    finally:
+        serve.delete("dmoe_cfg")
+
+
+def test_llamacpp_replicas_serve_what_a_local_llamacpp_server_serves(deployed, tiny_gguf_base, tiny_gguf_experts, keywords,
+                                                                     make_state):
+    """``engine: llamacpp`` replicas: GGUF base, adapters from the object store, the same greedy replies."""
+    from ray import serve
+
+    from dmoe.cluster.config import ClusterConfig
+    from dmoe.cluster.deploy import run_app
+    from dmoe.serve.http import serve_in_thread
+
+    port = unused_port()
+    cfg = ClusterConfig.make(base=str(tiny_gguf_base.path), experts_dir=str(tiny_gguf_experts), keywords=str(keywords),
+                             engine="llamacpp", replicas=1, replica_cpus=0.25, max_batch=4, max_seq=128,
+                             replica_resources={"dmoe_replica": 1}, routing="top1", timeout_s=30.0, gateway_cpus=0.1, port=port)
+    run_app(cfg, "dmoe_gguf")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with serve_in_thread(make_state(tiny_gguf_experts, engine="llamacpp")) as local:
+            for name in ("alpha", "beta", "base"):
+                got, want = chat(url, "q4", model=name), chat(local, "q4", model=name)
+                assert got.status_code == 200 and want.status_code == 200, (got.text, want.text)
+                assert text_of(got) == text_of(want)
+                assert got.json()["dmoe"]["cluster"]["replica"]
+    finally:
+        serve.delete("dmoe_gguf")
+
+
 def test_failover_under_load_replica_killed_then_node_removed(deployed, reference):
     """200 requests over 3 experts, 8 at a time; after 50 replies a replica is SIGKILLed, after
     120 a whole worker node is removed. No client request fails, and every greedy reply equals

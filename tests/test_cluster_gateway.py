@@ -202,12 +202,17 @@ def test_the_serve_deploy_config_is_valid_for_ray(tmp_path: Path):
 
     from dmoe.cluster.deploy import serve_config
 
-    cfg = serve_config(ClusterConfig.make(experts_dir="examples/experts", min_replicas=1, max_replicas=3))
-    schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
-    app = schema.applications[0]
-    assert app.import_path == "dmoe.cluster.deploy:app_builder"
-    assert app.deployments[0].autoscaling_config["max_replicas"] == 3
-    ClusterConfig.make(**app.args)  # the args are a valid ClusterConfig
+    for ingress, proxy, prefix in (("gateway", "Disabled", None), ("ray", "HeadOnly", "/")):
+        cfg = serve_config(ClusterConfig.make(experts_dir="examples/experts", min_replicas=1, max_replicas=3, port=8099,
+                                              ingress=ingress))
+        schema = ServeDeploySchema.model_validate(cfg)
+        app = schema.applications[0]
+        assert app.import_path == "dmoe.cluster.deploy:app_builder"
+        assert app.deployments[0].autoscaling_config["max_replicas"] == 3
+        assert str(schema.proxy_location.value if hasattr(schema.proxy_location, "value") else schema.proxy_location) == proxy
+        assert app.route_prefix == prefix  # the gateway's own server takes HTTP: no route through Ray's proxy
+        args = ClusterConfig.make(**app.args)  # the args are a valid ClusterConfig
+        assert (args.ingress, args.port) == (ingress, 8099)
 
 
 # ------------------------------------------------------------------ streams: failover only before the first token

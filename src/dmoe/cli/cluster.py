@@ -42,8 +42,10 @@ def up(
     address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001, HOST:6379 "
                                           "or auto); default: start a Ray head on 127.0.0.1 here"),
     ray_port: int = typer.Option(6380, help="the GCS port of the Ray head started here (without --address)"),
+    ingress: str = typer.Option("gateway", help="who takes HTTP: gateway (the gateway replica itself, one Ray hop) or "
+                                "ray (Ray Serve's proxy in front of it, one hop more)"),
     throughput_optimized: bool = typer.Option(False, help="start the Ray head in Ray Serve's throughput-optimized mode "
-                                              "(no proxy hop: less added latency; failover through a node loss unverified)"),
+                                              "(no faster here; failover through a node loss unverified)"),
     experts: Optional[list[Path]] = experts_option(),
     base: Optional[str] = typer.Option(None, help="HF directory or .gguf file, at the same path on every node"),
     engine: str = typer.Option("torch", help="torch or llamacpp"),
@@ -51,6 +53,9 @@ def up(
     autoscale: bool = typer.Option(False, help="autoscale between --min-replicas and --max-replicas"),
     min_replicas: int = typer.Option(1, help="autoscaling: fewest replicas"),
     max_replicas: int = typer.Option(4, help="autoscaling: most replicas"),
+    target_ongoing: float = typer.Option(4.0, "--target-ongoing-requests", help="autoscaling: requests in flight per replica"),
+    upscale_delay: float = typer.Option(30.0, "--upscale-delay", help="autoscaling: seconds above target before adding"),
+    downscale_delay: float = typer.Option(600.0, "--downscale-delay", help="autoscaling: seconds below target before removing"),
     replica_cpus: float = typer.Option(0.5, help="CPUs per replica (1 per replica hangs on a 2-core machine)"),
     routing: str = typer.Option("threshold", help="default strategy: threshold, top1, topk, load or latency"),
     aggregate: str = typer.Option("weighted", help="top-k aggregation: weighted, vote or ensemble"),
@@ -72,7 +77,9 @@ def up(
                            "load and unload experts")
     cfg = _config(experts, base=base, engine=engine, replicas=replicas, autoscale=autoscale, min_replicas=min_replicas,
                   max_replicas=max_replicas, replica_cpus=replica_cpus, routing=routing, aggregate=aggregate,
-                  timeout_s=timeout, host=host, port=port, api_key=api_key, keywords=str(keywords) if keywords else None)
+                  timeout_s=timeout, host=host, port=port, api_key=api_key, keywords=str(keywords) if keywords else None,
+                  ingress=ingress, target_ongoing_requests=target_ongoing, upscale_delay_s=upscale_delay,
+                  downscale_delay_s=downscale_delay)
     state = deploy.up(cfg, address, ray_port=ray_port, throughput_optimized=throughput_optimized)
     console.print(f"dmoe cluster up: gateway {state['url']} (Ray at {state['address']}"
                   f"{', started here' if state['started_ray'] else ''}); `dmoe cluster status`, `dmoe cluster down`")
@@ -127,8 +134,11 @@ def config(
     min_replicas: int = typer.Option(1, help="autoscaling: fewest replicas"),
     max_replicas: int = typer.Option(4, help="autoscaling: most replicas"),
     target_ongoing: float = typer.Option(4.0, "--target-ongoing-requests", help="autoscaling: requests in flight per replica"),
+    upscale_delay: float = typer.Option(30.0, "--upscale-delay", help="autoscaling: seconds above target before adding"),
+    downscale_delay: float = typer.Option(600.0, "--downscale-delay", help="autoscaling: seconds below target before removing"),
     replica_cpus: float = typer.Option(0.5, help="CPUs per replica"),
     port: int = typer.Option(8081, help="the gateway's port"),
+    ingress: str = typer.Option("gateway", help="gateway (the gateway replica takes HTTP) or ray (Ray Serve's proxy)"),
 ):
     """Write a `serve deploy`-able config with autoscaling (then: serve deploy FILE).
 
@@ -138,6 +148,7 @@ def config(
     from dmoe.io import atomic_write_text
 
     cfg = _config(experts, base=base, min_replicas=min_replicas, max_replicas=max_replicas,
-                  target_ongoing_requests=target_ongoing, replica_cpus=replica_cpus, port=port)
+                  target_ongoing_requests=target_ongoing, replica_cpus=replica_cpus, port=port,
+                  ingress=ingress, upscale_delay_s=upscale_delay, downscale_delay_s=downscale_delay)
     atomic_write_text(out, yaml.safe_dump(serve_config(cfg), sort_keys=False))
     console.print(f"wrote {out}: serve deploy {out}")

@@ -38,6 +38,8 @@ class ClusterConfig(BaseModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
     target_ongoing_requests: float = Field(default=4.0, gt=0, description="autoscaling: requests in flight per replica")
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="autoscaling: load above target this long adds replicas")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="autoscaling: load below target this long removes them")
     replica_cpus: float = Field(default=0.5, gt=0, description="CPUs per replica (num_cpus=1 per replica hangs on 2 cores)")
     replica_gpus: float = Field(default=0.0, ge=0)
     replica_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
@@ -57,7 +59,9 @@ class ClusterConfig(BaseModel):
     keywords: str | None = Field(default=None, description="keyword rules when the experts have no trained router")
     use_router: bool = True
     api_key: str | None = None
-    host: str = Field(default="127.0.0.1", description="the gateway's HTTP address (Ray Serve's proxy)")
+    ingress: Literal["gateway", "ray"] = Field(default="gateway", description=
+        "who takes HTTP: the gateway replica itself (one Ray hop per request) or Ray Serve's proxy (two)")
+    host: str = Field(default="127.0.0.1", description="the gateway's HTTP address")
     port: int = Field(default=8081, ge=0, le=65535)
     lenient: bool = False
     routing_stats_period_s: float = Field(default=1.0, gt=0, description="how often replicas report latency to the router")
@@ -72,6 +76,21 @@ class ClusterConfig(BaseModel):
         if cfg.autoscale and cfg.min_replicas > cfg.max_replicas:
             raise ConfigError(f"min_replicas {cfg.min_replicas} is above max_replicas {cfg.max_replicas}")
         return cfg
+
+    def autoscaling(self) -> dict[str, float]:
+        """Ray Serve's ``autoscaling_config`` for the replica deployment."""
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s}
+
+    def replica_actor_options(self) -> dict[str, Any]:
+        """Ray's ``ray_actor_options`` for a replica: CPUs, GPUs, custom resources."""
+        actor: dict[str, Any] = {"num_cpus": self.replica_cpus}
+        if self.replica_gpus:
+            actor["num_gpus"] = self.replica_gpus
+        if self.replica_resources:
+            actor["resources"] = dict(self.replica_resources)
+        return actor
 
     def with_experts(self, n_experts: int) -> ClusterConfig:
         """Sizes that follow the number of experts: every replica can hold every expert."""

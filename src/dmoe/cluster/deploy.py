@@ -1,7 +1,18 @@
 """Deploying dmoe on Ray Serve: the gateway, the replica deployment, and ``dmoe cluster up/status/down``.
 
-    app = build_app(ClusterConfig(experts_dir="examples/experts", replicas=2))
-    serve.run(app, name="dmoe", route_prefix="/")
+    cfg = ClusterConfig(experts_dir="examples/experts", replicas=2)
+    serve.start(proxy_location="Disabled")     # the gateway takes HTTP itself (cfg.ingress == "gateway")
+    serve.run(build_app(cfg), name="dmoe", route_prefix=None)
+
+Two ingresses (``ClusterConfig.ingress``):
+
+* ``gateway`` (the default): the gateway replica runs dmoe's own HTTP server (uvicorn, the
+  same configuration as ``dmoe serve``) on ``host:port``; a request makes one Ray hop, gateway
+  to replica. Ray's HTTP proxy is not started. This is where the gateway already lives (one
+  replica, on the head node, where the experts' folders are), so the proxy would add a hop
+  and nothing else: 4-5 ms of the added latency on this machine (docs/benchmarks.md);
+* ``ray``: Ray Serve's HTTP proxy on the head forwards to the gateway (``serve.ingress``), for
+  those who want Serve's proxy (its routes beside other Serve applications, its metrics).
 
 ``app_builder`` is the same for ``serve deploy`` config files (``import_path:
 dmoe.cluster.deploy:app_builder``, ``args``: the :class:`ClusterConfig` fields);
@@ -10,14 +21,20 @@ dmoe.cluster.deploy:app_builder``, ``args``: the :class:`ClusterConfig` fields);
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 from dmoe.cluster.config import APP_NAME, ClusterConfig, ray_auth_env
 from dmoe.cluster.gateway import ClusterBackend
@@ -26,8 +43,10 @@ from dmoe.errors import ClusterError
 from dmoe.experts import check_base, find_experts_in
 from dmoe.io import atomic_write_text, dmoe_home
 from dmoe.runtime import ApiState
+from dmoe.serve.http import bind, uvicorn_config
 
 log = logging.getLogger("dmoe.cluster.deploy")
+EXC_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")  # "dmoe.errors.DmoeError: " before a message
 STATE_FILE = "cluster.json"  # under $DMOE_HOME: what `up` started, for `down`
 
 
@@ -66,6 +85,49 @@ class Gateway:
         return await cluster_view(self.st.backend)
 
 
+class HttpGateway(Gateway):
+    """The default ingress: the gateway replica takes HTTP itself, on ``host:port`` (no proxy hop).
+
+    The socket is bound first, so a busy port fails the replica at once with a readable error;
+    ``check_health`` fails when the server stopped, and Ray Serve then replaces the replica,
+    which binds the port again."""
+
+    async def __init__(self, replicas: Any, config: dict):
+        Gateway.__init__(self, replicas, config)
+        cfg = ClusterConfig.model_validate(config)
+        self.sock = bind(cfg.host, cfg.port)
+        self.server = QuietServer(uvicorn_config(self.st))
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        for _ in range(600):  # bounded: 60 s for the app's startup
+            if self.server.started or self.task.done():
+                break
+            await asyncio.sleep(0.1)
+        if not self.server.started:
+            self.sock.close()
+            raise ClusterError(f"the gateway's HTTP server did not start on {cfg.host}:{cfg.port}")
+        log.info("gateway listening on http://%s:%d", cfg.host, cfg.port)
+
+    async def check_health(self) -> None:
+        if self.task.done():
+            raise RuntimeError("the gateway's HTTP server stopped")
+
+    async def __del__(self) -> None:  # Ray Serve's graceful shutdown
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), 10)
+        except Exception:  # noqa: BLE001 - shutting down: nothing to report to
+            pass
+        self.sock.close()
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn, leaving the process's signals to Ray (an actor may run user code on its main thread)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def cluster_view(backend: ClusterBackend) -> dict:
     """Every replica's experts and load: one ``stats`` call per replica, each excluding those already seen."""
     seen: dict[str, dict] = {}
@@ -89,14 +151,8 @@ def build_app(cfg: ClusterConfig):
 
     n_experts = len(find_experts_in([Path(cfg.experts_dir)])) if cfg.experts_dir and Path(cfg.experts_dir).is_dir() else 0
     cfg = cfg.with_experts(n_experts)
-    actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus}
-    if cfg.replica_gpus:
-        actor["num_gpus"] = cfg.replica_gpus
-    if cfg.replica_resources:
-        actor["resources"] = dict(cfg.replica_resources)
-    scaling: dict[str, Any] = ({"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                                      "target_ongoing_requests": cfg.target_ongoing_requests}}
-                               if cfg.autoscale else {"num_replicas": cfg.replicas})
+    actor = cfg.replica_actor_options()
+    scaling: dict[str, Any] = ({"autoscaling_config": cfg.autoscaling()} if cfg.autoscale else {"num_replicas": cfg.replicas})
     replica = serve.deployment(ExpertReplica, name="ExpertReplica", ray_actor_options=actor,
                                max_ongoing_requests=cfg.max_ongoing_requests, health_check_period_s=2,
                                health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
@@ -106,10 +162,39 @@ def build_app(cfg: ClusterConfig):
                                    "request_routing_stats_timeout_s": max(5.0, cfg.routing_stats_period_s * 5)}),
                                **scaling)
     # the gateway reads the experts' folders: it runs on the head node, where `up` was given them
-    gateway = serve.deployment(serve.ingress()(Gateway), name="Gateway", max_ongoing_requests=1024,
+    cls = serve.ingress()(Gateway) if cfg.ingress == "ray" else HttpGateway
+    gateway = serve.deployment(cls, name="Gateway", max_ongoing_requests=1024,
                                ray_actor_options={"num_cpus": cfg.gateway_cpus, "resources": {"node:__internal_head__": 0.001}})
     data = cfg.model_dump()
     return gateway.bind(replica.bind(data), data)
+
+
+def run_app(cfg: ClusterConfig, name: str = APP_NAME) -> None:
+    """``serve.run`` of :func:`build_app`, returning once it runs; a deployment that fails to start
+    raises a :class:`ClusterError` with its own error (a busy port, a missing base...), not Serve's
+    summary, and an application that did not exist before is removed again."""
+    from ray import serve
+
+    existed = name in serve.status().applications
+    try:
+        serve.run(build_app(cfg), name=name, route_prefix=route_prefix(cfg), blocking=False)
+    except RuntimeError as exc:
+        why = deployment_error(name) or str(exc)
+        if not existed:
+            serve.delete(name)
+        raise ClusterError(f"deploying {name} failed: {why}") from None
+
+
+def deployment_error(name: str) -> str | None:
+    """The last line of the error a failed deployment of application ``name`` reported, if any."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    for dname, d in (app.deployments.items() if app else ()):
+        lines = [line.strip() for line in (d.message or "").splitlines() if line.strip()]
+        if "FAILED" in str(d.status) and lines:
+            return f"{dname}: {EXC_PREFIX.sub('', lines[-1])}"
+    return None
 
 
 def app_builder(args: dict):
@@ -117,15 +202,26 @@ def app_builder(args: dict):
     return build_app(ClusterConfig.make(**args))
 
 
-def serve_config(cfg: ClusterConfig) -> dict:
-    """A ``serve deploy``-able config (Ray Serve's schema): the app and its autoscaling."""
+def serve_config(cfg: ClusterConfig, name: str = APP_NAME) -> dict:
+    """A ``serve deploy``-able config (Ray Serve's schema): the app and its autoscaling. The
+    replica deployment's options are written out, to be edited there; ``args`` are the rest."""
     args = cfg.model_dump(exclude_defaults=True)
-    replica: dict[str, Any] = {"name": "ExpertReplica", "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
-    replica["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                     "target_ongoing_requests": cfg.target_ongoing_requests}
-    return {"proxy_location": "HeadOnly", "http_options": {"host": cfg.host, "port": cfg.port},
-            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "dmoe.cluster.deploy:app_builder",
-                              "args": {**args, "autoscale": True}, "deployments": [replica]}]}
+    replica = {"name": "ExpertReplica", "ray_actor_options": cfg.replica_actor_options(),
+               "autoscaling_config": cfg.autoscaling()}
+    app = {"name": name, "route_prefix": route_prefix(cfg), "import_path": "dmoe.cluster.deploy:app_builder",
+           "args": {**args, "autoscale": True}, "deployments": [replica]}
+    return {**proxy_options(cfg), "applications": [app]}
+
+
+def proxy_options(cfg: ClusterConfig) -> dict:
+    """``serve.start``'s options: Ray's HTTP proxy only for the ``ray`` ingress."""
+    if cfg.ingress == "ray":
+        return {"proxy_location": "HeadOnly", "http_options": {"host": cfg.host, "port": cfg.port}}
+    return {"proxy_location": "Disabled"}
+
+
+def route_prefix(cfg: ClusterConfig) -> str | None:
+    return "/" if cfg.ingress == "ray" else None
 
 
 # ------------------------------------------------------------------ dmoe cluster up / status / down
@@ -145,9 +241,8 @@ def start_local_ray(num_cpus: int | None = None, port: int = 6380, throughput_op
            "--disable-usage-stats", f"--port={port}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    # Ray Serve's throughput-optimized mode (opt-in): the gateway takes HTTP itself (no proxy hop) and
-    # user code runs on the replica's own loop; 10 ms added latency instead of 17 (docs/benchmarks.md),
-    # but failover through a node loss is not verified in it (a test run hung there)
+    # Ray Serve's throughput-optimized mode (opt-in): user code on the replica's main loop, gRPC between
+    # replicas; no faster here (docs/benchmarks.md), and failover through a node loss is not verified in it
     env = {"RAY_USAGE_STATS_ENABLED": "0", **os.environ}
     if throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -165,13 +260,14 @@ def up(cfg: ClusterConfig, address: str | None = None, ray_port: int = 6380, thr
 
     started = False
     ray_auth_env(start_head=address is None)
-    if address is None:
+    if address is None:  # the gateway will listen here: a busy port fails now, not after Ray started
+        bind(cfg.host, cfg.port).close()
         address = start_local_ray(port=ray_port, throughput_optimized=throughput_optimized)
         started = True
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.start(**proxy_options(cfg))
+        run_app(cfg)
     except Exception:
         if started:
             stop_local_ray()

@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 
 from dmoe.errors import DmoeError
-from dmoe.runtime import ServeState
+from dmoe.runtime import ApiState, ServeState
 from dmoe.serve.app import create_app
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def with_header_deadline(protocol: Any, seconds: float) -> Any:
     return HeaderDeadline
 
 
-def uvicorn_config(st: ServeState, log_level: str = "warning", **app_kwargs) -> uvicorn.Config:
+def uvicorn_config(st: ApiState, log_level: str = "warning", **app_kwargs) -> uvicorn.Config:
     """The one uvicorn configuration of every dmoe server: timeouts and connection limit from ``st``."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
