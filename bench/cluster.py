@@ -6,8 +6,10 @@
 Embedded base (SmolLM2-135M) and the bundled experts. Prints one JSON object:
 
 * ``overhead``: the same sequential requests (1 new token, so the model's share is small)
-  against a direct ``dmoe serve`` and against the gateway with one replica, alternating;
-  p50/p99 latency of each and the added latency (goal: <= 10 ms at p50);
+  against a direct ``dmoe serve``, the gateway with one replica, and the gateway behind Ray
+  Serve's proxy (``ingress: ray``), in a rotating order; p50/p99 latency of each and the
+  added latency, the median of per-request differences (goal: <= 10 ms at p50), split into
+  the Ray hop to the replica and what the gateway adds around it;
 * ``scaling``: throughput and p50/p99 latency with 1, 2 and 3 replicas under the same
   concurrent load (on 2 cores this shows the overhead of more replicas, not scaling: the
   per-replica figure of the 1-replica run is what each node adds on real machines);
@@ -80,15 +82,18 @@ def wait_ready(url: str, limit_s: float = 300) -> None:
     raise SystemExit(f"{url} did not become ready in {limit_s:.0f} s")
 
 
-def deploy(port: int, replicas: int, **kw) -> str:
+def deploy(port: int, replicas: int, name: str = "dmoe", ingress: str = "gateway", **kw) -> str:
+    """Deploy (again) the application ``name``; ``ingress="ray"``: behind Ray's proxy, which listens on ``port``."""
     from ray import serve
 
     from dmoe.cluster.config import ClusterConfig
-    from dmoe.cluster.deploy import build_app
+    from dmoe.cluster.deploy import build_app, route_prefix
 
+    if name in serve.status().applications:  # the gateway's port is free again before the new one binds it
+        serve.delete(name)
     cfg = ClusterConfig.make(experts_dir=str(EXPERTS), replicas=replicas, routing="threshold", max_batch=8,
-                             gateway_cpus=0.1, replica_cpus=0.5, routing_stats_period_s=0.5, port=port, **kw)
-    serve.run(build_app(cfg), name="dmoe", route_prefix="/")
+                             gateway_cpus=0.1, replica_cpus=0.5, routing_stats_period_s=0.5, port=port, ingress=ingress, **kw)
+    serve.run(build_app(cfg), name=name, route_prefix=route_prefix(cfg))
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     return url
@@ -109,32 +114,56 @@ def load(url: str, jobs: list[tuple[str, str]], parallel: int, max_tokens: int) 
             "failed": failed, "wall_s": round(wall, 1)}
 
 
-def bench_overhead(port: int, n: int) -> dict:
+def bench_overhead(port: int, proxy_port: int, n: int) -> dict:
+    """The same requests, one at a time, against a direct ``dmoe serve``, the gateway (default
+    ingress) and the gateway behind Ray's proxy (``ingress: ray``), in a rotating order. The added
+    latency is the median of the per-request differences (paired: the three calls of a round see
+    the same machine), split by the gateway's own timing of its replica call."""
     direct_port = free_port()
     # one thread, as Ray gives a replica with num_cpus=0.5: the same model time on both sides
     proc = subprocess.Popen([sys.executable, "-m", "dmoe.cli", "serve", "--experts", str(EXPERTS), "--port", str(direct_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        direct = f"http://127.0.0.1:{direct_port}"
-        wait_ready(direct)
-        gw = deploy(port, 1)
-        a, b = [], []
+        targets = {"direct": f"http://127.0.0.1:{direct_port}"}
+        wait_ready(targets["direct"])
+        targets["gateway"] = deploy(port, 1)
+        targets["ray_proxy"] = deploy(proxy_port, 1, name="dmoe_proxy", ingress="ray")
+        lat: dict[str, list[float]] = {t: [] for t in targets}
+        call: dict[str, list[float]] = {"gateway": [], "ray_proxy": []}  # the gateway's replica call, as it timed it
+        names = ("cooking", "automotive", "programming")
+        order = list(targets)
         with httpx.Client() as client:
-            for url in (direct, gw):  # warm both (experts loaded, first forward done)
-                for name in ("cooking", "automotive", "programming"):
-                    chat(client, url, "warm up", name, 1)
+            for url in targets.values():  # warm all three (experts loaded, first forward done)
+                for _ in range(3):
+                    for name in names:
+                        chat(client, url, "warm up", name, 1)
             for i in range(n):
-                name = ("cooking", "automotive", "programming")[i % 3]
                 q = f"Question number {i}: what should I know?"
-                order = [(direct, a), (gw, b)] if i % 2 == 0 else [(gw, b), (direct, a)]
-                for url, out in order:
-                    dt, r = chat(client, url, q, name, 1)
+                for t in order[i % 3:] + order[: i % 3]:
+                    dt, r = chat(client, targets[t], q, names[i % 3], 1)
                     assert r.status_code == 200, r.text
-                    out.append(dt)
-        d, g = pct(a), pct(b)
-        return {"direct_serve_ms": d, "gateway_ms": g, "added_p50_ms": round(g["p50"] - d["p50"], 2),
-                "added_p99_ms": round(g["p99"] - d["p99"], 2), "requests": n, "max_tokens": 1}
+                    lat[t].append(dt)
+                    if t in call:
+                        call[t].append(r.json()["dmoe"]["cluster"]["attempts"][-1]["ms"] / 1e3)
+        med = lambda xs: round(statistics.median(xs) * 1e3, 2)  # noqa: E731
+        out: dict = {"requests": n, "max_tokens": 1, "direct_serve_ms": pct(lat["direct"])}
+        for t in ("gateway", "ray_proxy"):
+            d, g, c = lat["direct"], lat[t], call[t]
+            out[t] = {"latency_ms": pct(g),
+                      "added_p50_ms": med([y - x for x, y in zip(d, g)]),
+                      "added_p99_ms": round(pct(g)["p99"] - pct(d)["p99"], 2),
+                      "replica_call_minus_direct_ms": med([y - x for x, y in zip(d, c)]),
+                      "http_and_app_ms": med([y - x for x, y in zip(c, g)])}
+        out["added_p50_ms"] = out["gateway"]["added_p50_ms"]
+        out["note"] = ("added = the median of per-request differences to the direct server; replica_call_minus_direct: "
+                       "the Ray hop to the replica and back; http_and_app: what the gateway adds around that call "
+                       "(its HTTP server, or Ray's proxy and its hop, then dmoe's app)")
+        return out
     finally:
+        from ray import serve
+
+        if "dmoe_proxy" in serve.status().applications:
+            serve.delete("dmoe_proxy")
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
@@ -276,7 +305,7 @@ def bench_topk(port: int, per_domain: int, max_tokens: int, parallel: int) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--overhead-requests", type=int, default=60)
+    p.add_argument("--overhead-requests", type=int, default=150)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -293,15 +322,15 @@ def main() -> None:
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    port, proxy_port = free_port(), free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": proxy_port})  # for ingress: ray
     result: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
                     "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"],
                     "ray": ray.__version__, "base": "embedded SmolLM2-135M-Instruct", "experts": str(EXPERTS.relative_to(REPO))}
     only = set(args.only.split(","))
     try:
         if "overhead" in only:
-            result["overhead"] = bench_overhead(port, args.overhead_requests)
+            result["overhead"] = bench_overhead(port, proxy_port, args.overhead_requests)
         if "scaling" in only:
             result["scaling"] = bench_scaling(port, args.requests, args.parallel, args.max_tokens)
         if "recovery" in only:
