@@ -17,7 +17,7 @@ LAYERS = {
     4: {"engine", "route", "train", "moe", "export", "generate", "evals"},
     5: {"runtime"},
     6: {"serve", "mcp"},
-    7: {"cluster"},
+    7: {"cluster", "webui"},
     8: {"cli", "demo"},
 }
 RANK = {unit: rank for rank, units in LAYERS.items() for unit in units}

@@ -35,6 +35,18 @@ class Unauthorized(DmoeError):
     """A state-changing call without the server's API key."""
 
 
+class CrossSiteError(DmoeError):
+    """A state-changing call a browser sent from another site's page (CSRF)."""
+
+
+class NotFoundError(RequestError):
+    """A named thing (a dataset, a training run, a file to download) does not exist."""
+
+
+class ConflictError(RequestError):
+    """The request conflicts with what is going on (a run already training that expert)."""
+
+
 # ---------------------------------------------------------------- experts on disk
 class ExpertError(DmoeError):
     """An expert directory is missing, malformed, or made for another base."""

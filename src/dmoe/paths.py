@@ -48,3 +48,10 @@ def default_experts_dir() -> Path:
 
 def default_data_dir() -> Path:
     return examples_dir() / "data"
+
+
+def dmoe_runs_dir() -> Path:
+    """Where the web UI keeps its training runs' records and configs: ``$DMOE_HOME/webui/runs``."""
+    from dmoe.io import dmoe_home
+
+    return dmoe_home() / "webui" / "runs"

@@ -158,6 +158,7 @@ class ApiState:
     router_status: dict = field(default_factory=dict)  # what /v1/experts and load responses report
     allowed_hosts: list[str] | None = field(default_factory=lambda: list(LOOPBACK_HOSTS))
     max_body_bytes: int = 4 * 1024 * 1024
+    body_limits: dict[str, int] = field(default_factory=dict)  # path -> its own body limit (the web UI's upload)
     client_timeout_s: float = 30.0  # per request: headers, then body (serve/http.py, serve/guard.py)
     max_connections: int = 1024
     _router_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -59,11 +59,23 @@ def serve(
     max_connections: int = typer.Option(1024, min=1, help="open connections at most; a request on one more gets 503"),
     refit_router: bool = typer.Option(True, "--refit-router/--no-refit-router",
                                       help="refit the router in the background when experts are hot-loaded or unloaded"),
+    webui: bool = typer.Option(False, "--webui", help="also serve the web UI (/ui/) on this port: dmoe webui"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="web UI: where datasets are uploaded and "
+                                            "registered (default: <examples>/data)"),
+    max_upload_mb: float = typer.Option(50.0, min=0.001, help="web UI: largest dataset upload in MB"),
+    train_threads: int = typer.Option(1, min=1, help="web UI: torch threads of a training run (it runs at a lower "
+                                      "CPU priority than serving)"),
 ):
     """Serve the base and every expert from one copy of the weights (OpenAI + llama-server API).
 
     Example: dmoe serve --experts examples/experts --port 8081
     """
+    _serve(**locals())
+
+
+def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_loras, max_lora_rank, max_queue, dtype,
+           drain, keywords, route_mode, device, engine, lenient, allowed_hosts, max_body_mb, client_timeout,
+           max_connections, refit_router, webui, data_dir, max_upload_mb, train_threads) -> None:
     from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
     from dmoe.serve.http import bind, run_server
 
@@ -76,9 +88,52 @@ def serve(
                            max_connections=max_connections)
     if exposure := exposure_warning(host, api_key):
         console.print(f"[bold red]{exposure}[/]")
+    ui = None
+    if webui:
+        from dmoe.paths import default_data_dir, dmoe_runs_dir
+        from dmoe.webui import WebUIConfig
+
+        ui = WebUIConfig(data_dir=(data_dir or default_data_dir()).resolve(), experts_root=folders[0].resolve(),
+                         runs_dir=dmoe_runs_dir(), base=base, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                         train_threads=train_threads)
     sock = bind(host, port)  # a busy port fails now, before the model loads
     st = build_state(cfg)
+    url = f"http://{host}:{sock.getsockname()[1]}"
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "
-                  f"on http://{host}:{sock.getsockname()[1]}")
+                  f"on {url}" + (f"; web UI: {url}/ui/" if ui else ""))
     level = logging.getLevelName(logging.getLogger("dmoe").getEffectiveLevel()).lower()
-    run_server(st, drain_s=drain, sock=sock, log_level=level if level in ("debug", "info") else "warning")
+    mount = None
+    if ui is not None:
+        from dmoe.webui import mount as webui_mount
+
+        mount = webui_mount(ui)
+    run_server(st, drain_s=drain, sock=sock, log_level=level if level in ("debug", "info") else "warning", mount=mount)
+
+
+@user_errors
+def webui(
+    experts: Optional[list[Path]] = experts_option("experts loaded at start; the first folder is where the UI's "
+                                                   "training runs write (default: $DMOE_EXPERTS or ./examples/experts)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where datasets are uploaded and registered "
+                                            "(default: <examples>/data)"),
+    base: Optional[str] = typer.Option(None, help=BASE_HELP),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(8082, help="port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DMOE_API_KEY",
+                                          help="guards every state-changing action, uploads and training included"),
+    max_upload_mb: float = typer.Option(50.0, min=0.001, help="largest dataset upload in MB"),
+    train_threads: int = typer.Option(1, min=1, help="torch threads of a training run (it runs at a lower CPU priority "
+                                      "than serving)"),
+    engine: str = typer.Option("torch", help="torch (any base), or llamacpp (a GGUF base)"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+):
+    """The web UI: datasets, training with a live loss curve, experts, GGUF export, and a chat
+    that shows its routing, on the same engine as the API it serves (dmoe serve --webui).
+
+    Example: dmoe webui --experts examples/experts     # then open http://127.0.0.1:8082/ui/
+    """
+    _serve(experts=experts, root=[], base=base, host=host, port=port, api_key=api_key, max_batch=8, max_seq=2048,
+           max_loras=8, max_lora_rank=64, max_queue=64, dtype=dtype, drain=10.0, keywords=None, route_mode="threshold",
+           device="auto", engine=engine, lenient=False, allowed_hosts=[], max_body_mb=4.0, client_timeout=30.0,
+           max_connections=1024, refit_router=True, webui=True, data_dir=data_dir, max_upload_mb=max_upload_mb,
+           train_threads=train_threads)

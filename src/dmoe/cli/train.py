@@ -18,6 +18,8 @@ def train(
     config: Path = typer.Argument(..., help="training YAML (LlamaFactory LoRA-SFT keys)"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set num_train_epochs=1"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    status_file: Path = typer.Option(None, "--status-file", help="write the step, total steps and speed to this JSON "
+                                     "file as training goes (for a watcher such as dmoe webui)"),
 ):
     """Train a LoRA expert from a YAML config; rerun the same command to resume after a crash.
 
@@ -28,7 +30,7 @@ def train(
     cfg = load_train_config(config, set_)
     for key in getattr(cfg, "_ignored_keys", []):
         err_console.print(f"[yellow]note:[/] key '{key}' is accepted for LlamaFactory compatibility and ignored")
-    res = run_train(cfg, show_progress=not no_progress)
+    res = run_train(cfg, show_progress=not no_progress, status_file=status_file)
     if res.resumed_from:
         console.print(f"resumed from step {res.resumed_from}")
     console.print(

@@ -29,10 +29,11 @@ log = logging.getLogger("dmoe.serve.requests")
 _COMPLETIONS = ("/v1/chat/completions", "/v1/completions")  # these log their own line, with token counts
 
 
-def create_app(st: ApiState, after_step=None) -> FastAPI:
+def create_app(st: ApiState, after_step=None, mount=None) -> FastAPI:
     """The app over a state whose back-end runs the requests: a :class:`ServeState` (experts
     already loaded) gets a :class:`LocalBackend` on its engine; a cluster gateway brings its own.
-    ``after_step`` is handed to the local runner (tests: a hook that fires after N engine steps)."""
+    ``after_step`` is handed to the local runner (tests: a hook that fires after N engine steps);
+    ``mount(app)`` adds more routes and middleware first (the web UI: ``dmoe.webui.mount``)."""
     if st is not None and st.backend is None:
         assert isinstance(st, ServeState), "a state without an engine brings its own back-end"
         st.backend = LocalBackend(st, after_step=after_step)
@@ -45,6 +46,8 @@ def create_app(st: ApiState, after_step=None) -> FastAPI:
 
     app = FastAPI(title="dmoe", version=__version__, lifespan=lifespan)
     app.state.dmoe = st
+    if mount is not None:
+        mount(app)  # before the guard: its middleware runs inside the guard's, and it may set body limits
 
     @app.middleware("http")
     async def _curl_json_and_log(request: Request, call_next):
@@ -61,7 +64,7 @@ def create_app(st: ApiState, after_step=None) -> FastAPI:
 
     if st is not None:  # (the schema-only app of the docs test has no state)
         app.add_middleware(Guard, max_body=st.max_body_bytes, allowed_hosts=st.allowed_hosts,
-                           body_timeout_s=st.client_timeout_s)
+                           body_timeout_s=st.client_timeout_s, path_limits=st.body_limits)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)

@@ -45,9 +45,10 @@ class Guard:
     with its own rules in front); otherwise the names accepted, without ports."""
 
     def __init__(self, app, *, max_body: int = DEFAULT_MAX_BODY, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
-                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_body = max_body
+        self.path_limits = dict(path_limits or {})  # a path with a limit of its own (an upload)
         self.body_timeout_s = body_timeout_s
         self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
@@ -61,22 +62,24 @@ class Guard:
                 return await _error(send, 421, f"Host {host or '(none)'!r} is not served here: this server accepts "
                                                f"{', '.join(sorted(self.allowed))} (DNS-rebinding protection; "
                                                "dmoe serve --allowed-hosts NAME adds one)", "invalid_host")
+        limit = self.path_limits.get(scope.get("path", ""), self.max_body)
+        hint = "dmoe webui --max-upload-mb" if scope.get("path", "") in self.path_limits else "dmoe serve --max-body-mb"
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await _error(send, 413, f"the request body has {int(length)} bytes; this server takes at most "
-                                           f"{self.max_body} (dmoe serve --max-body-mb)", "request_too_large")
+                                           f"{limit} ({hint})", "request_too_large")
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             try:
-                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                body = await asyncio.wait_for(self._read_body(receive, limit), self.body_timeout_s)
             except asyncio.TimeoutError:
                 log.warning("a client took over %.0f s to send its request body; closed", self.body_timeout_s)
                 return await _error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s "
                                                "(dmoe serve --client-timeout)", "request_timeout")
             if body is None:
                 return  # the client went away
-            if len(body) > self.max_body:
-                return await _error(send, 413, f"the request body passed {self.max_body} bytes; this server takes "
-                                               f"at most {self.max_body} (dmoe serve --max-body-mb)", "request_too_large")
+            if len(body) > limit:
+                return await _error(send, 413, f"the request body passed {limit} bytes; this server takes "
+                                               f"at most {limit} ({hint})", "request_too_large")
             replayed = False
 
             async def replay() -> dict:
@@ -90,11 +93,11 @@ class Guard:
         await self.app(scope, receive, send)
 
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body, or as much as passes ``max_body`` by one chunk (the caller refuses
         it); None when the client disconnects first."""
         chunks, received, more = [], 0, True
-        while more and received <= self.max_body:
+        while more and received <= limit:
             message = await receive()
             if message["type"] != "http.request":
                 return None

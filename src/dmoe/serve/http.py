@@ -118,10 +118,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(st: ServeState, host: str = "127.0.0.1", port: int = 8081, drain_s: float = 10.0,
-               sock: socket.socket | None = None, log_level: str = "warning") -> None:
-    """Serve ``st`` until SIGINT/SIGTERM, then shut down gracefully (see :class:`GracefulServer`)."""
+               sock: socket.socket | None = None, log_level: str = "warning", mount=None) -> None:
+    """Serve ``st`` until SIGINT/SIGTERM, then shut down gracefully (see :class:`GracefulServer`);
+    ``mount``: more routes on the app (the web UI)."""
     sock = sock or bind(host, port)
-    GracefulServer(uvicorn_config(st, log_level), st, drain_s).run(sockets=[sock])
+    GracefulServer(uvicorn_config(st, log_level, mount=mount), st, drain_s).run(sockets=[sock])
 
 
 class ThreadedServer:
@@ -134,12 +135,12 @@ class ThreadedServer:
     ``after_step`` is handed to the engine runner (a hook after every engine step)."""
 
     def __init__(self, st: ServeState, host: str = "127.0.0.1", port: int = 0, *, drain_s: float | None = None,
-                 after_step=None, start_timeout_s: float = 60.0):
+                 after_step=None, start_timeout_s: float = 60.0, mount=None):
         self.sock = bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.state = st
-        config = uvicorn_config(st, after_step=after_step)
+        config = uvicorn_config(st, after_step=after_step, mount=mount)
         self.server = GracefulServer(config, st, drain_s) if drain_s is not None else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="dmoe-server", daemon=True)
         self.start_timeout_s = start_timeout_s

@@ -364,9 +364,18 @@ def setup(cfg: TrainConfig, base: BaseSpec | None = None) -> Run:
                steps_per_epoch, device, amp_dtype, resumed_from)
 
 
-def loop(run: Run, *, show_progress: bool = True, fused: bool = True) -> TrainResult:
-    """Optimizer steps until ``total_steps``: logs, evals at epoch ends, atomic checkpoints."""
+def write_status(path: Path | None, **fields) -> None:
+    """The run's progress for a watcher (``dmoe webui``): one JSON object, replaced atomically."""
+    if path is not None:
+        atomic_write_text(path, json.dumps({"pid": os.getpid(), "time": time.time(), **fields}) + "\n")
+
+
+def loop(run: Run, *, show_progress: bool = True, fused: bool = True, status_file: Path | None = None) -> TrainResult:
+    """Optimizer steps until ``total_steps``: logs, evals at epoch ends, atomic checkpoints;
+    ``status_file`` gets the step, total and speed at the start and at every log row."""
     cfg, state, model = run.cfg, run.state, run.model
+    write_status(status_file, state="running", step=state.step, total_steps=state.total_steps,
+                 resumed_from=run.resumed_from, elapsed_s=round(state.elapsed_s, 2), tokens_per_s=None)
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     lengths = [len(e.input_ids) for e in run.train_set]
     log = TrainLog(run.out)
@@ -414,6 +423,8 @@ def loop(run: Run, *, show_progress: bool = True, fused: bool = True) -> TrainRe
                     "elapsed_s": round(now - t_start, 2),
                 }
                 log.write(row)
+                write_status(status_file, state="running", step=state.step, total_steps=state.total_steps,
+                             resumed_from=run.resumed_from, elapsed_s=row["elapsed_s"], tokens_per_s=row["tokens_per_s"])
                 bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}")
                 t_window, tok_window, loss_window, n_window = now, 0, 0.0, 0
             if run.val_set and end_of_epoch:
@@ -443,7 +454,7 @@ def save(run: Run, result: TrainResult) -> TrainResult:
 
 
 def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None = None,
-          fused: bool = True) -> TrainResult:
+          fused: bool = True, status_file: Path | None = None) -> TrainResult:
     """Train a LoRA expert as ``cfg`` says and write the expert directory: setup -> loop -> save.
 
     ``fused=False`` runs PEFT's own LoRA forward, the unfused head and loss, and
@@ -452,7 +463,7 @@ def train(cfg: TrainConfig, *, show_progress: bool = True, base: BaseSpec | None
     made = [p for p in (out, *out.parents) if not p.exists()]  # folders this run creates
     try:
         run = setup(cfg, base)
-        return save(run, loop(run, show_progress=show_progress, fused=fused))
+        return save(run, loop(run, show_progress=show_progress, fused=fused, status_file=status_file))
     except BaseException:
         remove_if_empty(made)  # a failed run leaves no empty output folder behind
         raise
