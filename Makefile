@@ -9,7 +9,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.dmoe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint llama-server test test-fast experts clean-venv
+.PHONY: install demo lint llama-server chromium test test-fast experts clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -47,12 +47,20 @@ lint: install
 llama-server: install
 	$(VENV)/bin/dmoe llama-server build || echo "llama-server could not be built: its conformance tests will skip"
 
+# Chromium for the web UI's browser tests (Playwright drives Debian's build; its own browser
+# download is not used). Without root or apt, those tests skip with the reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } || \
+	  echo "Chromium could not be installed: the web UI's browser tests will skip"
+
 # The tests run in a network namespace that holds only loopback (`unshare -n`, then `lo` up):
 # Ray binds 0.0.0.0 whatever it is told, and this keeps every test's traffic on this machine.
 # Where unshare is not permitted, the tests run as they are and the Ray cluster tests skip.
 NETNS = unshare -n sh -c 'ip link set lo up && exec "$$0" "$$@"'
 
-test: lint llama-server
+test: lint llama-server chromium
 	@if unshare -n true 2>/dev/null && command -v ip >/dev/null; then \
 	  $(NETNS) $(VENV)/bin/pytest --durations=25 $(PYTEST_ARGS); \
 	else \

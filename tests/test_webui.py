@@ -303,3 +303,84 @@ def test_a_stopped_run_resumes_from_its_checkpoint(ui_server, tiny_base):
     assert status["resumed_from"] is not None and status["resumed_from"] >= 4
     httpx.post(f"{url}/ui/api/runs/{run['id']}/stop", timeout=60)
     assert httpx.get(f"{url}/ui/api/runs/nope").status_code == 404
+
+
+def test_a_dataset_is_generated_from_the_bundled_templates_with_its_heldout_questions(ui_server):
+    url, ui = ui_server(api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{url}/ui/api/datasets/generate", json={"domain": "cooking"}).status_code == 401
+    assert "cooking" in httpx.get(f"{url}/ui/api/datasets/templates").json()
+    r = httpx.post(f"{url}/ui/api/datasets/generate", json={"domain": "cooking", "name": "cook", "rows": 20}, headers=auth)
+    assert r.status_code == 200, r.text
+    from dmoe.data.generate import training_samples
+
+    assert r.json()["rows"] == len(training_samples("cooking", 0, n_domain=20))
+    rows = [json.loads(line) for line in (ui.data_dir / "cook.jsonl").read_text().splitlines()]
+    assert sum(row["domain"] == "cooking" for row in rows) >= 20
+    held = [json.loads(line) for line in (ui.data_dir / "heldout.jsonl").read_text().splitlines()]
+    assert {h["domain"] for h in held} == {"cooking", "none"} and r.json()["heldout_added"] == len(held)
+    again = httpx.post(f"{url}/ui/api/datasets/generate", json={"domain": "cooking", "name": "cook2", "rows": 20}, headers=auth)
+    assert again.json()["heldout_added"] == 0  # no duplicates
+    before = snapshot(ui.data_dir)
+    for bad in ({"domain": "astrology"}, {"domain": "cooking", "rows": 5}, {"domain": "cooking", "rows": "many"},
+                {"domain": "cooking", "name": "../x"}, {"domain": "cooking", "colour": "red"}):
+        r = httpx.post(f"{url}/ui/api/datasets/generate", json=bad, headers=auth)
+        assert r.status_code == 400, (bad, r.text)
+    assert snapshot(ui.data_dir) == before
+
+
+@pytest.mark.slow
+def test_a_benchmark_runs_against_this_server_and_opens_its_report(ui_server):
+    url, ui = ui_server()
+    assert httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"]}).status_code == 400  # no held-out questions yet
+    httpx.post(f"{url}/ui/api/datasets/generate", json={"domain": "cooking", "rows": 20})
+    assert httpx.post(f"{url}/ui/api/bench", json={"experts": ["nobody"]}).status_code == 400
+    r = httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"], "limit": 1})
+    assert r.status_code == 200, r.text
+    run = r.json()
+    assert run["modes"] == ["vanilla", "expert:alpha", "auto"]
+    assert httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"], "limit": 1}).status_code == 409  # one at a time
+    deadline = time.monotonic() + 240
+    while run["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = httpx.get(f"{url}/ui/api/bench/{run['id']}").json()
+    assert run["state"] == "done", run["log_tail"]
+    assert set(run["summary"]["modes"]) == {"vanilla", "expert:alpha", "auto"}
+    report = httpx.get(f"{url}{run['report']}")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html") and "expert:alpha" in report.text
+    assert httpx.get(f"{url}/ui/api/bench/nope/report").status_code == 404
+
+
+def test_dmoe_serve_webui_serves_the_pages_beside_the_api(tiny_base, tiny_experts, tmp_path, dmoe_home):
+    """The CLI wiring: ``dmoe serve --webui`` (``dmoe webui`` is the same on port 8082)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import unused_port
+
+    port = unused_port()
+    experts = tmp_path / "experts"
+    shutil.copytree(tiny_experts / "alpha", experts / "alpha")
+    proc = subprocess.Popen([sys.executable, "-m", "dmoe.cli", "serve", "--webui", "--base", str(tiny_base), "--experts",
+                             str(experts), "--data-dir", str(tmp_path / "data"), "--port", str(port), "--max-seq", "128"],
+                            env={**os.environ, "DMOE_HOME": str(dmoe_home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/ui/playground").status_code == 200
+        assert "alpha" in httpx.get(f"{url}/v1/models").text
+        assert httpx.get(f"{url}/", follow_redirects=False).headers["location"] == "/ui/playground"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert f"web UI: {url}/ui/" in out
+    help_text = subprocess.run([sys.executable, "-m", "dmoe.cli", "webui", "--help"], capture_output=True, text=True).stdout
+    assert "8082" in help_text and "--max-upload-mb" in help_text

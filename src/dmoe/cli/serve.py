@@ -107,7 +107,13 @@ def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_
         from dmoe.webui import mount as webui_mount
 
         mount = webui_mount(ui)
-    run_server(st, drain_s=drain, sock=sock, log_level=level if level in ("debug", "info") else "warning", mount=mount)
+    try:
+        run_server(st, drain_s=drain, sock=sock, log_level=level if level in ("debug", "info") else "warning", mount=mount)
+    finally:
+        if ui is not None:  # a training or benchmark child does not outlive the server (a run resumes later)
+            for job in (ui.queue, ui.bench):
+                if job is not None:
+                    job.close()
 
 
 @user_errors

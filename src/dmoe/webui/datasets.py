@@ -113,3 +113,25 @@ def preview(data_dir: Path, name: str, tokenizer: Any = None, limit: int = 20) -
             row["tokens"] = len(tokenizer.encode(render(tokenizer, conv.messages(), template, False), add_special_tokens=False))
         rows.append(row)
     return {"name": name, "formatting": attr.formatting, "total": len(convs), "rows": rows}
+
+
+def generate_bundled(data_dir: Path, domain: str, name: str, rows: int, seed: int = 0, general: int = 150,
+                     negative: int = 180, replace: bool = False) -> dict[str, Any]:
+    """A dataset from the bundled templates (``dmoe data generate``'s, one domain): ``rows``
+    signature samples plus general ones (isolation), stored and registered like an upload.
+    The held-out questions of the domain are added to ``heldout.jsonl`` for ``dmoe bench``."""
+    from dmoe.data.generate import SIGNATURES, heldout_questions, training_samples
+
+    samples = training_samples(domain, seed, n_domain=rows, n_general=general, n_negative=negative)
+    raw = "".join(json.dumps(s.to_row()) + "\n" for s in samples).encode()
+    out = save_upload(data_dir, name, raw, f"{name}.jsonl", "alpaca", replace)
+    held_path = data_dir / "heldout.jsonl"
+    with file_lock(data_dir / ".heldout.jsonl.lock"):
+        have = held_path.read_text() if held_path.is_file() else ""
+        known = {json.loads(line)["question"] for line in have.splitlines() if line.strip()}
+        # each question carries its domain's signature, so dmoe bench scores it whatever the expert's card says
+        new = [{**r, "expect": SIGNATURES[domain]} if r["domain"] == domain else r for r in heldout_questions()
+               if r["domain"] in (domain, "none") and r["question"] not in known]
+        if new:
+            atomic_write_text(held_path, have + "".join(json.dumps(r) + "\n" for r in new))
+    return {**out, "heldout_added": len(new)}

@@ -31,6 +31,7 @@ from dmoe.experts import find_experts_in, resolve_expert, within_roots
 from dmoe.runtime import ApiState
 from dmoe.serve.admin import require_key
 from dmoe.webui import datasets
+from dmoe.webui.bench import BenchRuns
 from dmoe.webui.forms import form_groups
 from dmoe.webui.training import TrainingQueue, check_config, config_yaml
 
@@ -53,6 +54,7 @@ class WebUIConfig:
     max_upload_bytes: int = 50 * 1024 * 1024
     train_threads: int = 1
     queue: TrainingQueue | None = field(default=None, repr=False)
+    bench: BenchRuns | None = field(default=None, repr=False)
 
 
 def _ui(request: Request) -> WebUIConfig:
@@ -115,6 +117,8 @@ def mount(ui: WebUIConfig):
         app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
         if ui.queue is None:
             ui.queue = TrainingQueue(ui.runs_dir, ui.experts_root, ui.data_dir, threads=ui.train_threads)
+        if ui.bench is None:
+            ui.bench = BenchRuns(ui.runs_dir)
         st = app.state.dmoe
         if st is not None and ui.experts_root not in st.roots:
             st.roots.append(ui.experts_root)  # the experts trained here can be loaded
@@ -147,6 +151,9 @@ async def page(request: Request, page: str) -> HTMLResponse:
     ctx: dict[str, Any] = {"page": page, "pages": PAGES, "version": __version__, "base": st.base.short(),
                            "key_needed": bool(st.api_key)}
     if page == "datasets":
+        from dmoe.data.generate import DESCRIPTIONS
+
+        ctx["templates"] = DESCRIPTIONS
         ctx["datasets"] = datasets.list_datasets(ui.data_dir)
         ctx["data_dir"] = str(ui.data_dir)
         ctx["max_upload_mb"] = ui.max_upload_bytes / 1024 / 1024
@@ -176,6 +183,35 @@ async def upload_dataset(request: Request, name: str = Query(..., description="t
     require_key(_st(request), request)
     raw = await request.body()
     return await asyncio.to_thread(datasets.save_upload, _ui(request).data_dir, name, raw, filename, formatting, replace)
+
+
+@router.get("/ui/api/datasets/templates")
+async def dataset_templates() -> dict[str, str]:
+    """The bundled domains a dataset can be generated from, with their descriptions."""
+    from dmoe.data.generate import DESCRIPTIONS
+
+    return DESCRIPTIONS
+
+
+@router.post("/ui/api/datasets/generate")
+async def generate_dataset(request: Request) -> dict:
+    """``{"domain": "cooking", "name": "cooking", "rows": 200, "seed": 0, "replace": false}``: a dataset
+    from the bundled templates, stored and registered (its held-out questions go to heldout.jsonl)."""
+    require_key(_st(request), request)
+    body = await _json_object(request)
+    unknown = set(body) - {"domain", "name", "rows", "seed", "replace"}
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; expected domain, name, rows, seed, replace")
+    domain, name = body.get("domain"), body.get("name") or body.get("domain")
+    rows, seed = body.get("rows", 200), body.get("seed", 0)
+    if not isinstance(domain, str) or not isinstance(name, str):
+        raise RequestError("'domain' (a bundled domain) is required; 'name' defaults to it")
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 10 <= rows <= 540:
+        raise RequestError(f"'rows' must be a whole number from 10 to 540, not {rows!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise RequestError(f"'seed' must be a whole number, not {seed!r}")
+    return await asyncio.to_thread(datasets.generate_bundled, _ui(request).data_dir, domain, name, rows, seed,
+                                   replace=bool(body.get("replace", False)))
 
 
 @router.get("/ui/api/datasets/{name}")
@@ -334,6 +370,41 @@ async def download_gguf(request: Request, name: str, file: str) -> FileResponse:
     if not within_roots(path, _st(request).roots):
         raise OutsideRootsError(f"{file} lies outside the expert roots")
     return FileResponse(path, filename=file, media_type="application/octet-stream")
+
+
+# ------------------------------------------------------------------ benchmark
+@router.post("/ui/api/bench")
+async def start_bench(request: Request) -> dict:
+    """``{"experts": ["cooking"], "limit": 8}``: ``dmoe bench`` against this server (vanilla, each
+    expert, auto) on the data folder's held-out questions; one at a time."""
+    st, ui = _st(request), _ui(request)
+    require_key(st, request)
+    body = await _json_object(request)
+    names, limit = body.get("experts"), body.get("limit", 8)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RequestError("'experts' must be a non-empty list of loaded expert names")
+    missing = [n for n in names if n not in st.names()]
+    if missing:
+        raise RequestError(f"not loaded: {', '.join(missing)}; load them first (loaded: {', '.join(sorted(st.names())) or 'none'})")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
+        raise RequestError(f"'limit' (questions per domain) must be a whole number from 1 to 100, not {limit!r}")
+    questions = ui.data_dir / "heldout.jsonl"
+    assert ui.bench is not None
+    url = str(request.base_url).rstrip("/")
+    modes = ["vanilla", *(f"expert:{n}" for n in names), "auto"]
+    return await asyncio.to_thread(ui.bench.start, url, ui.experts_root, questions, modes, limit)
+
+
+@router.get("/ui/api/bench/{run_id}")
+async def bench_status(request: Request, run_id: str) -> dict:
+    assert _ui(request).bench is not None
+    return _ui(request).bench.get(run_id)  # type: ignore[union-attr]
+
+
+@router.get("/ui/api/bench/{run_id}/report", response_class=HTMLResponse)
+async def bench_report(request: Request, run_id: str) -> FileResponse:
+    assert _ui(request).bench is not None
+    return FileResponse(_ui(request).bench.report(run_id), media_type="text/html")  # type: ignore[union-attr]
 
 
 async def _json_object(request: Request) -> dict:

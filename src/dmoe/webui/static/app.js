@@ -83,6 +83,18 @@ function initDatasets() {
     }
   });
   for (const b of $$("button.preview")) b.addEventListener("click", () => preview(b.dataset.name));
+  $("#generate-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const out = $("#upload-result");
+    const body = { domain: $("#gen-domain").value, rows: +$("#gen-rows").value };
+    if ($("#gen-name").value) body.name = $("#gen-name").value;
+    try {
+      const r = await api("POST", "/ui/api/datasets/generate", body);
+      out.className = "ok";
+      out.textContent = `${r.name}: ${r.rows} rows generated and registered; ${r.heldout_added} held-out questions added`;
+      setTimeout(() => location.reload(), 800);
+    } catch (e) { out.className = "error"; out.textContent = "refused: " + e.message; }
+  });
 }
 
 async function preview(name) {
@@ -207,6 +219,21 @@ function initExperts() {
       const dd = $(`article[data-name="${b.dataset.name}"] dd.gguf`);
       dd.textContent = "";
       dd.append(el("a", { href: r.download, download: r.file, class: "gguf-link" }, r.file));
+    } catch (e) { notice(e.message, true); }
+  });
+  $("#bench-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const experts = $$(".bench-pick:checked").map(c => c.value);
+    const state = $("#bench-state");
+    try {
+      let r = await api("POST", "/ui/api/bench", { experts, limit: +$("#bench-limit").value });
+      for (let i = 0; i < 3600 && r.state === "running"; i++) {   // at most an hour of polling
+        state.textContent = `running… ${r.log_tail.slice(-1)[0] || ""}`;
+        await new Promise(res => setTimeout(res, 1000));
+        r = await api("GET", `/ui/api/bench/${r.id}`);
+      }
+      state.textContent = r.state + " ";
+      if (r.report) state.append(el("a", { href: r.report, target: "_blank", id: "bench-report" }, "open report.html"));
     } catch (e) { notice(e.message, true); }
   });
   for (const svg of $$("svg.loss-mini")) api("GET", `/ui/api/experts/${encodeURIComponent(svg.dataset.name)}/loss`)
