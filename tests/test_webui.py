@@ -349,6 +349,11 @@ def test_a_benchmark_runs_against_this_server_and_opens_its_report(ui_server):
     report = httpx.get(f"{url}{run['report']}")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html") and "expert:alpha" in report.text
     assert httpx.get(f"{url}/ui/api/bench/nope/report").status_code == 404
+    # the expert's card shows its newest benchmark
+    card = {e["name"]: e for e in httpx.get(f"{url}/ui/api/experts").json()}["alpha"]["bench"]
+    assert card["run"] == run["id"] and card["report"] == run["report"]
+    assert card["hits"] == {d: [r["hits"], r["n"]] for d, r in run["summary"]["modes"]["expert:alpha"]["hits"].items()}
+    assert f'href="{run["report"]}"' in httpx.get(f"{url}/ui/experts").text
 
 
 def test_dmoe_serve_webui_serves_the_pages_beside_the_api(tiny_base, tiny_experts, tmp_path, dmoe_home):

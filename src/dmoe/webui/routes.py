@@ -302,15 +302,36 @@ async def run_events(request: Request, run_id: str, interval: float = Query(1.0,
 
 
 # ------------------------------------------------------------------ experts
+def _bench_results(ui: WebUIConfig) -> dict[str, dict]:
+    """expert -> its newest benchmark from this UI: hits in its own domain against vanilla's, and the report."""
+    out: dict[str, dict] = {}
+    for path in sorted((ui.runs_dir / "bench").glob("*/summary.json")):  # run ids sort by time
+        summary = _json_or_none(path) or {}
+        modes = summary.get("modes", {})
+        for mode, m in modes.items():
+            if not mode.startswith("expert:"):
+                continue
+            name = mode.removeprefix("expert:")
+            hits = m.get("hits", {})
+            vanilla = modes.get("vanilla", {}).get("hits", {})
+            domain = next(iter(hits)) if len(hits) == 1 else None
+            out[name] = {"run": path.parent.name, "report": f"/ui/api/bench/{path.parent.name}/report",
+                         "hits": {d: [r.get("hits"), r.get("n")] for d, r in hits.items()},
+                         "vanilla": {d: [r.get("hits"), r.get("n")] for d, r in vanilla.items()},
+                         "bleed": [m.get("bleed", {}).get("hits"), m.get("bleed", {}).get("n")], "domain": domain}
+    return out
+
+
 def _experts(st: ApiState, ui: WebUIConfig) -> list[dict]:
     loaded = st.names()
+    bench = _bench_results(ui)
     out = []
     for e in find_experts_in(st.roots):
         summary = _json_or_none(e.path / "summary.json")
         card = e.card.model_dump(exclude_none=True)
         data = e.card.training.get("dataset", [])
         out.append({"name": e.name, "path": str(e.path), "card": card, "summary": summary,
-                    "data": ", ".join(data) if isinstance(data, list) else str(data),
+                    "data": ", ".join(data) if isinstance(data, list) else str(data), "bench": bench.get(e.name),
                     "loaded": e.name in loaded, "scale": st.defaults.get(e.name),
                     "compatible": e.base.sha256 == st.base.sha256,
                     "gguf": sorted(p.name for p in e.path.glob("*.gguf"))})
