@@ -115,6 +115,22 @@ def test_a_name_that_leaves_the_data_folder_is_refused(ui_server, tmp_path, name
     assert not list(ui.data_dir.rglob("*.jsonl"))
 
 
+def test_a_link_out_of_the_roots_is_never_written_through(ui_server, tmp_path, tiny_base):
+    url, ui = ui_server()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.jsonl").write_text("keep\n")
+    (ui.data_dir / "victim.jsonl").symlink_to(outside / "victim.jsonl")
+    r = upload(url, "victim", jsonl(GOOD), filename="victim.jsonl")
+    assert r.status_code == 400 and "link" in r.json()["error"]["message"]
+    (ui.experts_root / "escape").symlink_to(outside, target_is_directory=True)
+    upload(url, "fixes", jsonl(GOOD))
+    r = httpx.post(f"{url}/ui/api/runs", json=run_values(tiny_base, "escape", max_steps=2), timeout=60)
+    assert r.status_code == 400 and "link" in r.json()["error"]["message"]
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.jsonl"]
+    assert (outside / "victim.jsonl").read_text() == "keep\n"
+
+
 def test_an_oversized_upload_is_refused_unread(ui_server):
     url, ui = ui_server(max_upload_bytes=1000)
     r = upload(url, "big", jsonl(GOOD * 10))

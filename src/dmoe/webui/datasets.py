@@ -72,6 +72,8 @@ def save_upload(data_dir: Path, name: str, raw: bytes, filename: str, formatting
             raise DatasetError(f"dataset {name!r} is already registered in {data_dir / REGISTRY_FILE}; "
                                "choose another name or replace it")
         target = data_dir / f"{name}{suffix}"
+        if target.is_symlink():  # written in place of the link, never through it; say so rather than surprise
+            raise DatasetError(f"{target} is a link; the web UI writes only inside {data_dir}: choose another name")
         atomic_write_bytes(target, raw)
         registry[name] = DatasetAttr(file_name=target.name, formatting=fmt).model_dump(exclude_defaults=True)
         registry[name]["formatting"] = fmt

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from dmoe.config import IGNORED_LLAMAFACTORY_KEYS, TrainConfig, format_validation_error
 from dmoe.data.formats import DatasetError
 from dmoe.errors import ConflictError, NotFoundError, RequestError
+from dmoe.experts import within_roots
 from dmoe.io import atomic_write_text, read_jsonl
 from dmoe.train.progress import LOG_FILE
 from dmoe.webui.datasets import check_name
@@ -78,8 +79,11 @@ def check_config(values: dict[str, Any], experts_root: Path, data_dir: Path) -> 
         check_name(name)
     except DatasetError as exc:
         raise RequestError(str(exc).replace("dataset name", "expert_name")) from None
+    out = experts_root / name
+    if out.is_symlink() or (out.exists() and not within_roots(out, [experts_root])):
+        raise RequestError(f"{out} is a link; the web UI writes only inside {experts_root}: choose another expert_name")
     try:
-        return TrainConfig(**values, output_dir=str(experts_root / name), dataset_dir=str(data_dir))
+        return TrainConfig(**values, output_dir=str(out), dataset_dir=str(data_dir))
     except ValidationError as exc:
         raise RequestError(format_validation_error(exc, TrainConfig, "train config")) from None
 
