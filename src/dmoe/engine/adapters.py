@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dmoe.engine.model import LoRASlice, Transformer
+from dmoe.engine.model import LoRALinear, LoRASlice, Transformer
 from dmoe.engine.protocol import Resident
 from dmoe.errors import AdapterError, AdapterInUseError, ExpertNotLoadedError
 from dmoe.experts import Expert, read_peft_adapter
@@ -48,19 +48,29 @@ class AdapterSlots:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.modules = lora_modules(model)
+        self.linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
         self.rank = 0  # the buffers' rank: the largest rank loaded so far
         self.resident: dict[str, Resident] = {}
 
     def _grow(self, rank: int) -> None:
-        """Reallocate every module's buffers at ``rank``, keeping the loaded slots."""
+        """Reallocate every layer's buffers at ``rank``, keeping the loaded slots. A fused
+        layer (q|k|v, gate|up) holds its parts' slots in one A (S, P, r, in) and one
+        block-diagonal B (S, P, r, out); each part's A (S, r, in) and B (S, r, out_j) are views."""
         p = next(self.model.parameters())
-        for m in self.modules.values():
-            A = torch.zeros(self.max_loras, rank, m.in_features, dtype=p.dtype, device=p.device)
-            B = torch.zeros(self.max_loras, rank, m.out_features, dtype=p.dtype, device=p.device)
-            if m.A is not None and m.B is not None:
-                A[:, :self.rank].copy_(m.A)
-                B[:, :self.rank].copy_(m.B)
-            m.A, m.B = A, B
+        for lin in self.linears:
+            n_parts, d_in = len(lin.parts), lin.parts[0].in_features
+            d_out = sum(part.out_features for part in lin.parts)
+            A = torch.zeros(self.max_loras, n_parts, rank, d_in, dtype=p.dtype, device=p.device)
+            B = torch.zeros(self.max_loras, n_parts, rank, d_out, dtype=p.dtype, device=p.device)
+            if lin.A is not None and lin.B is not None:
+                A[:, :, :self.rank].copy_(lin.A)
+                B[:, :, :self.rank].copy_(lin.B)
+            lin.A, lin.B = A, B
+            start = 0
+            for j, part in enumerate(lin.parts):
+                part.A = A[:, j]
+                part.B = B[:, j, :, start:start + part.out_features]
+                start += part.out_features
         self.rank = rank
 
     def free_slots(self) -> list[int]:

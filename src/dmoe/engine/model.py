@@ -18,6 +18,7 @@ sliding-window layers with their own RoPE base). Anything else is refused by nam
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,19 +196,36 @@ class LoRASlice(nn.Module):
 
 class LoRALinear(nn.Module):
     """One base matmul for several projections that read the same input (q|k|v, gate|up),
-    plus each row's LoRA deltas, per projection, added into its slice of the output."""
+    plus each row's LoRA deltas added into each projection's slice of the output.
+
+    The parts' adapter slots live in two buffers of this layer (set by ``AdapterSlots``):
+    ``A`` (S, P, r, in) stacks every part's A, and ``B`` (S, P, r, out) holds part j's B in
+    its own column block (zeros elsewhere); each part's ``A``/``B`` are views into them. So
+    the fast path is one delta for the whole layer (two matmuls, whatever P is), and the
+    per-part loop (``fused = False``, or the sparse kernel) is the reference it must equal.
+    """
+
+    fused = os.environ.get("DMOE_LORA_FUSED", "1") != "0"  # 0: the per-part reference path (benchmarks)
 
     def __init__(self, in_features: int, parts: list[LoRASlice], batch: LoRABatch, bias: bool = False):
         super().__init__()
         self.base = nn.Linear(in_features, sum(p.out_features for p in parts), bias=bias)
         self.parts = parts  # a plain list: the slices are registered on their Block, under the HF names
         self.batch = batch
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         b = self.batch
         if not b.active:
             return y
+        if b.dense and self.fused and self.A is not None and self.B is not None:
+            assert b.w is not None
+            s, n_parts, r = b.hi - b.lo, self.A.shape[1], self.A.shape[2]
+            A = self.A[b.lo:b.hi].view(s, n_parts * r, -1)  # a slot range of a contiguous buffer: views, no copy
+            B = self.B[b.lo:b.hi].view(s, n_parts * r, -1)
+            return y.add_(lora_delta_dense(x, A, B, b.w))
         start = 0
         for p in self.parts:
             if p.A is not None and p.B is not None:

@@ -1,0 +1,183 @@
+"""dmoe serve against the real llama-server, on the same load, one server after another, in one run.
+
+    .venv/bin/python bench/vs_llama_server.py                     # every server, JSON on stdout
+    .venv/bin/python bench/vs_llama_server.py --servers llama-server,dmoe-bf16
+
+The load (issue 20's): ``--requests`` (16) requests, ``--parallel`` (8) at a time, to
+``/v1/completions`` with ``--new`` (128) tokens each, ``ignore_eos``, greedy, three ways:
+
+* ``base``: no adapter;
+* ``one_expert``: every request with the same expert (``lora: [{id, scale: 1}]``);
+* ``mixed``: requests round-robin over the three bundled experts.
+
+Servers (``--servers``, comma-separated; each started, measured, stopped in turn):
+
+* ``llama-server``: the real one (``dmoe llama-server build``), the embedded Q4_1 GGUF,
+  the experts as f16 GGUF LoRAs (``--lora ... --lora-init-without-apply``), ``-np 8 -t 2``;
+* ``dmoe-fp32``, ``dmoe-bf16``: ``dmoe serve`` with the torch engine (``--dtype``);
+* ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF.
+
+Every request body is the same for every server: adapter ids come from each server's own
+``GET /lora-adapters`` (matched by name). Aggregate tokens/s = completion tokens / wall time
+of the scenario; one warm-up request per scenario is not timed. Each server's peak RSS
+(``VmHWM``) is read from /proc before it is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERTS = REPO / "examples" / "experts"
+NAMES = ("automotive", "cooking", "programming")
+PROMPTS = ["Tell me about your favourite car.", "How do I make a good soup?", "Write a function that sorts a list.",
+           "What should I know before a long drive?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def wait_ready(url: str, proc: subprocess.Popen, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server at {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} did not become ready in {limit_s:.0f} s")
+
+
+def adapter_ids(url: str) -> dict[str, int]:
+    """expert name -> this server's adapter id (from the adapter file or folder name)."""
+    out = {}
+    for a in httpx.get(f"{url}/lora-adapters", timeout=10).json():
+        stem = Path(a["path"]).name.removesuffix(".gguf").removesuffix("-f16")
+        if stem in NAMES:
+            out[stem] = a["id"]
+    missing = set(NAMES) - set(out)
+    if missing:
+        raise SystemExit(f"{url}/lora-adapters does not list {sorted(missing)}")
+    return out
+
+
+def scenario(url: str, loras: list, requests: int, new: int, parallel: int) -> dict:
+    """``requests`` requests, ``parallel`` at a time; request i uses ``loras[i % len(loras)]`` (None: no adapter)."""
+    def one(i: int) -> tuple[float, int]:
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": new, "ignore_eos": True, "temperature": 0,
+                "lora": loras[i % len(loras)] or []}
+        t = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+
+    one(0)  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as ex:
+        results = list(ex.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    tokens = sum(n for _, n in results)
+    lat = sorted(x for x, _ in results)
+    return {"tokens_per_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 2),
+            "latency_p50_s": round(lat[len(lat) // 2], 2)}
+
+
+def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess.Popen:
+    from dmoe.base import resolve_base
+
+    gguf = resolve_base(None).path
+    log = open(work / f"{server}.log", "wb")
+    if server == "llama-server":
+        assert binary is not None
+        loras = [str(work / "gguf" / f"{n}-f16.gguf") for n in NAMES]
+        cmd = [str(binary), "-m", str(gguf), "--lora", ",".join(loras), "--lora-init-without-apply", "--host", "127.0.0.1",
+               "--port", str(port), "-np", "8", "-c", str(8 * 512), "-t", "2", "--no-webui"]
+    else:
+        cmd = [sys.executable, "-m", "dmoe.cli", "serve", "--experts", str(EXPERTS), "--port", str(port), "--max-batch", "8",
+               "--max-seq", "512"]
+        if server == "dmoe-llamacpp":
+            cmd += ["--engine", "llamacpp", "--base", str(gguf)]
+        else:
+            cmd += ["--dtype", {"dmoe-fp32": "float32", "dmoe-bf16": "bfloat16"}[server]]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DMOE_HOME": str(work / "home")})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--servers", default="llama-server,dmoe-fp32,dmoe-bf16,dmoe-llamacpp")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--new", type=int, default=128)
+    args = p.parse_args()
+    servers = args.servers.split(",")
+    from dmoe.base import resolve_base
+    from dmoe.experts import load_expert
+    from dmoe.llama_server import build_llama_server
+    from dmoe.lora_gguf import write_adapter_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="dmoe-vs-llama-"))
+    binary = None
+    if "llama-server" in servers:
+        binary = build_llama_server()
+        (work / "gguf").mkdir()
+        base = resolve_base(None)
+        for n in NAMES:
+            write_adapter_gguf(load_expert(EXPERTS / n), work / "gguf" / f"{n}-f16.gguf", base, "f16")
+    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                 "load": {"requests": args.requests, "parallel": args.parallel, "new_tokens": args.new, "ignore_eos": True,
+                          "endpoint": "/v1/completions"},
+                 "llama_server": str(binary) if binary else None, "results": {}}
+    for server in servers:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start(server, port, work, binary)
+        try:
+            wait_ready(url, proc)
+            ids = adapter_ids(url)
+            one = [{"id": ids["cooking"], "scale": 1.0}]
+            mixed = [[{"id": ids[n], "scale": 1.0}] for n in NAMES]
+            res = {name: scenario(url, loras, args.requests, args.new, args.parallel)
+                   for name, loras in (("base", [None]), ("one_expert", [one]), ("mixed", mixed))}
+            out["results"][server] = {**res, "peak_rss_mb": peak_rss_mb(proc.pid)}
+            print(f"{server}: " + ", ".join(f"{k} {v['tokens_per_s']}" for k, v in res.items())
+                  + f" tok/s, peak RSS {peak_rss_mb(proc.pid)} MB", file=sys.stderr)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
