@@ -15,7 +15,9 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
 * ``llama-server``: the real one (``dmoe llama-server build``), the embedded Q4_1 GGUF,
   the experts as f16 GGUF LoRAs (``--lora ... --lora-init-without-apply``), ``-np 8 -t 2``;
 * ``dmoe-fp32``, ``dmoe-bf16``: ``dmoe serve`` with the torch engine (``--dtype``);
-* ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF.
+* ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF;
+* a ``-unfused`` suffix on a torch server runs the per-part LoRA reference path
+  (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run.
 
 Every request body is the same for every server: adapter ids come from each server's own
 ``GET /lora-adapters`` (matched by name). Aggregate tokens/s = completion tokens / wall time
@@ -114,6 +116,9 @@ def scenario(url: str, loras: list, requests: int, new: int, parallel: int) -> d
 def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess.Popen:
     from dmoe.base import resolve_base
 
+    env = {**os.environ, "DMOE_HOME": str(work / "home")}
+    if server.endswith("-unfused"):
+        server, env["DMOE_LORA_FUSED"] = server.removesuffix("-unfused"), "0"
     gguf = resolve_base(None).path
     log = open(work / f"{server}.log", "wb")
     if server == "llama-server":
@@ -128,7 +133,7 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
             cmd += ["--engine", "llamacpp", "--base", str(gguf)]
         else:
             cmd += ["--dtype", {"dmoe-fp32": "float32", "dmoe-bf16": "bfloat16"}[server]]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DMOE_HOME": str(work / "home")})
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def main() -> None:
