@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from dmoe.engine.lora_ops import dense_weights, lora_delta_dense, lora_delta_gather, lora_delta_loop, use_dense
+from dmoe.engine.lora_ops import (
+    dense_weights,
+    lora_add_dense_,
+    lora_delta_dense,
+    lora_delta_gather,
+    lora_delta_loop,
+    use_dense,
+)
 
 SHAPES = [(1, 1, 8, 8, 2, 1, 1), (4, 3, 16, 24, 4, 3, 2), (8, 1, 32, 8, 8, 5, 3), (3, 7, 12, 12, 1, 2, 1)]
 
@@ -33,6 +40,10 @@ def test_dense_kernel_over_the_used_slot_range_equals_reference(n, t, d_in, d_ou
     lo, hi = int(used.min()), int(used.max()) + 1
     got = lora_delta_dense(x, A[lo:hi], B[lo:hi], dense_weights(idx, scale, lo, hi))
     torch.testing.assert_close(got, lora_delta_loop(x, A, B, idx, scale), rtol=1e-4, atol=1e-5)
+    y = torch.randn(n, t, d_out)  # the in-place form adds the same delta into y
+    want = y + lora_delta_loop(x, A, B, idx, scale)
+    assert lora_add_dense_(y, x, A[lo:hi], B[lo:hi], dense_weights(idx, scale, lo, hi)) is y
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_row_naming_one_slot_twice_gets_both_weights():

@@ -45,6 +45,17 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch
     return xa @ B.reshape(s * r, -1)
 
 
+def lora_add_dense_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y += lora_delta_dense(x, A, B, w)`` in place, the B product written straight into
+    ``y`` (one ``addmm_``: no delta tensor, no separate add). ``y`` (N, T, d_out) contiguous."""
+    n, t, _ = x.shape
+    s, r, _ = A.shape
+    xa = torch.nn.functional.linear(x, A.reshape(s * r, -1))  # (N, T, S*r)
+    xa = (xa.view(n, t, s, r) * w[:, None, :, None]).view(n * t, s * r)
+    y.view(n * t, -1).addmm_(xa, B.reshape(s * r, -1))
+    return y
+
+
 def lora_delta_gather(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: (N, T, d_in), A: (S, r, d_in), B: (S, r, d_out), idx/scale: (N, K) -> (N, T, d_out)."""
     safe = idx.clamp(min=0)

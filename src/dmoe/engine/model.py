@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmoe.engine.lora_ops import dense_weights, lora_delta_dense, lora_delta_gather, use_dense
+from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
 from dmoe.errors import DmoeError
 
 
@@ -225,7 +225,7 @@ class LoRALinear(nn.Module):
             s, n_parts, r = b.hi - b.lo, self.A.shape[1], self.A.shape[2]
             A = self.A[b.lo:b.hi].view(s, n_parts * r, -1)  # a slot range of a contiguous buffer: views, no copy
             B = self.B[b.lo:b.hi].view(s, n_parts * r, -1)
-            return y.add_(lora_delta_dense(x, A, B, b.w))
+            return lora_add_dense_(y, x, A, B, b.w)
         start = 0
         for p in self.parts:
             if p.A is not None and p.B is not None:
