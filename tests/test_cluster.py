@@ -351,19 +351,27 @@ def test_an_expert_registered_mid_load_serves_and_nothing_in_flight_fails(deploy
 
 
 # ------------------------------------------------------------------ bad input reaching a replica
-def test_a_replica_refuses_an_adapter_for_another_base_and_a_lost_object(deployed, cluster_experts):
+@pytest.fixture
+def foreign(cluster_experts):
+    """beta's weights carded for another base, inside the roots (refused for its base, not its
+    place); removed after the test, so no later deployment of the folder meets it."""
+    path = cluster_experts / "foreign"
+    shutil.copytree(cluster_experts / "beta", path)
+    (path / "dmoe_manifest.json").unlink(missing_ok=True)
+    card = yaml.safe_load((path / "expert.yaml").read_text())
+    card["name"], card["base"]["sha256"] = "foreign", "0" * 64
+    (path / "expert.yaml").write_text(yaml.safe_dump(card))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_replica_refuses_an_adapter_for_another_base_and_a_lost_object(deployed, cluster_experts, foreign):
     import ray
     from ray import serve
 
     from dmoe.cluster.store import pack_expert
     from dmoe.experts import load_expert
 
-    foreign = cluster_experts / "foreign"  # inside the roots: refused for its base, not its place
-    shutil.copytree(cluster_experts / "beta", foreign)
-    (foreign / "dmoe_manifest.json").unlink(missing_ok=True)
-    card = yaml.safe_load((foreign / "expert.yaml").read_text())
-    card["name"], card["base"]["sha256"] = "foreign", "0" * 64
-    (foreign / "expert.yaml").write_text(yaml.safe_dump(card))
     # the gateway checks first: a 400 that names both bases
     r = httpx.post(f"{deployed['url']}/v1/experts", json={"path": str(foreign)}, timeout=60)
     assert r.status_code == 400 and "trained on base" in r.json()["error"]["message"]
