@@ -43,15 +43,11 @@ from pathlib import Path
 
 import httpx
 
+from _servers import free_port, stop, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS = REPO / "examples" / "experts"
 QUESTIONS = REPO / "examples" / "data" / "heldout.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float]) -> dict:
@@ -68,18 +64,6 @@ def chat(client: httpx.Client, url: str, q: str, model: str, max_tokens: int, **
     r = client.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": q}],
                                                         "max_tokens": max_tokens, **extra}, timeout=300)
     return time.perf_counter() - t0, r
-
-
-def wait_ready(url: str, limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} did not become ready in {limit_s:.0f} s")
 
 
 def deploy(port: int, replicas: int, name: str = "dmoe", ingress: str = "gateway", **kw) -> str:
@@ -164,8 +148,7 @@ def bench_overhead(port: int, proxy_port: int, n: int) -> dict:
 
         if "dmoe_proxy" in serve.status().applications:
             serve.delete("dmoe_proxy")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop(proc)
 
 
 def bench_scaling(port: int, requests: int, parallel: int, max_tokens: int) -> dict:

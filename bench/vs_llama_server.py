@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,17 +40,13 @@ from pathlib import Path
 
 import httpx
 
+from _servers import free_port, stop, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS = REPO / "examples" / "experts"
 NAMES = ("automotive", "cooking", "programming")
 PROMPTS = ["Tell me about your favourite car.", "How do I make a good soup?", "Write a function that sorts a list.",
            "What should I know before a long drive?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -63,20 +57,6 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def wait_ready(url: str, proc: subprocess.Popen, limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server at {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not become ready in {limit_s:.0f} s")
 
 
 def adapter_ids(url: str) -> dict[str, int]:
@@ -176,11 +156,7 @@ def main() -> None:
             print(f"{server}: " + ", ".join(f"{k} {v['tokens_per_s']}" for k, v in res.items())
                   + f" tok/s, peak RSS {peak_rss_mb(proc.pid)} MB", file=sys.stderr)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     print(json.dumps(out, indent=1))
 
 

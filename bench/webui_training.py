@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,13 +29,9 @@ from pathlib import Path
 
 import httpx
 
+from _servers import free_port, stop, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float]) -> dict:
@@ -77,13 +71,7 @@ def main() -> None:
                              str(tmp / "data"), "--port", str(port), "--train-threads", str(args.train_threads)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(url, proc)
         phase(url, 3, 4)  # warm up
         idle = phase(url, args.requests, args.max_tokens)
         recipe = {"expert_name": "cooking_ui", "dataset": "cooking", "model_name_or_path": "embedded", "template": "auto",
@@ -109,11 +97,7 @@ def main() -> None:
                    [idle["latency_ms"]["p50"], after["latency_ms"]["p50"]]), 2)}
         print(json.dumps(out, indent=1))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
