@@ -351,6 +351,8 @@ def test_a_benchmark_runs_against_this_server_and_opens_its_report(ui_server):
     assert httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"]}).status_code == 400  # no held-out questions yet
     httpx.post(f"{url}/ui/api/datasets/generate", json={"domain": "cooking", "rows": 20})
     assert httpx.post(f"{url}/ui/api/bench", json={"experts": ["nobody"]}).status_code == 400
+    unknown = httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"], "modes": "vanilla"})
+    assert unknown.status_code == 400 and "modes" in unknown.json()["error"]["message"]
     r = httpx.post(f"{url}/ui/api/bench", json={"experts": ["alpha"], "limit": 1})
     assert r.status_code == 200, r.text
     run = r.json()

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import sync_playwright
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from _servers import free_port, stop, wait_ready  # noqa: E402, I001
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]
 
@@ -31,20 +29,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dmoe-shots-"))
     shutil.copytree(REPO / "examples" / "experts", tmp / "experts")
     shutil.copytree(REPO / "examples" / "data", tmp / "data")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "dmoe.cli", "webui", "--experts", str(tmp / "experts"), "--data-dir",
                              str(tmp / "data"), "--port", str(port)], env={**os.environ, "DMOE_HOME": str(tmp / "home")})
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(url, proc)
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=os.environ.get("DMOE_CHROMIUM", "/usr/bin/chromium"), args=FLAGS)
             page = b.new_page(viewport={"width": 1100, "height": 800})
@@ -84,11 +74,7 @@ def main() -> None:
             shot("experts")
             b.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

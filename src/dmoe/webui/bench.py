@@ -80,6 +80,8 @@ class BenchRuns:
         return path
 
     def close(self) -> None:
+        from dmoe.webui.training import terminate
+
         for p in self._procs.values():
             if p.poll() is None:
-                p.terminate()
+                terminate(p)

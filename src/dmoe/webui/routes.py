@@ -401,6 +401,9 @@ async def start_bench(request: Request) -> dict:
     st, ui = _st(request), _ui(request)
     require_key(st, request)
     body = await _json_object(request)
+    unknown = set(body) - {"experts", "limit"}
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; expected experts, limit")
     names, limit = body.get("experts"), body.get("limit", 8)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise RequestError("'experts' must be a non-empty list of loaded expert names")

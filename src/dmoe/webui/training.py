@@ -175,12 +175,7 @@ class TrainingQueue:
             self._stopping.add(run_id)
             proc = self._proc
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
         return self.get(run_id)
 
     def resume(self, run_id: str) -> Run:
@@ -203,11 +198,7 @@ class TrainingQueue:
             proc = self._proc
             self._wake.notify_all()
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc)
         self._thread.join(STOP_GRACE_S + 5)
 
     # ---------------------------------------------------------------- the worker
@@ -282,6 +273,16 @@ class TrainingQueue:
 
     def list(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in sorted(self.runs.values(), key=lambda r: r.created, reverse=True)]
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (a training run keeps its checkpoints), SIGKILL after ``STOP_GRACE_S``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _read_json(path: Path) -> dict:
