@@ -48,7 +48,9 @@ from dmoe.serve.errors import error_body, status_of
 from dmoe.serve.schemas import AGGREGATES, ROUTINGS
 
 log = logging.getLogger("dmoe.cluster.gateway")
-RETRYABLE = ("QueueFull", "ShuttingDown", "EngineError", "ClusterError")  # another replica may serve it
+# another replica may serve it. AdapterInUseError: that replica is reloading the expert while its own
+# requests use it (seen once in CI under a replica kill and a node removal); the client asked for no reload
+RETRYABLE = ("QueueFull", "ShuttingDown", "EngineError", "ClusterError", "AdapterInUseError")
 
 
 def raise_remote(err: dict) -> NoReturn:
