@@ -194,3 +194,24 @@ def test_penalties_and_logit_bias_reach_the_engine(engine_kind, make_state, live
         biased = client.completions.create(logit_bias={"1000": 10.0}, extra_body={"ignore_eos": True, "return_token_ids": True},
                                            **kw)
         assert biased.choices[0].model_extra["token_ids"] == want_plain
+
+
+def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch, make_state, tiny_experts):
+    """``--dtype auto`` (the default): bf16 on CUDA and on CPUs with AVX512-BF16/AMX, fp32 on other
+    CPUs; an explicit choice always wins. The engine is built in the chosen dtype, adapters too."""
+    import torch
+
+    from dmoe import runtime
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda native=native: native)
+        assert runtime.serve_dtype("auto", "cpu") == want
+        assert runtime.serve_dtype("float32", "cpu") == torch.float32
+        assert runtime.serve_dtype("bfloat16", "cpu") == torch.bfloat16
+        assert runtime.serve_dtype("auto", "cuda") == torch.bfloat16
+        st = make_state(tiny_experts, use_router=False)  # no dtype given: auto
+        eng = st.engine
+        assert eng.dtype == want and eng.model.k_cache.dtype == want
+        lin = eng.slots.linears[0]
+        assert lin.A is not None and lin.A.dtype == want
+        assert "auto" in runtime.ServeConfig.model_fields["dtype"].description
