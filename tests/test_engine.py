@@ -242,3 +242,31 @@ def test_the_engine_implements_the_protocol_and_a_stuck_loop_fails(engine):
     assert s.running == 1 and s.kv_tokens == len(PROMPTS[0]) + len(req.output_ids) and s.kv_bytes_used > 0
     engine.cancel(req)
     assert req.finish_reason == "cancelled" and not engine.has_work()
+
+
+def test_prefill_widths_are_few_buckets_and_change_no_output(engine, monkeypatch):
+    """Prompts are padded to a power-of-two width (bf16 matmuls keep memory per new shape);
+    the padding changes no reply, and a width never passes max_seq."""
+    from dmoe.engine import torch_engine
+    from dmoe.engine.torch_engine import prefill_width
+
+    assert [prefill_width(n, 2048) for n in (1, 16, 17, 100, 128, 129, 1500)] == [16, 16, 32, 128, 128, 256, 2048]
+    assert prefill_width(100, 64) == 64 and prefill_width(40, 40) == 40
+    widths = {prefill_width(n, 2048) for n in range(1, 2049)}
+    assert widths == {16, 32, 64, 128, 256, 512, 1024, 2048}
+    prompts = PROMPTS + [list(range(100, 117)), list(range(200, 233))]  # 17 and 33 tokens: padded to 32 and 64
+    sets = [[], [("alpha", 1.0)], [("beta", 1.0)], [("alpha", 0.5), ("beta", 0.5)], [], [("beta", 1.0)]]
+    seen = []
+    real = torch_engine.StepInput.build
+
+    def spy(tokens, positions, slots, device, logits_at=None):
+        seen.append(len(tokens[0]))
+        return real(tokens, positions, slots, device, logits_at)
+
+    monkeypatch.setattr(torch_engine.StepInput, "build", staticmethod(spy))
+    bucketed = engine.generate(prompts, sets, GREEDY)
+    assert {w for w in seen if w > 1} <= {16, 32, 64}  # prefill widths (decode steps are 1 wide)
+    monkeypatch.setattr(torch_engine, "BUCKET_PREFILL", False)
+    seen.clear()
+    exact = engine.generate(prompts, sets, GREEDY)
+    assert bucketed == exact and 33 in seen

@@ -19,6 +19,7 @@ device, and a step's only device->host transfer is one ``.tolist()`` of its toke
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -40,6 +41,23 @@ from dmoe.engine.request import (
 from dmoe.engine.sampling import sample_batch
 from dmoe.errors import UnknownExpertError
 from dmoe.experts import Expert
+
+
+BUCKET_PREFILL = os.environ.get("DMOE_PREFILL_BUCKETS", "1") != "0"  # 0: the unbucketed baseline (benchmarks)
+
+
+def prefill_width(longest: int, max_seq: int) -> int:
+    """A prefill batch's padded width: the next power of two (at least 16, at most ``max_seq``).
+
+    Few distinct matmul shapes, so memory stays bounded: in bf16 on CPU, torch's oneDNN path
+    keeps memory for every new matmul shape it meets, never given back (the embedded model,
+    240 prefills of random lengths: +876 MB unbucketed, +161 MB and levelling off with these
+    buckets; bench/serve_memory.py). With buckets a shape is met once per bucket and batch size.
+    The pad columns cost at most twice the prefill's matmul rows; pad keys sit after each
+    prompt and are overwritten by decode before any query reads them."""
+    if not BUCKET_PREFILL:
+        return longest
+    return min(max_seq, max(16, 1 << (longest - 1).bit_length()))
 
 
 class TorchEngine:
@@ -142,7 +160,7 @@ class TorchEngine:
             tokens += n
         if not batch:
             return []
-        width = max(len(r.prompt_ids) for r in batch)
+        width = prefill_width(max(len(r.prompt_ids) for r in batch), self.max_seq)
         for i, r in enumerate(batch):
             r.kv_slot = len(self.queue.running) + i
         # pad id 0: pad keys sit after each prompt and are overwritten by decode before any query sees them
