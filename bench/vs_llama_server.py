@@ -14,10 +14,17 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
 
 * ``llama-server``: the real one (``dmoe llama-server build``), the embedded Q4_1 GGUF,
   the experts as f16 GGUF LoRAs (``--lora ... --lora-init-without-apply``), ``-np 8 -t 2``;
+* ``dmoe``: ``dmoe serve`` as it starts by default (torch engine, ``--dtype auto``);
 * ``dmoe-fp32``, ``dmoe-bf16``: ``dmoe serve`` with the torch engine (``--dtype``);
 * ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF;
 * a ``-unfused`` suffix on a torch server runs the per-part LoRA reference path
   (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run.
+
+and, with ``poisson`` in ``--scenarios``, a latency load: ``--poisson-requests`` (32) streamed
+requests arriving at exponential gaps (mean 1/``--poisson-rate`` s, seeded), round-robin over
+the base and the three experts, ``--poisson-new`` (64) tokens each: time to first token and the
+gaps between a reply's streamed tokens (p50/p99), as in bench/serve_latency.py but over HTTP, so
+llama-server is measured on the same arrivals.
 
 Every request body is the same for every server: adapter ids come from each server's own
 ``GET /lora-adapters`` (matched by name). Aggregate tokens/s = completion tokens / wall time
@@ -31,9 +38,12 @@ import argparse
 import json
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +103,64 @@ def scenario(url: str, loras: list, requests: int, new: int, parallel: int) -> d
             "latency_p50_s": round(lat[len(lat) // 2], 2)}
 
 
+def percentiles_ms(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": round(pick(0.50) * 1e3, 1), "p99": round(pick(0.99) * 1e3, 1), "mean": round(statistics.fmean(xs) * 1e3, 1)}
+
+
+def poisson(url: str, loras: list, requests: int, new: int, rate: float, seed: int = 0) -> dict:
+    """Streamed requests at exponential gaps; request i uses ``loras[i % len(loras)]``. Each
+    request's thread waits for its arrival time, then reads its SSE stream token by token."""
+    rng, t, arrivals = random.Random(seed), 0.0, []
+    for _ in range(requests):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    ttft: list[float] = []
+    gaps: list[float] = []
+    e2e: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int, t0: float) -> None:
+        time.sleep(max(0.0, t0 + arrivals[i] - time.perf_counter()))
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": new, "ignore_eos": True, "temperature": 0,
+                "lora": loras[i % len(loras)] or [], "stream": True}
+        start, stamps = time.perf_counter(), []
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if any(c.get("text") for c in chunk.get("choices", [])):
+                        stamps.append(time.perf_counter())
+        except httpx.HTTPError as exc:
+            with lock:
+                errors.append(f"request {i}: {exc}")
+            return
+        with lock:
+            if stamps:
+                ttft.append(stamps[0] - start)
+                gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+                e2e.append(stamps[-1] - start)
+
+    httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, timeout=600)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i, t0), daemon=True) for i in range(requests)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=1200)
+    wall = time.perf_counter() - t0
+    if errors or not ttft:
+        raise SystemExit(f"{url}: poisson load failed: {errors[:3]}")
+    return {"rate_per_s": rate, "requests": requests, "new_tokens": new, "ttft_ms": percentiles_ms(ttft),
+            "per_token_ms": percentiles_ms(gaps), "e2e_ms": percentiles_ms(e2e),
+            "tokens_per_s": round((len(gaps) + len(ttft)) / wall, 1)}
+
+
 def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess.Popen:
     from dmoe.base import resolve_base
 
@@ -111,7 +179,7 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
                "--max-seq", "512"]
         if server == "dmoe-llamacpp":
             cmd += ["--engine", "llamacpp", "--base", str(gguf)]
-        else:
+        elif server != "dmoe":  # plain "dmoe": the default configuration (--dtype auto)
             cmd += ["--dtype", {"dmoe-fp32": "float32", "dmoe-bf16": "bfloat16"}[server]]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -122,6 +190,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--new", type=int, default=128)
+    p.add_argument("--scenarios", default="base,one_expert,mixed,poisson")
+    p.add_argument("--poisson-rate", type=float, default=1.0, help="mean arrivals per second")
+    p.add_argument("--poisson-requests", type=int, default=32)
+    p.add_argument("--poisson-new", type=int, default=64)
     args = p.parse_args()
     servers = args.servers.split(",")
     from dmoe.base import resolve_base
@@ -150,8 +222,11 @@ def main() -> None:
             ids = adapter_ids(url)
             one = [{"id": ids["cooking"], "scale": 1.0}]
             mixed = [[{"id": ids[n], "scale": 1.0}] for n in NAMES]
+            wanted = args.scenarios.split(",")
             res = {name: scenario(url, loras, args.requests, args.new, args.parallel)
-                   for name, loras in (("base", [None]), ("one_expert", [one]), ("mixed", mixed))}
+                   for name, loras in (("base", [None]), ("one_expert", [one]), ("mixed", mixed)) if name in wanted}
+            if "poisson" in wanted:
+                res["poisson"] = poisson(url, [None] + mixed, args.poisson_requests, args.poisson_new, args.poisson_rate)
             out["results"][server] = {**res, "peak_rss_mb": peak_rss_mb(proc.pid)}
             print(f"{server}: " + ", ".join(f"{k} {v['tokens_per_s']}" for k, v in res.items())
                   + f" tok/s, peak RSS {peak_rss_mb(proc.pid)} MB", file=sys.stderr)

@@ -215,3 +215,26 @@ def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch, m
         lin = eng.slots.linears[0]
         assert lin.A is not None and lin.A.dtype == want
         assert "auto" in runtime.ServeConfig.model_fields["dtype"].description
+
+
+def test_no_router_routes_auto_by_the_keyword_rules_or_to_the_base(make_state, live_server, tiny_experts, tmp_path):
+    """``dmoe serve --no-router`` (memory: no encoder) still answers model=auto: by --keywords
+    rules when given, else with the base; /health says which."""
+    from dmoe.cli.serve import serve
+    from dmoe.route.keyword import KeywordRouter
+
+    rules = tmp_path / "keywords.yaml"
+    rules.write_text("rules:\n  - expert: alpha\n    keywords: [engine]\n")
+    st = make_state(tiny_experts, use_router=False, keywords=rules)
+    assert isinstance(st.router, KeywordRouter)
+    with live_server(st) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "auto", "prompt": "my engine", "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["x-dmoe-route"].startswith("alpha="), r.headers
+    st = make_state(tiny_experts, use_router=False)
+    assert st.router is None and "--no-router" in st.router_status["note"]
+    with live_server(st) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "auto", "prompt": "my engine", "max_tokens": 2})
+        assert r.status_code == 200 and r.headers.get("x-dmoe-route", "base").startswith("base"), r.headers
+    import inspect
+
+    assert inspect.signature(serve).parameters["router"].default.default is True

@@ -56,7 +56,8 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a slot before 429")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
-    use_router: bool = True
+    use_router: bool = Field(default=True, description="load the trained embedding router (False: --keywords rules "
+                                                       "when given, else model=auto serves the base)")
     refit_router: bool = Field(default=True, description="refit the embedding router in the background when experts are "
                                                          "loaded or unloaded at runtime (keyword rules are never refitted)")
     lenient: bool = Field(default=False, description="ignore unknown request fields instead of a 400 naming them")
@@ -318,6 +319,12 @@ def build_state(cfg: ServeConfig) -> ServeState:
         st.register(expert.name, expert)
     if cfg.use_router and experts_dir is not None:
         st.router, st.router_note = startup_router(experts_dir, experts, cfg.keywords)
+    elif cfg.keywords is not None:  # no embedding router (--no-router): the keyword rules when given
+        from dmoe.route.keyword import KeywordRouter
+
+        st.router, st.router_note = KeywordRouter.load(cfg.keywords), f"--no-router: routing with the keyword rules {cfg.keywords}"
+    elif not cfg.use_router:
+        st.router_note = "--no-router: model=auto serves the base model"
     st.initial_router_status()
     log.info("engine %s over base %s with experts: %s", cfg.engine, base.short(), ", ".join(sorted(engine.resident)) or "none")
     return st

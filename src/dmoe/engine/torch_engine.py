@@ -42,7 +42,6 @@ from dmoe.engine.sampling import sample_batch
 from dmoe.errors import UnknownExpertError
 from dmoe.experts import Expert
 
-
 BUCKET_PREFILL = os.environ.get("DMOE_PREFILL_BUCKETS", "1") != "0"  # 0: the unbucketed baseline (benchmarks)
 
 
