@@ -17,6 +17,8 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
 * ``dmoe``: ``dmoe serve`` as it starts by default (torch engine, ``--dtype auto``);
 * ``dmoe-fp32``, ``dmoe-bf16``: ``dmoe serve`` with the torch engine (``--dtype``);
 * ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF;
+* a ``-compile`` suffix starts a dmoe torch server with ``--compile`` (warmed up before ready);
+* a ``-no-router`` suffix starts a dmoe server with ``--no-router`` (memory);
 * a ``-unfused`` suffix on a torch server runs the per-part LoRA reference path
   (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run.
 
@@ -165,6 +167,11 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
     from dmoe.base import resolve_base
 
     env = {**os.environ, "DMOE_HOME": str(work / "home")}
+    extra = []
+    if server.endswith("-compile"):
+        server, extra = server.removesuffix("-compile"), ["--compile"]
+    if server.endswith("-no-router"):
+        server, extra = server.removesuffix("-no-router"), ["--no-router"]
     if server.endswith("-unfused"):
         server, env["DMOE_LORA_FUSED"] = server.removesuffix("-unfused"), "0"
     gguf = resolve_base(None).path
@@ -181,6 +188,7 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
             cmd += ["--engine", "llamacpp", "--base", str(gguf)]
         elif server != "dmoe":  # plain "dmoe": the default configuration (--dtype auto)
             cmd += ["--dtype", {"dmoe-fp32": "float32", "dmoe-bf16": "bfloat16"}[server]]
+        cmd += extra
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

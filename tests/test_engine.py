@@ -270,3 +270,24 @@ def test_prefill_widths_are_few_buckets_and_change_no_output(engine, monkeypatch
     seen.clear()
     exact = engine.generate(prompts, sets, GREEDY)
     assert bucketed == exact and 33 in seen
+
+
+def test_compiled_blocks_give_the_eager_replies(tiny_base, tiny_experts):
+    """``dmoe serve --compile``: torch.compile'd decoder blocks (fp32, the tiny model) give the
+    eager engine's greedy replies for the base, an expert and a blend in one mixed batch."""
+    from dmoe.engine.torch_engine import TorchEngine
+
+    model, tok, _ = load_base(tiny_base)
+    eager = TorchEngine.from_base(model, tok, max_batch=4, max_seq=64, max_loras=2, max_rank=8)
+    model, tok, _ = load_base(tiny_base)
+    fast = TorchEngine.from_base(model, tok, max_batch=4, max_seq=64, max_loras=2, max_rank=8, compile=True)
+    for eng in (eager, fast):
+        for name in ("alpha", "beta"):
+            eng.load_expert(load_expert(tiny_experts / name))
+    sets = [[], [("alpha", 1.0)], [("beta", 1.0)], [("alpha", 0.5), ("beta", 0.5)]]
+    before = eager.generate(PROMPTS, sets, GREEDY)
+    eager.warm_up()  # what serving runs before its first request when compiled: it leaves nothing behind
+    assert eager.stats().running == eager.stats().waiting == eager.stats().kv_tokens == 0
+    assert sorted(eager.resident) == ["alpha", "beta"]
+    assert fast.generate(PROMPTS, sets, GREEDY) == eager.generate(PROMPTS, sets, GREEDY) == before
+    assert fast.compiled and not eager.compiled

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ class ServeConfig(BaseModel):
     max_loras: int = Field(default=8, ge=1, description="adapter slots (torch engine)")
     max_rank: int = Field(default=64, ge=1, description="largest adapter rank a slot holds (torch engine)")
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a slot before 429")
+    compile: bool = Field(default=False, description="torch.compile the decoder blocks (torch engine); compiled "
+                                                     "and warmed up before serving, cached on disk")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = Field(default=True, description="load the trained embedding router (False: --keywords rules "
@@ -269,6 +272,9 @@ def serve_dtype(choice: str, device: str) -> torch.dtype:
 def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     """Load the base once and build the chosen engine; (engine, tokenizer, base identity)."""
     if cfg.engine == "llamacpp":
+        if cfg.compile:
+            raise ConfigError("--compile applies to the torch engine (llama.cpp runs compiled code already); "
+                              "drop --compile or use --engine torch")
         from dmoe.engine.llamacpp import LlamaCppEngine  # a compiled extension: only when chosen
 
         spec = resolve_base(cfg.base)
@@ -280,7 +286,7 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
              " (--dtype auto: this CPU has native bf16)" if cfg.dtype == "auto" and device == "cpu" and dtype == torch.bfloat16 else "")
     model, tok, spec = load_base(cfg.base, dtype=dtype, device=device)
     engine = TorchEngine.from_base(model, tok, max_batch=cfg.max_batch, max_seq=cfg.max_seq,
-                                   max_loras=cfg.max_loras, max_rank=cfg.max_rank)
+                                   max_loras=cfg.max_loras, max_rank=cfg.max_rank, compile=cfg.compile)
     return engine, tok, spec.identity
 
 
@@ -326,5 +332,9 @@ def build_state(cfg: ServeConfig) -> ServeState:
     elif not cfg.use_router:
         st.router_note = "--no-router: model=auto serves the base model"
     st.initial_router_status()
+    if isinstance(engine, TorchEngine) and engine.compiled:
+        t0 = time.perf_counter()
+        engine.warm_up()
+        log.info("compiled the decoder blocks and warmed up in %.1f s", time.perf_counter() - t0)
     log.info("engine %s over base %s with experts: %s", cfg.engine, base.short(), ", ".join(sorted(engine.resident)) or "none")
     return st

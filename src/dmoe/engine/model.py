@@ -366,6 +366,26 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
+def compile_blocks(model: Transformer) -> None:
+    """``torch.compile`` every decoder block (``dmoe serve --compile``): inductor fuses the
+    norms, RoPE, the LoRA scaling and the residual adds around the matmuls, and the Python
+    work of each block becomes one call. Shapes are dynamic (batch, length, the span of the
+    cache read), so a block compiles a few graphs (one token or many, adapters on or off,
+    dense or gathered LoRA), shared by every layer; compiled code is cached on disk under
+    ``$DMOE_HOME/inductor`` (TORCHINDUCTOR_CACHE_DIR), so a restart reuses it. The first
+    compile takes tens of seconds on 2 cores: the caller warms up before serving."""
+    import torch._dynamo
+
+    from dmoe.io import dmoe_home
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(dmoe_home() / "inductor"))
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 256)  # every layer shares one code object
+    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 

@@ -28,7 +28,7 @@ import torch
 from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
-from dmoe.engine.model import StepInput, Transformer, from_hf
+from dmoe.engine.model import StepInput, Transformer, compile_blocks, from_hf
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
     Request,
@@ -63,7 +63,7 @@ class TorchEngine:
     """One base model, many adapters, a continuously batched decode loop (implements ``Engine``)."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq: int = 2048,
-                 max_loras: int = 8, max_rank: int = 64, max_prefill_tokens: int = 1024):
+                 max_loras: int = 8, max_rank: int = 64, max_prefill_tokens: int = 1024, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -77,6 +77,9 @@ class TorchEngine:
         self.queue = RequestQueue(self.device)
         self.lock = threading.RLock()  # guards slots and queues between steps
         self.eos_ids = stop_token_ids(tokenizer)
+        self.compiled = compile
+        if compile:
+            compile_blocks(model)
 
     @classmethod
     def from_base(cls, hf_model, tokenizer, dtype: torch.dtype | None = None, **kw) -> "TorchEngine":
@@ -186,6 +189,21 @@ class TorchEngine:
                 advanced += rows
             self.queue.running = [r for r in self.queue.running if not r.done]
             return advanced
+
+    def warm_up(self) -> None:
+        """Run once the kinds of step serving meets (one row and several, prefill and decode, the
+        base, one expert, two experts mixed), so a compiled engine compiles before the first
+        request instead of during it. Uses the loaded experts; changes no state."""
+        short, long = [1, 2, 3], list(range(1, 18))  # 16- and 32-wide prefills
+        names = sorted(self.resident)[:2]
+        sets: list[list[list[tuple[str, float]]]] = [[[]], [[], []]]
+        if names:
+            sets += [[[(names[0], 1.0)]], [[(names[0], 1.0)]] * 2]
+        if len(names) > 1:
+            sets.append([[(names[0], 1.0)], [(names[1], 1.0)]])
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        for s in sets:
+            self.generate([short, long][:len(s)] if len(s) > 1 else [long], s, params)
 
     def stats(self) -> EngineStats:
         kv = self.model.k_cache
