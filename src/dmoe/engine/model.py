@@ -114,6 +114,7 @@ class LoRABatch:
     """
 
     def __init__(self):
+        self.from_zero = False  # slot ranges start at slot 0 (compiled blocks: the range is a tensor size, not a constant)
         self.active = False
         self.dense = True
         self.lo = self.hi = 0
@@ -133,7 +134,7 @@ class LoRABatch:
         for i, row in enumerate(rows):
             for j, (s, w) in enumerate(row):
                 idx[i, j], scale[i, j] = s, w
-        self.lo, self.hi = min(used), max(used) + 1
+        self.lo, self.hi = 0 if self.from_zero else min(used), max(used) + 1
         self.dense = use_dense(self.hi - self.lo, k)
         self.idx, self.scale = idx.to(device), scale.to(device=device, dtype=dtype)
         self.w = dense_weights(idx, scale, self.lo, self.hi).to(device=device, dtype=dtype) if self.dense else None
@@ -222,9 +223,9 @@ class LoRALinear(nn.Module):
             return y
         if b.dense and self.fused and self.A is not None and self.B is not None:
             assert b.w is not None
-            s, n_parts, r = b.hi - b.lo, self.A.shape[1], self.A.shape[2]
-            A = self.A[b.lo:b.hi].view(s, n_parts * r, -1)  # a slot range of a contiguous buffer: views, no copy
-            B = self.B[b.lo:b.hi].view(s, n_parts * r, -1)
+            s, n_parts, r = b.w.shape[1], self.A.shape[1], self.A.shape[2]  # s = hi - lo, read from a size (compile: symbolic)
+            A = self.A[b.lo:b.lo + s].view(s, n_parts * r, -1)  # a slot range of a contiguous buffer: views, no copy
+            B = self.B[b.lo:b.lo + s].view(s, n_parts * r, -1)
             return lora_add_dense_(y, x, A, B, b.w)
         start = 0
         for p in self.parts:
@@ -382,6 +383,9 @@ def compile_blocks(model: Transformer) -> None:
     cfg = torch._dynamo.config
     cfg.cache_size_limit = max(cfg.cache_size_limit, 256)  # every layer shares one code object
     cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
+    # Slot ranges start at 0 and their width is read from a tensor's size, so a new set of
+    # adapters is not a new constant to specialise on (a recompile stalls serving for seconds).
+    model.lora.from_zero = True
     for layer in model.layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 

@@ -192,18 +192,19 @@ class TorchEngine:
 
     def warm_up(self) -> None:
         """Run once the kinds of step serving meets (one row and several, prefill and decode, the
-        base, one expert, two experts mixed), so a compiled engine compiles before the first
-        request instead of during it. Uses the loaded experts; changes no state."""
+        base, an expert in the lowest and in the highest slot, two experts mixed), so a compiled
+        engine compiles before the first request instead of during it. Changes no state."""
         short, long = [1, 2, 3], list(range(1, 18))  # 16- and 32-wide prefills
-        names = sorted(self.resident)[:2]
-        sets: list[list[list[tuple[str, float]]]] = [[[]], [[], []]]
-        if names:
-            sets += [[[(names[0], 1.0)]], [[(names[0], 1.0)]] * 2]
-        if len(names) > 1:
-            sets.append([[(names[0], 1.0)], [(names[1], 1.0)]])
+        by_slot = sorted(self.resident.values(), key=lambda r: r.slot)
+        choices: list[list[tuple[str, float]]] = [[]]
+        if by_slot:  # the lowest and the highest slot: slot ranges of width 1 and wider
+            choices += [[(by_slot[0].name, 1.0)], [(by_slot[-1].name, 1.0)]]
         params = SamplingParams(max_tokens=3, ignore_eos=True)
-        for s in sets:
-            self.generate([short, long][:len(s)] if len(s) > 1 else [long], s, params)
+        for choice in choices:
+            self.generate([long], [choice], params)  # one row
+            self.generate([short, long], [choice, choice], params)  # several rows
+        if len(by_slot) > 1:
+            self.generate([short, long], [choices[1], choices[2]], params)  # a mixed batch
 
     def stats(self) -> EngineStats:
         kv = self.model.k_cache
