@@ -59,7 +59,13 @@ def mem() -> dict[str, float]:
 
 
 def tensor_mb(tensors) -> float:
-    return round(sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2**20, 1)
+    """MB of distinct storages (tied embeddings and views are counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return round(sum(seen.values()) / 2**20, 1)
 
 
 def child(name: str, prefills: int) -> dict:

@@ -59,9 +59,10 @@ def serve(
     max_connections: int = typer.Option(1024, min=1, help="open connections at most; a request on one more gets 503"),
     refit_router: bool = typer.Option(True, "--refit-router/--no-refit-router",
                                       help="refit the router in the background when experts are hot-loaded or unloaded"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks (torch engine): about "
-                                 "10-15% faster decode on a 2-core CPU; compiles before serving (about 30 s the first "
-                                 "time, seconds later: cached under $DMOE_HOME/inductor); needs a C++ compiler"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks (torch engine; needs a C++ "
+                                 "compiler): +17-24% decode in-process on a 2-core CPU, not yet measurably faster over "
+                                 "HTTP (docs/benchmarks.md); compiles and warms up before serving (about 75 s the first "
+                                 "time; cached under $DMOE_HOME/inductor)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its encoder and libraries hold about 250 MB); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
