@@ -17,6 +17,7 @@ Configurations (every one with --max-batch 8):
   default-unbucketed  the same with prefill widths not padded to powers of two (DMOE_PREFILL_BUCKETS=0)
   fp32                the same in float32
   small               --max-seq 512 --max-loras 3 (the KV cache and adapter slots sized to the load)
+  small-untrimmed     the same without giving the loader's freed heap back (DMOE_TRIM_HEAP=0)
   no-router           default without the router (model=auto then serves the base)
   llamacpp            --engine llamacpp over the embedded GGUF, --max-seq 512, the router
   llamacpp-no-router  the same without the router
@@ -40,13 +41,14 @@ CONFIGS = {
     "default-unbucketed": {},
     "fp32": {"dtype": "float32"},
     "small": {"max_seq": 512, "max_loras": 3},
+    "small-untrimmed": {"max_seq": 512, "max_loras": 3},
     "no-router": {"use_router": False},
     "llamacpp": {"engine": "llamacpp", "max_seq": 512},
     "llamacpp-no-router": {"engine": "llamacpp", "max_seq": 512, "use_router": False},
 }
 
 
-ENV = {"default-unbucketed": {"DMOE_PREFILL_BUCKETS": "0"}}
+ENV = {"default-unbucketed": {"DMOE_PREFILL_BUCKETS": "0"}, "small-untrimmed": {"DMOE_TRIM_HEAP": "0"}}
 
 
 def mem() -> dict[str, float]:
@@ -71,6 +73,7 @@ def tensor_mb(tensors) -> float:
 def child(name: str, prefills: int) -> dict:
     """One configuration, stage by stage (runs in its own interpreter)."""
     stages = {"python": mem()}
+    from dmoe.io import release_freed_memory
     from dmoe.runtime import ServeConfig, ServeState, build_engine  # torch, transformers, the engines
 
     stages["imports"] = mem()
@@ -78,6 +81,7 @@ def child(name: str, prefills: int) -> dict:
     use_router = kw.pop("use_router", True)
     cfg = ServeConfig.make(**kw, use_router=use_router)
     engine, tok, base = build_engine(cfg)
+    release_freed_memory()  # as build_state does (a no-op with DMOE_TRIM_HEAP=0)
     stages["base_and_engine"] = mem()
     from dmoe.experts import find_experts_in
 

@@ -143,3 +143,39 @@ def test_file_lock_lets_one_holder_in_at_a_time(tmp_path):
         order.append("first")
     t.join(30)
     assert not t.is_alive() and order == ["first", "second"]
+
+
+def test_release_freed_memory_gives_a_fragmented_heap_back(monkeypatch):
+    """Freed heap pages under a live block stay in the RSS until ``malloc_trim``: the server
+    calls it after loading (the HF model it was built from is freed by then)."""
+    import ctypes
+    import sys
+
+    from dmoe import io
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc_trim")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def fragment() -> int:
+        blocks = [libc.malloc(8192) for _ in range(12_000)]  # ~94 MB on the heap (under the mmap threshold)
+        for b in blocks:
+            ctypes.memset(b, 1, 8192)
+        for b in blocks[:-1]:  # the last one pins the heap's top: glibc cannot trim it on free
+            libc.free(b)
+        return blocks[-1]
+
+    monkeypatch.setattr(io, "TRIM_HEAP", False)
+    pin = fragment()
+    before = rss_mb()
+    assert io.release_freed_memory() is False and rss_mb() > before - 20
+    monkeypatch.setattr(io, "TRIM_HEAP", True)
+    assert io.release_freed_memory() is True
+    assert rss_mb() < before - 60, (before, rss_mb())
+    libc.free(pin)

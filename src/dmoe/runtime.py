@@ -25,7 +25,7 @@ from dmoe.engine.protocol import Engine
 from dmoe.engine.runner import EngineRunner
 from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import Expert, check_base, find_experts_in
-from dmoe.io import cpu_has_bf16
+from dmoe.io import cpu_has_bf16, release_freed_memory
 from dmoe.metrics import Metrics
 from dmoe.route.decision import NONE
 from dmoe.route.router import ROUTER_DIR
@@ -332,6 +332,7 @@ def build_state(cfg: ServeConfig) -> ServeState:
     elif not cfg.use_router:
         st.router_note = "--no-router: model=auto serves the base model"
     st.initial_router_status()
+    release_freed_memory()  # what loading freed (the HF model the engine was built from) leaves the RSS
     if isinstance(engine, TorchEngine) and engine.compiled:
         t0 = time.perf_counter()
         engine.warm_up()
