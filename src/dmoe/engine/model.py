@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from torch import nn
 
 from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
 from dmoe.errors import DmoeError
+
+if TYPE_CHECKING:
+    from dmoe.engine.int4 import PackedInt4
 
 
 class UnsupportedModelError(DmoeError):
@@ -182,6 +185,29 @@ class LayerInput:
     sin: torch.Tensor   # (B, 1, T, hd)
     mask: torch.Tensor  # (B, 1, T, span) True = may attend
     local: "LayerInput | None" = None
+    bias: torch.Tensor | None = None  # decode steps: the mask as an fp32 additive bias (0 or -inf)
+
+
+def mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True = may attend) as an fp32 additive bias."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention for one new token per row, as two batched matmuls and an fp32 softmax.
+
+    q (B, nh, 1, hd); k, v (B, nkv, S, hd), head h reading kv head h // (nh // nkv) (HF's
+    ``repeat_kv``); bias (B, 1, 1, S) fp32, 0 or -inf. Returns (B, nh, 1, hd). The scores
+    are rounded to the input dtype before the fp32 scale, mask and softmax (HF's eager
+    attention does the same). On CPU this is 3-4x faster than ``scaled_dot_product_attention``
+    at one query token (torch 2.13: its flash kernel has nothing to split a single query
+    over), and the gap grows with the span read; prefill keeps SDPA.
+    """
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(B, nkv, nh // nkv, hd)  # the heads that share kv head i, side by side
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, nkv, g, S)
+    return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(B, nh, 1, hd)
 
 
 class LoRASlice(nn.Module):
@@ -215,9 +241,13 @@ class LoRALinear(nn.Module):
         self.batch = batch
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
+        self.int4: PackedInt4 | None = None  # the GGUF's packed 4-bit weight (``int4.attach_int4``), for small steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self.int4 is not None and x.shape[0] * x.shape[1] <= self.int4.max_rows:
+            y = self.int4(x, self.base.bias)
+        else:
+            y = self.base(x)
         b = self.batch
         if not b.active:
             return y
@@ -310,8 +340,11 @@ class Block(nn.Module):
         else:
             keys, vals = k_cache[step.slots, :step.span].transpose(1, 2), v_cache[step.slots, :step.span].transpose(1, 2)
         # grouped-query attention without copying K/V per head
-        att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=li.mask, enable_gqa=a.n_heads != a.n_kv_heads,
-                                             scale=a.attn_scale)  # (B, nh, T, hd)
+        if li.bias is not None:  # one new token per row
+            att = decode_attention(q, keys, vals, li.bias, a.attn_scale or a.head_dim ** -0.5)
+        else:
+            att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=li.mask, enable_gqa=a.n_heads != a.n_kv_heads,
+                                                 scale=a.attn_scale)  # (B, nh, T, hd)
         out = self.o(att.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
         if a.gemma:
             x = x + self.post_attention_layernorm(out)
@@ -324,6 +357,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Forward only: tokens + positions + cache slots -> logits."""
+
+    decode_sdpa = os.environ.get("DMOE_DECODE_SDPA", "0") == "1"  # 1: SDPA for decode steps too (the baseline)
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -360,6 +395,10 @@ class Transformer(nn.Module):
             assert a.sliding_window is not None
             window = cols[None, None, None, :] > step.pos[:, None, :, None] - a.sliding_window
             li.local = LayerInput(step, lcos, lsin, mask & window)
+        if step.tokens.shape[1] == 1 and not self.decode_sdpa:  # decode: batched matmuls, not SDPA (decode_attention)
+            li.bias = mask_bias(mask)
+            if li.local is not None:
+                li.local.bias = mask_bias(li.local.mask)
         assert self.k_cache is not None and self.v_cache is not None, "allocate_cache() first"
         for i, layer in enumerate(self.layers):
             x = layer(x, li.local if li.local is not None and i in a.local_layers else li, self.k_cache[i], self.v_cache[i])
