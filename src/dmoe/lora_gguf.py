@@ -39,6 +39,7 @@ from dmoe.io import clean_stale, content_hash, dmoe_home, file_lock, stamp_match
 log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+BASE_OUTTYPES = OUTTYPES + ("q4_0", "q4_1")  # a whole base may be 4-bit (what llama.cpp and ``serve --int4`` read)
 _PERMUTED_ARCHS = {"llama"}  # architectures whose base q/k rows llama.cpp permutes
 _HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  # HF model_type -> GGUF arch
              "gemma3_text": "gemma3", "gemma3": "gemma3"}  # Gemma-3: NEOX RoPE in llama.cpp, no q/k row permutation
@@ -67,30 +68,31 @@ def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def qtype(outtype: str):
+def qtype(outtype: str, allowed: tuple[str, ...] = OUTTYPES):
     g = gguf
-    if outtype not in OUTTYPES:
-        raise ExportError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+    if outtype not in allowed:
+        raise ExportError(f"outtype must be one of {', '.join(allowed)}, not {outtype!r}")
     return {"f32": g.GGMLQuantizationType.F32, "f16": g.GGMLQuantizationType.F16,
-            "bf16": g.GGMLQuantizationType.BF16, "q8_0": g.GGMLQuantizationType.Q8_0}[outtype]
+            "bf16": g.GGMLQuantizationType.BF16, "q8_0": g.GGMLQuantizationType.Q8_0,
+            "q4_0": g.GGMLQuantizationType.Q4_0, "q4_1": g.GGMLQuantizationType.Q4_1}[outtype]
 
 
 def add_tensor(writer, name: str, t: torch.Tensor, outtype: str, report: ExportReport) -> None:
-    """Add one tensor at ``outtype``; 1-D tensors stay f32, and q8_0 needs rows that are
-    multiples of 32 (the block size): other shapes fall back to f16, recorded in the report."""
+    """Add one tensor at ``outtype``; 1-D tensors stay f32, and q8_0/q4_0/q4_1 need rows that
+    are multiples of 32 (the block size): other shapes fall back to f16, recorded in the report."""
     g = gguf
     arr = t.detach().to(torch.float32).contiguous().numpy()
     if arr.ndim == 1:
         outtype = "f32"
-    if outtype == "q8_0" and arr.shape[-1] % 32:
-        report.fallbacks.append(f"{name}: rows of {arr.shape[-1]} are not a multiple of 32 (q8_0 block size); written as f16")
+    if outtype in ("q8_0", "q4_0", "q4_1") and arr.shape[-1] % 32:
+        report.fallbacks.append(f"{name}: rows of {arr.shape[-1]} are not a multiple of 32 ({outtype} block size); written as f16")
         outtype = "f16"
     if outtype == "f32":
         writer.add_tensor(name, arr)
     elif outtype == "f16":
         writer.add_tensor(name, arr.astype(np.float16))
     else:
-        q = qtype(outtype)
+        q = qtype(outtype, BASE_OUTTYPES)
         writer.add_tensor(name, g.quants.quantize(arr, q), raw_dtype=q)
     report.tensors += 1
 

@@ -27,7 +27,7 @@ def _print_export(report: "ExportReport") -> None:
 def export(
     expert: str = typer.Argument(..., help="expert name or path, or the word 'base' to export the base model itself"),
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)"),
-    outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0"),
+    outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0; for the base also q4_0 or q4_1 (what serve --int4 reads packed)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: next to the expert / in the current folder)"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when exporting the base (default: from the source)"),
@@ -64,7 +64,7 @@ def merge(
     out: Path = typer.Option(..., "-o", "--out", help="output HF model directory (must not exist)"),
     scale: float = typer.Option(1.0, help="adapter scale merged in"),
     fmt: str = typer.Option("hf", "--format", help="hf (safetensors directory), or gguf: also write OUT/model-OUTTYPE.gguf"),
-    outtype: str = typer.Option("f16", help="GGUF type with --format gguf: f32, f16, bf16 or q8_0"),
+    outtype: str = typer.Option("f16", help="GGUF type with --format gguf: f32, f16, bf16, q8_0, q4_0 or q4_1"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     experts: Optional[list[Path]] = experts_option("where expert names are looked up (default: $DMOE_EXPERTS or ./examples/experts)"),
 ):

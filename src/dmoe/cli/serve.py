@@ -63,6 +63,10 @@ def serve(
                                  "compiler): +17-24% decode in-process on a 2-core CPU, not yet measurably faster over "
                                  "HTTP (docs/benchmarks.md); compiles and warms up before serving (about 75 s the first "
                                  "time; cached under $DMOE_HOME/inductor)"),
+    int4: bool = typer.Option(False, "--int4", help="torch engine over a 4-bit GGUF base (the embedded one is Q4_1): "
+                              "decode steps read the file's packed 4-bit weights instead of bf16 ones (CPU, bf16; "
+                              "+33% base, +20% with experts on a 2-core CPU, docs/benchmarks.md); prefills keep "
+                              "the dense weights, so RSS grows by the packed copy (about 60 MB here)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its encoder and libraries hold about 250 MB); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
@@ -82,7 +86,8 @@ def serve(
 
 def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_loras, max_lora_rank, max_queue, dtype,
            drain, keywords, route_mode, device, engine, lenient, allowed_hosts, max_body_mb, client_timeout,
-           max_connections, refit_router, webui, data_dir, max_upload_mb, train_threads, router=True, compile=False) -> None:
+           max_connections, refit_router, webui, data_dir, max_upload_mb, train_threads, router=True, compile=False,
+           int4=False) -> None:
     from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
     from dmoe.serve.http import bind, run_server
 
@@ -90,7 +95,7 @@ def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_
     cfg = ServeConfig.make(base=base, experts_dir=folders[0], more_experts=folders[1:], roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
                            keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
-                           refit_router=refit_router, use_router=router, compile=compile, allowed_hosts=hosts_to_allow(host, allowed_hosts),
+                           refit_router=refit_router, use_router=router, compile=compile, int4=int4, allowed_hosts=hosts_to_allow(host, allowed_hosts),
                            max_body_bytes=int(max_body_mb * 1024 * 1024), client_timeout_s=client_timeout,
                            max_connections=max_connections)
     if exposure := exposure_warning(host, api_key):

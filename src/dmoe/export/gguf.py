@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from dmoe.lora_gguf import (  # noqa: F401 - the adapter half, re-exported for `dmoe export`
     _PERMUTED_ARCHS,
     BASE_ARCHS,
+    BASE_OUTTYPES,
     OUTTYPES,
     ExportError,
     ExportReport,
@@ -92,7 +93,7 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
     ``state_dict`` replaces the directory's weights (a merged model); the config and the
     tokenizer still come from ``directory``."""
     g = gguf
-    qtype(outtype)
+    qtype(outtype, BASE_OUTTYPES)
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     arch = gguf_arch(config)
@@ -133,7 +134,8 @@ def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtyp
         w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_file_type({"f32": g.LlamaFileType.ALL_F32, "f16": g.LlamaFileType.MOSTLY_F16,
-                         "bf16": g.LlamaFileType.MOSTLY_BF16, "q8_0": g.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                         "bf16": g.LlamaFileType.MOSTLY_BF16, "q8_0": g.LlamaFileType.MOSTLY_Q8_0,
+                         "q4_0": g.LlamaFileType.MOSTLY_Q4_0, "q4_1": g.LlamaFileType.MOSTLY_Q4_1}[outtype])
         report.fallbacks.extend(_vocab_kv(w, directory, config, pre))
         tied = config.get("tie_word_embeddings", False)
         for hf_name in sorted(state_dict):
