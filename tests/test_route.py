@@ -191,6 +191,31 @@ def test_minilm_huge_and_foreign_queries(route_experts, minilm):
         assert d.scores and 0.0 <= d.confidence <= 1.0
 
 
+def test_minilm_on_transformers_equals_sentence_transformers(tmp_path):
+    """The encoder runs the folder's module stack on transformers; sentence-transformers is the
+    reference (fp32: the same vectors; bf16: the same to bf16 rounding), and serving never imports it."""
+    import subprocess
+    import sys
+
+    from dmoe.route.encoders import MiniLMEncoder, SentenceTransformerEncoder, minilm_dir
+
+    texts = ["how do I bleed my brakes?", "pasta " * 400, "", "火星への探査機", "def f(x): return x"]  # one past max_seq_length
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 3e-3)):
+        got, want = MiniLMEncoder(dtype=dtype).encode(texts), SentenceTransformerEncoder(dtype=dtype).encode(texts)
+        assert got.shape == want.shape == (5, 384)
+        assert np.abs(got - want).max() < tol, (dtype, np.abs(got - want).max())
+    code = ("import sys; from dmoe.route.encoders import MiniLMEncoder; MiniLMEncoder().encode(['hi']); "
+            "print(sorted(m for m in ('sentence_transformers', 'sklearn') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    other = tmp_path / "cls-pooled"
+    shutil.copytree(minilm_dir(), other)
+    cfg = json.loads((other / "1_Pooling" / "config.json").read_text())
+    cfg.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RouteError, match="computes Transformer -> mean Pooling -> Normalize only"):
+        MiniLMEncoder(other)
+
+
 @pytest.mark.slow
 def test_bundled_router_accuracy_on_heldout(minilm):
     """The router's goal: >= 95% on held-out questions, off-domain ones counted."""
