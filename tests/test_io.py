@@ -179,3 +179,36 @@ def test_release_freed_memory_gives_a_fragmented_heap_back(monkeypatch):
     assert io.release_freed_memory() is True
     assert rss_mb() < before - 60, (before, rss_mb())
     libc.free(pin)
+
+
+def test_the_loading_threads_openmp_pool_is_freed_and_side_threads_start_none():
+    """io.release_openmp_pool frees the calling thread's OpenMP workers (the loading thread's, so
+    the engine thread's team is the only one and libgomp keeps spinning instead of sleeping), and
+    a thread after io.serial_openmp runs torch work without starting a team of its own."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading, torch
+from dmoe import io
+def tasks(): return len(os.listdir('/proc/self/task'))
+x = torch.randn(4_000_000)
+n0 = tasks(); x.exp(); n1 = tasks()
+freed = io.release_openmp_pool(); n2 = tasks()
+grew = []
+def side():
+    io.serial_openmp(); a = tasks(); x.exp(); grew.append(tasks() - a)
+t = threading.Thread(target=side); t.start(); t.join()
+again = []
+def engine():
+    a = tasks(); x.exp(); again.append(tasks() - a)
+t = threading.Thread(target=engine); t.start(); t.join()
+print(torch.get_num_threads(), n1 - n0, freed, n1 - n2, grew[0], again[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    threads, started, freed, gone, side, engine = int(out[0]), int(out[1]), out[2], int(out[3]), int(out[4]), int(out[5])
+    if threads < 2:
+        pytest.skip("one OpenMP thread here: no worker pools to free")
+    assert started == threads - 1 and freed == "True" and gone == started  # the loading thread's workers are gone
+    assert side == 0  # a side thread's torch work started no team
+    assert engine == threads - 1  # a thread that does not opt out still gets its full team (the engine's)

@@ -409,3 +409,58 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+# --------------------------------------------------------------- OpenMP threads of a server
+# torch's CPU kernels run on OpenMP (libgomp in the PyPI wheels), and every thread that enters
+# a parallel region gets its own team of worker threads. Once a process holds more of those
+# threads than CPUs, libgomp stops spinning between parallel regions (its "throttled" spin
+# count) and every region ends with a sleep and a futex wake-up: a server that loads the model
+# on its main thread and decodes on the engine thread made about 49,000 voluntary context
+# switches per 64-step run and decoded 35-50% slower than the same engine on the main thread
+# (bench/thread_decode.py). So: the loading thread gives its team back once loading is done
+# (``release_openmp_pool``), and threads that only do side work (routing, adapter loads) run
+# their torch ops on one thread (``serial_openmp``), so the engine thread's team is the only one.
+OMP_POOL = os.environ.get("DMOE_OMP_POOL_RELEASE", "1") != "0"  # 0: keep every team (the baseline)
+
+
+def _libgomp() -> Any | None:
+    """The libgomp torch loaded in this process (wheels bundle their own copies: sentencepiece's
+    is another library with its own threads), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if "/torch/lib/" in p):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP worker threads (``omp_pause_resource_all(omp_pause_hard)``;
+    libgomp frees only the caller's pool). Call it on the thread that loaded the model, once it
+    will not run torch work again. True when it ran."""
+    gomp = _libgomp() if OMP_POOL else None
+    if gomp is None or not hasattr(gomp, "omp_pause_resource_all"):
+        return False
+    return gomp.omp_pause_resource_all(2) == 0  # omp_pause_hard
+
+
+def serial_openmp() -> bool:
+    """Run the calling thread's own torch CPU ops on one thread (its OpenMP ``nthreads-var``), so
+    it never starts a team of its own. For threads that do side work next to the engine."""
+    gomp = _libgomp() if OMP_POOL else None
+    if gomp is None:
+        return False
+    gomp.omp_set_num_threads(1)
+    return True
+
+
+def serially(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` after ``serial_openmp()``: for ``asyncio.to_thread`` side work."""
+    serial_openmp()
+    return fn(*args, **kwargs)

@@ -25,7 +25,7 @@ from dmoe.engine.protocol import Engine
 from dmoe.engine.runner import EngineRunner
 from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import Expert, check_base, find_experts_in
-from dmoe.io import cpu_has_bf16, release_freed_memory
+from dmoe.io import cpu_has_bf16, release_freed_memory, release_openmp_pool, serial_openmp
 from dmoe.metrics import Metrics
 from dmoe.route.decision import NONE
 from dmoe.route.router import ROUTER_DIR
@@ -214,6 +214,7 @@ class ApiState:
         return t
 
     def _refit(self, gen: int, experts: list[Expert]) -> None:
+        serial_openmp()  # side work: never a second OpenMP team beside the engine's (io.py)
         try:
             router, accuracy, warnings = refit_router(experts, self.router, cache=self.router_cache, encoder=self.route_encoder)
         except Exception as exc:  # any failure keeps the old router: serving goes on
@@ -369,5 +370,6 @@ def build_state(cfg: ServeConfig) -> ServeState:
         t0 = time.perf_counter()
         engine.warm_up()
         log.info("compiled the decoder blocks and warmed up in %.1f s", time.perf_counter() - t0)
+    release_openmp_pool()  # the engine thread's OpenMP team is then the only one (io.py says why)
     log.info("engine %s over base %s with experts: %s", cfg.engine, base.short(), ", ".join(sorted(engine.resident)) or "none")
     return st

@@ -23,6 +23,7 @@ from dmoe.engine.request import SamplingParams
 from dmoe.engine.runner import FAILED, STOPPED, EngineRunner, Stream
 from dmoe.errors import EngineError, RequestError, ShuttingDown
 from dmoe.experts import Expert
+from dmoe.io import serially
 from dmoe.metrics import Metrics
 from dmoe.route import RouteDecision
 from dmoe.runtime import Job, Reply, ServeState
@@ -73,11 +74,11 @@ class LocalBackend:
             await asyncio.to_thread(self.st.runner.stop)
 
     async def load_expert(self, expert: Expert) -> dict:
-        res = await asyncio.to_thread(self.st.engine.load_expert, expert)
+        res = await asyncio.to_thread(serially, self.st.engine.load_expert, expert)  # io.serial_openmp
         return {"name": res.name, "slot": res.slot, "rank": res.rank, "path": res.path}
 
     async def unload_expert(self, name: str) -> None:
-        await asyncio.to_thread(self.st.engine.unload_expert, name)
+        await asyncio.to_thread(serially, self.st.engine.unload_expert, name)
 
     def health(self) -> dict:
         runner = self.st.runner

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dmoe.engine.grammar import gbnf_grammar, json_schema_grammar, response_format_grammar
 from dmoe.engine.request import SamplingParams, check_scale
 from dmoe.errors import RequestError, UnknownExpertError
+from dmoe.io import serially
 from dmoe.route import NONE, RouteDecision
 from dmoe.runtime import ApiState, Job, Reply
 from dmoe.serve.errors import documented_errors
@@ -187,8 +188,8 @@ async def route(st: ApiState, text: str, context: list[str], mode: str | None = 
     if st.router is None:
         decision = RouteDecision([], [(NONE, 1.0)], 1.0, f"no router: base model ({st.router_note or 'none configured'})")
     else:
-        decision = await asyncio.to_thread(st.router.route, text, mode or st.route_mode, context=context, k=k,
-                                           min_prob=min_prob)
+        decision = await asyncio.to_thread(serially, st.router.route, text, mode or st.route_mode, context=context, k=k,
+                                           min_prob=min_prob)  # one OpenMP thread beside the engine's (io.serial_openmp)
     loaded = st.names()
     gone = [n for n, _ in decision.experts if n not in loaded]
     if gone:
