@@ -43,6 +43,7 @@ CONFIGS = {
     "small": {"max_seq": 512, "max_loras": 3},
     "small-untrimmed": {"max_seq": 512, "max_loras": 3},
     "no-router": {"use_router": False},
+    "int4": {"int4": True},
     "llamacpp": {"engine": "llamacpp", "max_seq": 512},
     "llamacpp-no-router": {"engine": "llamacpp", "max_seq": 512, "use_router": False},
 }

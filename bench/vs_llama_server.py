@@ -19,8 +19,12 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
 * ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF;
 * a ``-compile`` suffix starts a dmoe torch server with ``--compile`` (warmed up before ready);
 * a ``-no-router`` suffix starts a dmoe server with ``--no-router`` (memory);
+* a ``-int4`` suffix starts a dmoe torch server with ``--int4`` (the GGUF's packed 4-bit weights);
 * a ``-unfused`` suffix on a torch server runs the per-part LoRA reference path
-  (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run.
+  (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run;
+* a ``-sdpa`` suffix on a torch server attends with SDPA in decode steps too
+  (``DMOE_DECODE_SDPA=1``): the batched-matmul decode attention's baseline.
+  Suffixes combine (``dmoe-int4-no-router``).
 
 and, with ``poisson`` in ``--scenarios``, a latency load: ``--poisson-requests`` (32) streamed
 requests arriving at exponential gaps (mean 1/``--poisson-rate`` s, seeded), round-robin over
@@ -167,13 +171,15 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
     from dmoe.base import resolve_base
 
     env = {**os.environ, "DMOE_HOME": str(work / "home")}
-    extra = []
-    if server.endswith("-compile"):
-        server, extra = server.removesuffix("-compile"), ["--compile"]
-    if server.endswith("-no-router"):
-        server, extra = server.removesuffix("-no-router"), ["--no-router"]
-    if server.endswith("-unfused"):
-        server, env["DMOE_LORA_FUSED"] = server.removesuffix("-unfused"), "0"
+    extra: list[str] = []
+    flags = {"-compile": ["--compile"], "-no-router": ["--no-router"], "-int4": ["--int4"]}
+    envs = {"-unfused": ("DMOE_LORA_FUSED", "0"), "-sdpa": ("DMOE_DECODE_SDPA", "1")}
+    while suffix := next((s for s in (*flags, *envs) if server.endswith(s)), None):  # suffixes combine, in any order
+        server = server.removesuffix(suffix)
+        if suffix in flags:
+            extra += flags[suffix]
+        else:
+            env[envs[suffix][0]] = envs[suffix][1]
     gguf = resolve_base(None).path
     log = open(work / f"{server}.log", "wb")
     if server == "llama-server":

@@ -68,7 +68,7 @@ def serve(
                               "+33% base, +20% with experts on a 2-core CPU, docs/benchmarks.md); prefills keep "
                               "the dense weights, so RSS grows by the packed copy (about 60 MB here)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
-                                "(its encoder and libraries hold about 250 MB); --no-router: model=auto uses the "
+                                "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, 120 MB to llama.cpp's); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
     webui: bool = typer.Option(False, "--webui", help="also serve the web UI (/ui/) on this port: dmoe webui"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="web UI: where datasets are uploaded and "
