@@ -65,8 +65,8 @@ def serve(
                                  "time; cached under $DMOE_HOME/inductor)"),
     int4: bool = typer.Option(False, "--int4", help="torch engine over a 4-bit GGUF base (the embedded one is Q4_1): "
                               "decode steps read the file's packed 4-bit weights instead of bf16 ones (CPU, bf16; "
-                              "+33% base, +20% with experts on a 2-core CPU, docs/benchmarks.md); prefills keep "
-                              "the dense weights, so RSS grows by the packed copy (about 60 MB here)"),
+                              "over HTTP on a 2-core CPU about +25% base, +5-15% with experts, docs/benchmarks.md); "
+                              "prefills keep the dense weights, so RSS grows by about 100 MB"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, 120 MB to llama.cpp's); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
