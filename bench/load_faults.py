@@ -254,6 +254,11 @@ async def drive(url: str, key: str, pid: int, *, duration: float, hot: str, hot_
             await c.post("/v1/experts", json={"path": hot_path})
         health = await idle_health(c)
         metrics = metric_sums((await c.get("/metrics")).text)
+        for _ in range(50):  # a dropped client's outcome is counted when its handler notices (after its slot is free)
+            if metrics.get("dmoe_requests_started_total", 0.0) == sum(v for k, v in metrics.items() if k.startswith("requests:")):
+                break
+            await asyncio.sleep(0.2)
+            metrics = metric_sums((await c.get("/metrics")).text)
         mismatches = []
         for path, body, text in tally.samples:  # each alone, on an idle server
             r = await c.post(path, json=body)

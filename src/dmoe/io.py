@@ -424,9 +424,14 @@ def release_freed_memory() -> bool:
 OMP_POOL = os.environ.get("DMOE_OMP_POOL_RELEASE", "1") != "0"  # 0: keep every team (the baseline)
 
 
+_GOMP: list[Any] = []  # torch's libgomp once found (not before torch is loaded: then None, looked up again)
+
+
 def _libgomp() -> Any | None:
     """The libgomp torch loaded in this process (wheels bundle their own copies: sentencepiece's
     is another library with its own threads), or None."""
+    if _GOMP:
+        return _GOMP[0]
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libgomp" in line and "/" in line}
@@ -434,7 +439,8 @@ def _libgomp() -> Any | None:
         return None
     for path in sorted(p for p in paths if "/torch/lib/" in p):
         try:
-            return ctypes.CDLL(path)
+            _GOMP.append(ctypes.CDLL(path))
+            return _GOMP[0]
         except OSError:
             continue
     return None
