@@ -37,8 +37,8 @@ from dmoe.errors import DmoeError
 log = logging.getLogger("dmoe.engine.int4")
 
 GROUP = 32  # weights per scale: Q4_0/Q4_1 blocks, Q4_K sub-blocks
-PARTS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
-         "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # HF part -> GGUF tensor
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
@@ -67,7 +67,7 @@ class Int4Weight:
         return Int4Weight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "scale", "low")))
 
 
-def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:
+def _nibbles(qs: np.ndarray) -> np.ndarray:
     """(blocks, ..., half) bytes -> (blocks, ..., 2 * half) codes: the low nibbles first, then the high."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
@@ -89,7 +89,7 @@ def decode(raw: np.ndarray, qtype: str, n: int, k: int) -> Int4Weight:
             low = -8.0 * d
         else:
             low = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        codes = _nibbles(blocks[..., head:], 16)  # (N, K/32, 32)
+        codes = _nibbles(blocks[..., head:])  # (N, K/32, 32)
         return Int4Weight(codes.reshape(n, k), d, low)
     if qtype == "Q4_K":
         from gguf.quants import Q4_K
@@ -99,7 +99,7 @@ def decode(raw: np.ndarray, qtype: str, n: int, k: int) -> Int4Weight:
         dmin = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
         sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (blocks, 8) each
         qs = blocks[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 32 bytes: sub-blocks 2j (low) and 2j+1 (high)
-        codes = _nibbles(qs, 32).reshape(-1, 8, 32)
+        codes = _nibbles(qs).reshape(-1, 8, 32)
         scale = (d[:, None] * sc.astype(np.float32)).reshape(n, k // GROUP)
         low = (-dmin[:, None] * mn.astype(np.float32)).reshape(n, k // GROUP)
         return Int4Weight(codes.reshape(n, k), scale, low)
@@ -125,8 +125,7 @@ def read_int4_linears(gguf_path: Path, n_layers: int) -> dict[str, Int4Weight]:
         for group, names in FUSED.items():
             parts = []
             for hf in names:
-                gg = next(g for g, h in PARTS.items() if h == hf)
-                t = tensors.get(f"blk.{i}.{gg}.weight")
+                t = tensors.get(f"blk.{i}.{GGUF_NAMES[hf]}.weight")
                 if t is None or t.tensor_type.name not in ("Q4_0", "Q4_1", "Q4_K"):
                     break
                 k, n = (int(x) for x in t.shape[:2])  # GGUF shapes are (in, out)
@@ -176,7 +175,7 @@ def attach_int4(model, packs: dict[str, Int4Weight]) -> int:
         if w.codes.shape != dense.shape:
             raise Int4Error(f"{name}: the GGUF's 4-bit weight is {w.codes.shape}, the model's {dense.shape}; serve without --int4")
         if not _close(w, dense):
-            w = _unpermuted_qk(w, group, a) if group == "qkv" else w
+            w = _unpermuted_qk(w, a) if group == "qkv" else w
             if not _close(w, dense):
                 raise Int4Error(f"{name}: the GGUF's 4-bit codes do not give the weights the model was loaded with "
                                 f"(is --base the same file?); serve without --int4")
@@ -190,7 +189,7 @@ def _close(w: Int4Weight, dense: np.ndarray) -> bool:
     return bool(np.all(np.abs(w.dequantize() - dense) <= np.abs(dense) * 2.0 ** -7 + 1e-6))
 
 
-def _unpermuted_qk(w: Int4Weight, group: str, a) -> Int4Weight:
+def _unpermuted_qk(w: Int4Weight, a) -> Int4Weight:
     """The fused q|k|v with q's and k's rows in transformers' restored llama order."""
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     index = np.concatenate([_unpermute_rows(q, a.n_heads), q + _unpermute_rows(kv, a.n_kv_heads), np.arange(q + kv, q + 2 * kv)])
