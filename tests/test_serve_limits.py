@@ -87,6 +87,20 @@ def test_a_request_longer_than_the_client_timeout_is_not_cut(slow_srv):
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
 
 
+def test_idle_keep_alive_outlasts_the_clients_pool_expiry(srv):
+    """A server that closes an idle connection when the client's pool does races it: the client
+    sends on a closing connection and gets "Server disconnected" (a CI flake of
+    bench/load_faults.py, whose admin client idles 5 s). httpx's and the OpenAI client's pools
+    drop a connection after 5 s idle, aiohttp's after 15 s; the server keeps it longer, and
+    the header deadline (--client-timeout) still bounds an idle connection."""
+    import openai._constants
+
+    expiries = [httpx.Limits().keepalive_expiry, openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry, 15.0]
+    keep_alive = srv.server.config.timeout_keep_alive
+    assert keep_alive > max(expiries), (keep_alive, expiries)
+    assert keep_alive < srv.state.client_timeout_s
+
+
 def test_a_foreign_host_is_refused_and_loopback_names_are_served(srv):
     r = httpx.get(f"{srv.url}/v1/models", headers={"Host": "evil.example.com"})
     assert r.status_code == 421 and "DNS-rebinding" in r.json()["error"]["message"]

@@ -28,7 +28,13 @@ from dmoe.runtime import ApiState, ServeState
 from dmoe.serve.app import create_app
 
 log = logging.getLogger(__name__)
-KEEP_ALIVE_S = 5
+# An idle keep-alive connection is closed after this many seconds. It must be longer than the
+# clients' own pool expiry: httpx (the OpenAI Python client's transport) drops an idle connection
+# after 5 s, and a server that also closes at 5 s races it: the client sends its next request on
+# a connection the server is closing, and gets "Server disconnected without sending a response"
+# (seen in bench/load_faults.py's admin client, idle 5 s between faults). aiohttp's is 15 s.
+# Idle connections stay bounded by --client-timeout (the header deadline) and --max-connections.
+KEEP_ALIVE_S = 20
 
 
 def with_header_deadline(protocol: Any, seconds: float) -> Any:
