@@ -31,7 +31,7 @@ import torch
 
 from dmoe.base import embedded_gguf_path, load_base
 from dmoe.engine import model as model_mod
-from dmoe.engine.int4 import attach_int4, read_int4_linears
+from dmoe.engine.int4 import attach_int4, iter_int4_linears
 from dmoe.engine.request import SamplingParams
 from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import load_expert
@@ -92,7 +92,7 @@ def main() -> None:
     for c in configs:
         eng = TorchEngine.from_base(hf, tok, max_seq=512)
         if c == "int4":
-            attach_int4(eng.model, read_int4_linears(embedded_gguf_path(), eng.model.args.n_layers))
+            attach_int4(eng.model, iter_int4_linears(embedded_gguf_path(), eng.model.args.n_layers))
         for n in NAMES:
             eng.load_expert(load_expert(examples_dir() / "experts" / n))
         engines[c] = eng

@@ -13,7 +13,10 @@ a server meets many prompt shapes over its life. After each stage it reads VmRSS
 (peak) from /proc/self/status. Prints one JSON object.
 
 Configurations (every one with --max-batch 8):
-  default             what `dmoe serve` uses: --dtype auto, --max-seq 2048, 8 adapter slots, the router
+  default             what `dmoe serve` uses: --dtype auto, --max-seq 2048, 8 adapter slots, the router,
+                      packed 4-bit weights for decode steps where they apply (int4 auto)
+  dense               the same with --no-int4 (dense weights only)
+  int4                the same with --int4 (packed weights required)
   default-unbucketed  the same with prefill widths not padded to powers of two (DMOE_PREFILL_BUCKETS=0)
   fp32                the same in float32
   small               --max-seq 512 --max-loras 3 (the KV cache and adapter slots sized to the load)
@@ -43,6 +46,7 @@ CONFIGS = {
     "small": {"max_seq": 512, "max_loras": 3},
     "small-untrimmed": {"max_seq": 512, "max_loras": 3},
     "no-router": {"use_router": False},
+    "dense": {"int4": False},
     "int4": {"int4": True},
     "llamacpp": {"engine": "llamacpp", "max_seq": 512},
     "llamacpp-no-router": {"engine": "llamacpp", "max_seq": 512, "use_router": False},

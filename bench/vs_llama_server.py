@@ -19,7 +19,9 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
 * ``dmoe-llamacpp``: ``dmoe serve --engine llamacpp`` over the same GGUF;
 * a ``-compile`` suffix starts a dmoe torch server with ``--compile`` (warmed up before ready);
 * a ``-no-router`` suffix starts a dmoe server with ``--no-router`` (memory);
-* a ``-int4`` suffix starts a dmoe torch server with ``--int4`` (the GGUF's packed 4-bit weights);
+* a ``-int4`` suffix starts a dmoe torch server with ``--int4`` (the GGUF's packed 4-bit weights,
+  required; the default already reads them where they apply), ``-dense`` with ``--no-int4``
+  (dense weights only: the packed weights' baseline);
 * a ``-unfused`` suffix on a torch server runs the per-part LoRA reference path
   (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run;
 * a ``-sdpa`` suffix on a torch server attends with SDPA in decode steps too
@@ -172,7 +174,7 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
 
     env = {**os.environ, "DMOE_HOME": str(work / "home")}
     extra: list[str] = []
-    flags = {"-compile": ["--compile"], "-no-router": ["--no-router"], "-int4": ["--int4"]}
+    flags = {"-compile": ["--compile"], "-no-router": ["--no-router"], "-int4": ["--int4"], "-dense": ["--no-int4"]}
     envs = {"-unfused": ("DMOE_LORA_FUSED", "0"), "-sdpa": ("DMOE_DECODE_SDPA", "1")}
     while suffix := next((s for s in (*flags, *envs) if server.endswith(s)), None):  # suffixes combine, in any order
         server = server.removesuffix(suffix)

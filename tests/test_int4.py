@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from dmoe.engine import int4
-from dmoe.engine.int4 import Int4Error, PackedInt4, attach_int4, decode, read_int4_linears
+from dmoe.engine.int4 import Int4Error, PackedInt4, attach_int4, decode, iter_int4_linears, read_int4_linears
 
 BLOCK_BYTES = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q4_K": (256, 144, (0, 2))}
 
@@ -79,7 +79,7 @@ def test_attach_packs_every_4bit_linear_and_checks_it(tiny_q4_base):
     eng = _engine(tiny_q4_base)
     packs = read_int4_linears(tiny_q4_base.path, eng.model.args.n_layers)
     assert sorted(packs) == sorted(f"layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down"))
-    assert attach_int4(eng.model, packs) == 8  # q/k found in transformers' row order, not the file's
+    assert attach_int4(eng.model, packs.items()) == 8  # q/k found in transformers' row order, not the file's
     lin = eng.model.layers[0].qkv
     x = torch.randn(1, 1, 32).bfloat16()
     assert torch.allclose(lin.int4(x).float(), lin.base(x).float(), rtol=0.02, atol=0.02)
@@ -91,14 +91,14 @@ def test_weights_that_differ_are_refused_and_nothing_is_attached(tiny_q4_base):
     with torch.no_grad():
         eng.model.layers[1].down.base.weight[3, 5] += 0.5  # another file's weights, in effect
     with pytest.raises(Int4Error, match=r"layers\.1\.down: the GGUF's 4-bit codes do not give the weights"):
-        attach_int4(eng.model, packs)
+        attach_int4(eng.model, packs.items())
     assert all(getattr(layer, g).int4 is None for layer in eng.model.layers for g in ("qkv", "o", "gate_up", "down"))
 
 
 def test_fp32_is_refused(tiny_q4_base):
     eng = _engine(tiny_q4_base, torch.float32)
     with pytest.raises(Int4Error, match="bfloat16 or float16"):
-        attach_int4(eng.model, read_int4_linears(tiny_q4_base.path, eng.model.args.n_layers))
+        attach_int4(eng.model, iter_int4_linears(tiny_q4_base.path, eng.model.args.n_layers))
 
 
 def test_steps_larger_than_max_rows_run_the_dense_weights(tiny_q4_base, monkeypatch):
@@ -106,7 +106,7 @@ def test_steps_larger_than_max_rows_run_the_dense_weights(tiny_q4_base, monkeypa
 
     dense = _engine(tiny_q4_base)
     packed = _engine(tiny_q4_base)
-    attach_int4(packed.model, read_int4_linears(tiny_q4_base.path, packed.model.args.n_layers))
+    attach_int4(packed.model, iter_int4_linears(tiny_q4_base.path, packed.model.args.n_layers))
     prompts, params = [[1, 4093, 198, 1780], [1, 520, 9531, 198]], SamplingParams(max_tokens=6)
     monkeypatch.setattr(PackedInt4, "max_rows", 0)  # every step is "large": the packed weights never run
     assert packed.generate(prompts, [[]] * 2, params) == dense.generate(prompts, [[]] * 2, params)
@@ -157,10 +157,43 @@ def test_the_embedded_q4_base_packed_gives_the_dense_replies():
     model, tok, _ = load_base(None, dtype=torch.bfloat16)
     dense = TorchEngine.from_base(model, tok, max_batch=4, max_seq=128)
     packed = TorchEngine.from_base(model, tok, max_batch=4, max_seq=128)
-    assert attach_int4(packed.model, read_int4_linears(embedded_gguf_path(), 30)) == 120
+    assert attach_int4(packed.model, iter_int4_linears(embedded_gguf_path(), 30)) == 120
     prompts = [tok.encode(p) for p in ("The capital of France is", "To boil an egg, first", "def add(a, b):", "Brakes squeal when")]
     params = SamplingParams(max_tokens=8)
     got, want = packed.generate(prompts, [[]] * 4, params), dense.generate(prompts, [[]] * 4, params)
     first = sum(g[0] == w[0] for g, w in zip(got, want))
     same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
     assert first == 4 and same >= 24, (got, want)  # bf16 rounding differs; a wrong weight would not agree at all
+
+
+def test_int4_is_the_default_where_it_applies_and_off_elsewhere(tiny_q4_base, tiny_base, dmoe_home):
+    """ServeConfig.int4 None (the default, `dmoe serve` without --int4/--no-int4): a 4-bit GGUF
+    base in bf16 on CPU decodes from its packed weights; fp32, an HF base or --no-int4 stay
+    dense, without an error."""
+    from dmoe.runtime import ServeConfig, build_engine
+
+    def packed(**kw) -> bool:
+        engine = build_engine(ServeConfig.make(max_batch=2, max_seq=64, max_loras=2, max_rank=8, **kw))[0]
+        return all(getattr(layer, g).int4 is not None for layer in engine.model.layers for g in ("qkv", "o", "gate_up", "down"))
+
+    q4 = str(tiny_q4_base.path)
+    assert packed(base=q4, dtype="bfloat16")
+    assert not packed(base=q4, dtype="bfloat16", int4=False)
+    assert not packed(base=q4, dtype="float32")
+    assert not packed(base=str(tiny_base), dtype="bfloat16")
+
+
+def test_auto_int4_on_weights_that_differ_stays_dense(tiny_q4_base, caplog):
+    """Auto: the exactness check failing leaves the engine dense and says why in the log;
+    --int4 (required) makes the same failure an error."""
+    from dmoe.runtime import attach_packed_int4
+
+    eng = _engine(tiny_q4_base)
+    with torch.no_grad():
+        eng.model.layers[0].o.base.weight[0, 0] += 0.5
+    with caplog.at_level("WARNING", logger="dmoe.runtime"):
+        assert attach_packed_int4(eng, tiny_q4_base.path, required=False) == 0
+    assert "int4 off" in caplog.text and "layers.0.o" in caplog.text
+    assert all(getattr(layer, g).int4 is None for layer in eng.model.layers for g in ("qkv", "o", "gate_up", "down"))
+    with pytest.raises(Int4Error, match=r"layers\.0\.o"):
+        attach_packed_int4(eng, tiny_q4_base.path, required=True)

@@ -57,8 +57,9 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a slot before 429")
     compile: bool = Field(default=False, description="torch.compile the decoder blocks (torch engine); compiled "
                                                      "and warmed up before serving, cached on disk")
-    int4: bool = Field(default=False, description="torch engine over a 4-bit GGUF base (Q4_0/Q4_1/Q4_K): decode steps "
-                                                  "read the file's packed 4-bit weights (CPU, bf16/fp16); see engine/int4.py")
+    int4: bool | None = Field(default=None, description="torch engine over a 4-bit GGUF base (Q4_0/Q4_1/Q4_K): decode "
+                              "steps read the file's packed 4-bit weights (CPU, bf16/fp16); see engine/int4.py. None "
+                              "(auto): on wherever it applies, else off; True: refuse a setup where it cannot apply")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = Field(default=True, description="load the trained embedding router (False: --keywords rules "
@@ -288,39 +289,61 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
         return LlamaCppEngine(spec, tok, max_batch=cfg.max_batch, max_seq=cfg.max_seq), tok, spec.identity
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = serve_dtype(cfg.dtype, device)
-    if cfg.int4:
-        check_int4(cfg, device, dtype)
+    int4_off = int4_refusal(cfg, device, dtype) if cfg.int4 is not False else "--no-int4"
+    if cfg.int4 and int4_off:
+        raise ConfigError(int4_off)
     log.info("torch engine on %s in %s%s", device, str(dtype).removeprefix("torch."),
              " (--dtype auto: this CPU has native bf16)" if cfg.dtype == "auto" and device == "cpu" and dtype == torch.bfloat16 else "")
     model, tok, spec = load_base(cfg.base, dtype=dtype, device=device)
     engine = TorchEngine.from_base(model, tok, max_batch=cfg.max_batch, max_seq=cfg.max_seq,
                                    max_loras=cfg.max_loras, max_rank=cfg.max_rank, compile=cfg.compile)
-    if cfg.int4:
-        from dmoe.engine.int4 import PackedInt4, attach_int4, read_int4_linears
-
-        packed = attach_int4(engine.model, read_int4_linears(spec.path, engine.model.args.n_layers))
-        if packed == 0:
-            raise ConfigError(f"--int4: base {spec.path.name} has no 4-bit (Q4_0, Q4_1 or Q4_K) layer weights to read "
-                              "packed; serve it without --int4")
-        log.info("--int4: %d of %d layer linears read packed from %s (decode steps of up to %d rows)", packed,
-                 4 * engine.model.args.n_layers, spec.path.name, PackedInt4.max_rows)
+    if not int4_off:
+        attach_packed_int4(engine, spec.path, required=bool(cfg.int4))
+    elif cfg.int4 is None:
+        log.info("int4 off: %s", int4_off)
     return engine, tok, spec.identity
 
 
-def check_int4(cfg: ServeConfig, device: str, dtype: torch.dtype) -> None:
-    """--int4 before anything loads: a GGUF base, on CPU, in bf16 or fp16 (torch's int4 kernel)."""
+def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> int:
+    """The GGUF's packed 4-bit weights for the engine's decode steps. ``required`` (--int4): a
+    base without them, or whose codes do not match the loaded weights, is an error; otherwise
+    (the default, auto) the engine stays dense and the log says why."""
+    from dmoe.engine.int4 import Int4Error, PackedInt4, attach_int4, iter_int4_linears
+
+    try:
+        packed = attach_int4(engine.model, iter_int4_linears(gguf, engine.model.args.n_layers))
+    except Int4Error as exc:
+        if required:
+            raise
+        log.warning("int4 off, decode steps use the dense weights: %s", exc)
+        return 0
+    if packed == 0:
+        if required:
+            raise ConfigError(f"--int4: base {gguf.name} has no 4-bit (Q4_0, Q4_1 or Q4_K) layer weights to read "
+                              "packed; serve it without --int4")
+        log.info("int4 off: base %s has no 4-bit (Q4_0, Q4_1 or Q4_K) layer weights", gguf.name)
+    else:
+        log.info("int4: %d of %d layer linears read packed from %s (decode steps of up to %d rows; --no-int4: dense)",
+                 packed, 4 * engine.model.args.n_layers, gguf.name, PackedInt4.max_rows)
+    return packed
+
+
+def int4_refusal(cfg: ServeConfig, device: str, dtype: torch.dtype) -> str | None:
+    """Why packed 4-bit weights cannot serve this setup (None: they can): a GGUF base, on CPU,
+    in bf16 or fp16 (torch's int4 kernel), not compiled. Checked before anything loads."""
     if cfg.compile:
-        raise ConfigError("--int4 and --compile together are not supported yet; choose one (--int4 is the faster "
-                          "on a small CPU, docs/benchmarks.md)")
+        return ("--int4 and --compile together are not supported yet; choose one (--int4 is the faster "
+                "on a small CPU, docs/benchmarks.md)")
     if device != "cpu":
-        raise ConfigError(f"--int4 runs on CPU (torch's CPU int4 kernel), not {device}; drop --int4 or use --device cpu")
+        return f"--int4 runs on CPU (torch's CPU int4 kernel), not {device}; drop --int4 or use --device cpu"
     if dtype not in (torch.bfloat16, torch.float16):
-        raise ConfigError(f"--int4 needs --dtype bfloat16 or float16, not {str(dtype).removeprefix('torch.')} (torch's int4 "
-                          "kernel is a slow reference path for fp32 inputs); this CPU has no native bf16 when "
-                          "--dtype auto chose float32")
+        return (f"--int4 needs --dtype bfloat16 or float16, not {str(dtype).removeprefix('torch.')} (torch's int4 "
+                "kernel is a slow reference path for fp32 inputs); this CPU has no native bf16 when "
+                "--dtype auto chose float32")
     if not resolve_base(cfg.base).is_gguf:
-        raise ConfigError(f"--int4 reads a GGUF base's own 4-bit weights; {cfg.base} is not a .gguf file "
-                          "(omit --base for the embedded Q4_1 GGUF, or drop --int4)")
+        return (f"--int4 reads a GGUF base's own 4-bit weights; {cfg.base} is not a .gguf file "
+                "(omit --base for the embedded Q4_1 GGUF, or drop --int4)")
+    return None
 
 
 def base_from_cards(experts: list[Expert]) -> str | None:

@@ -63,10 +63,13 @@ def serve(
                                  "compiler): +17-24% decode in-process on a 2-core CPU, not yet measurably faster over "
                                  "HTTP (docs/benchmarks.md); compiles and warms up before serving (about 75 s the first "
                                  "time; cached under $DMOE_HOME/inductor)"),
-    int4: bool = typer.Option(False, "--int4", help="torch engine over a 4-bit GGUF base (the embedded one is Q4_1): "
-                              "decode steps read the file's packed 4-bit weights instead of bf16 ones (CPU, bf16; "
-                              "over HTTP on a 2-core CPU about +25% base, +5-15% with experts, docs/benchmarks.md); "
-                              "prefills keep the dense weights, so RSS grows by about 100 MB"),
+    int4: Optional[bool] = typer.Option(None, "--int4/--no-int4", show_default=False, help="decode steps read a 4-bit "
+                                        "GGUF base's own packed weights (Q4_0/Q4_1/Q4_K; the embedded base is Q4_1) "
+                                        "instead of bf16 ones. Default: on wherever it applies (torch engine, CPU, bf16, "
+                                        "a 4-bit GGUF base, no --compile), else off; over HTTP on a 2-core CPU about +25% "
+                                        "base, +5-15% with experts, the bundled experts' hit rates unchanged "
+                                        "(docs/benchmarks.md). Prefills keep the dense weights: about 60 MB more RSS. "
+                                        "--int4 refuses a setup where it cannot apply; --no-int4: dense only"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, 120 MB to llama.cpp's); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
@@ -87,7 +90,7 @@ def serve(
 def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_loras, max_lora_rank, max_queue, dtype,
            drain, keywords, route_mode, device, engine, lenient, allowed_hosts, max_body_mb, client_timeout,
            max_connections, refit_router, webui, data_dir, max_upload_mb, train_threads, router=True, compile=False,
-           int4=False) -> None:
+           int4=None) -> None:
     from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
     from dmoe.serve.http import bind, run_server
 

@@ -6,8 +6,8 @@ CPU int4 matmul (``_weight_int4pack_mm_for_cpu``) computes ``x @ W.T`` from exac
 form, ``w = (q - 8) * S + Z`` per group of 32, reading a quarter of bf16's bytes: the
 weights the engine otherwise dequantises are kept as the file has them.
 
-    packs = read_int4_linears(gguf_path, n_layers)    # codes, scales and offsets per linear
-    attach_int4(model, packs)                          # checked against the dense weights first
+    packs = iter_int4_linears(gguf_path, n_layers)    # codes, scales and offsets, a linear at a time
+    attach_int4(model, packs)                          # each checked against the dense weights first
 
 Where it pays (2-core CPU, bf16, docs/benchmarks.md): a decode step's 30 layers of
 matmuls at 8 rows take about half the time, at 1 row a quarter; at 32 rows and more the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,15 +113,16 @@ def _unpermute_rows(n: int, heads: int) -> np.ndarray:
     return np.arange(n).reshape(heads, n // heads // 2, 2).swapaxes(1, 2).reshape(n)
 
 
-def read_int4_linears(gguf_path: Path, n_layers: int) -> dict[str, Int4Weight]:
-    """``layers.{i}.{qkv|o|gate_up|down}`` -> its packed form, for every fused linear whose
-    parts are all 4-bit in the file (others stay dense). q/k rows come in the GGUF's order
-    (llama-arch files permute them); ``attach_int4`` tries both orders against the dense weights."""
+def iter_int4_linears(gguf_path: Path, n_layers: int) -> Iterator[tuple[str, Int4Weight]]:
+    """``("layers.{i}.{qkv|o|gate_up|down}", packed form)``, one fused linear at a time, for
+    every one whose parts are all 4-bit in the file (others stay dense). One at a time, so
+    that loading holds one decoded linear, not all of them (the file is mapped, not read).
+    q/k rows come in the GGUF's order (llama-arch files permute them); ``attach_int4`` tries
+    both orders against the dense weights."""
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
-    out: dict[str, Int4Weight] = {}
     for i in range(n_layers):
         for group, names in FUSED.items():
             parts = []
@@ -131,8 +133,12 @@ def read_int4_linears(gguf_path: Path, n_layers: int) -> dict[str, Int4Weight]:
                 k, n = (int(x) for x in t.shape[:2])  # GGUF shapes are (in, out)
                 parts.append(decode(np.asarray(t.data), t.tensor_type.name, n, k))
             else:
-                out[f"layers.{i}.{group}"] = Int4Weight.cat(parts)
-    return out
+                yield f"layers.{i}.{group}", Int4Weight.cat(parts)
+
+
+def read_int4_linears(gguf_path: Path, n_layers: int) -> dict[str, Int4Weight]:
+    """``iter_int4_linears`` as a dict (tests; every linear decoded at once: attach ``.items()``)."""
+    return dict(iter_int4_linears(gguf_path, n_layers))
 
 
 class PackedInt4(nn.Module):
@@ -157,7 +163,7 @@ class PackedInt4(nn.Module):
         return y if bias is None else y + bias
 
 
-def attach_int4(model, packs: dict[str, Int4Weight]) -> int:
+def attach_int4(model, packs: Iterable[tuple[str, Int4Weight]]) -> int:
     """Give each fused linear of ``model`` its packed form, after checking that it equals the
     dense weight to bf16 rounding (llama-arch q/k: in the GGUF's row order or transformers'
     restored one, whichever matches). Returns how many linears were packed. Raises Int4Error,
@@ -168,7 +174,7 @@ def attach_int4(model, packs: dict[str, Int4Weight]) -> int:
                         f"{str(p.dtype).removeprefix('torch.')}; use --dtype bfloat16, or serve without --int4")
     a = model.args
     ready: list[tuple[nn.Module, PackedInt4]] = []
-    for name, w in packs.items():
+    for name, w in packs:  # iter_int4_linears: one decoded linear held at a time
         i, group = name.split(".")[1:]
         lin = getattr(model.layers[int(i)], group)
         dense = lin.base.weight.detach().float().numpy()
