@@ -197,3 +197,30 @@ def test_auto_int4_on_weights_that_differ_stays_dense(tiny_q4_base, caplog):
     assert all(getattr(layer, g).int4 is None for layer in eng.model.layers for g in ("qkv", "o", "gate_up", "down"))
     with pytest.raises(Int4Error, match=r"layers\.0\.o"):
         attach_packed_int4(eng, tiny_q4_base.path, required=True)
+
+
+def test_the_lean_tensor_index_agrees_with_gguf_py(tiny_q4_base, tmp_path):
+    """gguf_tensor_index (header only, no metadata values built) gives every tensor's type,
+    shape, offset and size as gguf-py's GGUFReader does, on the tiny Q4 file and the embedded
+    base (49,152-token vocabulary: string arrays walked past); a file that is not GGUF is an Int4Error."""
+    from gguf import GGUFReader
+
+    from dmoe.base import embedded_gguf_path
+    from dmoe.engine.int4 import gguf_tensor_index
+
+    for path in (tiny_q4_base.path, embedded_gguf_path()):
+        ref = GGUFReader(path)
+        index = gguf_tensor_index(path)
+        assert len(index) == len(ref.tensors)
+        for t in ref.tensors:
+            e = index[t.name]
+            assert (e.type_name, e.shape, e.offset, e.n_bytes) == \
+                (t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes)), t.name
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(Int4Error, match="is not a GGUF file"):
+        gguf_tensor_index(junk)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_q4_base.path.read_bytes()[:300])
+    with pytest.raises(Int4Error, match="damaged or cut short"):
+        gguf_tensor_index(cut)
