@@ -297,7 +297,9 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     model, tok, spec = load_base(cfg.base, dtype=dtype, device=device)
     engine = TorchEngine.from_base(model, tok, max_batch=cfg.max_batch, max_seq=cfg.max_seq,
                                    max_loras=cfg.max_loras, max_rank=cfg.max_rank, compile=cfg.compile)
+    del model  # the HF model the engine was built from: freed before the packed weights are read (the loading peak)
     if not int4_off:
+        release_freed_memory()
         attach_packed_int4(engine, spec.path, required=bool(cfg.int4))
     elif cfg.int4 is None:
         log.info("int4 off: %s", int4_off)
