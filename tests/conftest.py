@@ -211,6 +211,17 @@ def tiny_gguf_experts(tiny_experts, tiny_gguf_base, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_q4_base(tiny_base, tmp_path_factory):
+    """The tiny Llama written as a Q4_1 GGUF (its q/k rows permuted, as llama.cpp's converter does)."""
+    from dmoe.base import resolve_base
+    from dmoe.export.gguf import write_base_gguf
+
+    out = tmp_path_factory.mktemp("int4") / "tiny-q4_1.gguf"
+    write_base_gguf(tiny_base, out, "q4_1")
+    return resolve_base(out)
+
+
+@pytest.fixture(scope="session")
 def dmoe_home(tmp_path_factory):
     """One $DMOE_HOME for the session's caches (GGUF adapters, hashes), off the user's."""
     home = tmp_path_factory.mktemp("dmoe-home")

@@ -199,13 +199,12 @@ def check_gguf_file(path: Path) -> None:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise BaseModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); give a .gguf model or an HF directory")
-    from gguf import GGUFReader
+    from dmoe.gguf_file import GGUFFormatError, read_header
 
     try:
-        GGUFReader(path)
-    except Exception as exc:  # gguf raises struct.error / ValueError / IndexError on a cut or damaged file
-        raise BaseModelError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: {exc}); "
-                             "copy or download it again") from None
+        read_header(path)  # the header and the tensor table, without building the metadata values (gguf_file.py)
+    except GGUFFormatError as exc:
+        raise BaseModelError(f"{path} is a damaged or truncated GGUF file ({exc.reason}); copy or download it again") from None
 
 
 def _hf_name(path: Path) -> str:

@@ -215,22 +215,17 @@ class GGUFInfo:
 
 def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
     """Read a GGUF's header (type, architecture, tensor shapes); a file that is not GGUF is an ExportError."""
-    g = gguf
+    from dmoe.gguf_file import GGUFFormatError, read_header
+
+    keys = {"general.type", "general.architecture", "adapter.type", "adapter.lora.alpha"}
     try:
-        r = g.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+        head = read_header(path, keys)  # not gguf-py's GGUFReader: it builds a base's whole vocabulary (gguf_file.py)
+    except (GGUFFormatError, OSError) as exc:
         raise ExportError(f"{path} is not a readable GGUF file ({exc})") from None
-
-    def field_value(key: str):
-        f = r.fields.get(key)
-        if f is None or not f.data:
-            return None
-        v = f.parts[f.data[0]]
-        return bytes(v).decode("utf-8") if f.types and f.types[0] == g.GGUFValueType.STRING else v[0].item()
-
-    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
-    alpha, adapter_type = field_value("adapter.lora.alpha"), field_value("adapter.type")
-    return GGUFInfo(str(field_value("general.type") or "model"), str(field_value("general.architecture") or "?"),
+    f = head.fields
+    shapes = {name: t.shape for name, t in head.tensors.items()}
+    alpha, adapter_type = f.get("adapter.lora.alpha"), f.get("adapter.type")
+    return GGUFInfo(str(f.get("general.type") or "model"), str(f.get("general.architecture") or "?"),
                     None if adapter_type is None else str(adapter_type), None if alpha is None else float(alpha), shapes)
 
 

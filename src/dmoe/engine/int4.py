@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from dmoe.errors import DmoeError
+from dmoe.gguf_file import GGUFFormatError, read_tensor, tensor_index
 
 log = logging.getLogger("dmoe.engine.int4")
 
@@ -114,103 +114,16 @@ def _unpermute_rows(n: int, heads: int) -> np.ndarray:
     return np.arange(n).reshape(heads, n // heads // 2, 2).swapaxes(1, 2).reshape(n)
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor of a GGUF file lies: its type, shape as the file gives it (in, out), and bytes."""
-
-    type_name: str
-    shape: tuple[int, ...]
-    offset: int  # from the start of the file
-    n_bytes: int
-
-
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def gguf_tensor_index(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor's entry in a GGUF v2/v3 file, reading only the header. gguf-py's
-    ``GGUFReader`` (the reference the tests hold this to) also builds every metadata value: on
-    the embedded base, its 49,152-token vocabulary and merges cost 157 MB of RSS while loading,
-    more than the packed weights themselves; this walks past them."""
-    try:
-        return _tensor_index(path)
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise Int4Error(f"{path.name}: the GGUF header is damaged or cut short ({exc}); serve it without --int4") from None
-
-
-def _tensor_index(path: Path) -> dict[str, TensorEntry]:
-    import mmap
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0
-
-        def take(fmt: str):
-            nonlocal pos
-            (value,) = struct.unpack_from(fmt, mm, pos)
-            pos += struct.calcsize(fmt)
-            return value
-
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            pos += n
-            return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
-
-        def skip(vtype: int):
-            nonlocal pos
-            if vtype == _STRING:
-                n = take("<Q")  # (not ``pos += take(...)``: that adds to pos as it was before take moved it)
-                pos += n
-            elif vtype == _ARRAY:
-                etype, count = take("<I"), take("<Q")
-                if etype in _SCALAR:
-                    pos += count * struct.calcsize(_SCALAR[etype])
-                else:
-                    for _ in range(count):
-                        skip(etype)
-            elif vtype in _SCALAR:
-                pos += struct.calcsize(_SCALAR[vtype])
-            else:
-                raise Int4Error(f"{path.name}: metadata value type {vtype} is not GGUF's; is the file damaged?")
-
-        if mm[:4] != b"GGUF":
-            raise Int4Error(f"{path.name} is not a GGUF file")
-        pos = 4
-        version = take("<I")
-        if version not in (2, 3):
-            raise Int4Error(f"{path.name}: GGUF version {version}; this reader knows versions 2 and 3")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        alignment = 32
-        for _ in range(n_kv):
-            key, vtype = string(), take("<I")
-            if key == "general.alignment" and vtype in _SCALAR:
-                alignment = take(_SCALAR[vtype])
-            else:
-                skip(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = tuple(take("<Q") for _ in range(take("<I")))
-            infos.append((name, dims, take("<I"), take("<Q")))
-        data_start = -(-pos // alignment) * alignment
-    out = {}
-    for name, dims, ttype, offset in infos:
-        qtype = GGMLQuantizationType(ttype)
-        block, size = GGML_QUANT_SIZES[qtype]
-        out[name] = TensorEntry(qtype.name, dims, data_start + offset, int(np.prod(dims)) // block * size)
-    return out
-
-
 def iter_int4_linears(gguf_path: Path, n_layers: int) -> Iterator[tuple[str, Int4Weight]]:
     """``("layers.{i}.{qkv|o|gate_up|down}", packed form)``, one fused linear at a time, for
     every one whose parts are all 4-bit in the file (others stay dense). One at a time, each
     tensor read into memory on its own (not mapped), so that loading holds one decoded linear
     and not the whole file. q/k rows come in the GGUF's order (llama-arch files permute them);
     ``attach_int4`` tries both orders against the dense weights."""
-    tensors = gguf_tensor_index(gguf_path)
+    try:
+        tensors = tensor_index(gguf_path)
+    except GGUFFormatError as exc:
+        raise Int4Error(f"{exc}; serve it without --int4") from None
     for i in range(n_layers):
         for group, names in FUSED.items():
             parts = []
@@ -219,8 +132,7 @@ def iter_int4_linears(gguf_path: Path, n_layers: int) -> Iterator[tuple[str, Int
                 if t is None or t.type_name not in ("Q4_0", "Q4_1", "Q4_K"):
                     break
                 k, n = t.shape[:2]  # GGUF shapes are (in, out)
-                raw = np.fromfile(gguf_path, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
-                parts.append(decode(raw, t.type_name, n, k))
+                parts.append(decode(read_tensor(gguf_path, t), t.type_name, n, k))
             else:
                 yield f"layers.{i}.{group}", Int4Weight.cat(parts)
 

@@ -81,9 +81,10 @@ def _source_gguf_pre(directory: Path) -> str | None:
     path = json.loads(src.read_text()).get("gguf")
     if not path or not Path(path).is_file():
         return None
-    g = gguf
-    f = g.GGUFReader(path).fields.get("tokenizer.ggml.pre")
-    return bytes(f.parts[f.data[0]]).decode() if f is not None else None
+    from dmoe.gguf_file import read_header
+
+    pre = read_header(path, {"tokenizer.ggml.pre"}).fields.get("tokenizer.ggml.pre")
+    return str(pre) if pre is not None else None
 
 
 def write_base_gguf(directory: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", pre: str | None = None,
