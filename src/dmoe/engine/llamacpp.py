@@ -115,7 +115,11 @@ class LlamaCppEngine:
         cp.n_ctx = max_seq * max_batch
         cp.n_seq_max = max_batch
         cp.kv_unified = True  # sequences share one cell pool: short requests leave room for long ones
-        cp.n_batch = cp.n_ubatch = max(max_prefill_tokens + max_batch, 512)
+        cp.n_batch = max(max_prefill_tokens + max_batch, 512)
+        # llama-server's default physical batch: llama.cpp sizes its compute buffers for n_ubatch
+        # tokens and splits a longer prefill; at n_batch (1032) they held 16 MB more at peak
+        # (bench/serve_memory.py, llamacpp-no-router), for no speed a 2-core CPU can use
+        cp.n_ubatch = min(cp.n_batch, 512)
         threads = n_threads or os.cpu_count() or 1
         cp.n_threads = cp.n_threads_batch = threads
         self._ctx: Any = lc.llama_init_from_model(self._model, cp)
