@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dmoe"
 # higher imports lower, never the reverse (the map in docs/architecture.md)
 LAYERS = {
     0: {"errors", "io", "paths", "__init__"},
-    1: {"base", "config", "metrics", "llama_server"},
+    1: {"base", "config", "metrics", "llama_server", "gguf_file"},
     2: {"experts", "data"},
     3: {"lora_gguf"},
     4: {"engine", "route", "train", "moe", "export", "generate", "evals"},
