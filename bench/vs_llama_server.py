@@ -37,7 +37,8 @@ llama-server is measured on the same arrivals.
 Every request body is the same for every server: adapter ids come from each server's own
 ``GET /lora-adapters`` (matched by name). Aggregate tokens/s = completion tokens / wall time
 of the scenario; one warm-up request per scenario is not timed. Each server's peak RSS
-(``VmHWM``) is read from /proc before it is stopped.
+(``VmHWM``) is read from /proc before it is stopped. dmoe's one-time conversions (the base's
+HF folder, the f32 GGUF adapters) are cached before the first server starts.
 """
 
 from __future__ import annotations
@@ -225,6 +226,18 @@ def main() -> None:
         base = resolve_base(None)
         for n in NAMES:
             write_adapter_gguf(load_expert(EXPERTS / n), work / "gguf" / f"{n}-f16.gguf", base, "f16")
+    # dmoe's one-time conversions (the GGUF base to an HF folder for the tokenizer, the experts to
+    # f32 GGUF adapters for the llama.cpp engine) are made here, in the servers' DMOE_HOME, before
+    # any server starts: a server's peak RSS is then its serving, whichever server comes first
+    # (a first start over a new GGUF also converts, and peaks higher: docs/benchmarks.md)
+    os.environ["DMOE_HOME"] = str(work / "home")
+    from dmoe.base import hf_dir
+    from dmoe.lora_gguf import cached_adapter_gguf
+
+    base = resolve_base(None)
+    hf_dir(base)
+    for n in NAMES:
+        cached_adapter_gguf(load_expert(EXPERTS / n), base)
     out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
                  "load": {"requests": args.requests, "parallel": args.parallel, "new_tokens": args.new, "ignore_eos": True,
                           "endpoint": "/v1/completions"},
