@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from dmoe.engine import int4
-from dmoe.engine.int4 import Int4Error, PackedInt4, attach_int4, decode, iter_int4_linears, read_int4_linears
+from dmoe.engine.int4 import Int4Error, PackedInt4, attach_int4, decode, iter_int4_linears
 
 BLOCK_BYTES = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q4_K": (256, 144, (0, 2))}
 
@@ -66,7 +66,7 @@ def _engine(spec, dtype=torch.bfloat16):
 
 def test_attach_packs_every_4bit_linear_and_checks_it(tiny_q4_base):
     eng = _engine(tiny_q4_base)
-    packs = read_int4_linears(tiny_q4_base.path, eng.model.args.n_layers)
+    packs = dict(iter_int4_linears(tiny_q4_base.path, eng.model.args.n_layers))
     assert sorted(packs) == sorted(f"layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down"))
     assert attach_int4(eng.model, packs.items()) == 8  # q/k found in transformers' row order, not the file's
     lin = eng.model.layers[0].qkv
@@ -76,7 +76,7 @@ def test_attach_packs_every_4bit_linear_and_checks_it(tiny_q4_base):
 
 def test_weights_that_differ_are_refused_and_nothing_is_attached(tiny_q4_base):
     eng = _engine(tiny_q4_base)
-    packs = read_int4_linears(tiny_q4_base.path, eng.model.args.n_layers)
+    packs = dict(iter_int4_linears(tiny_q4_base.path, eng.model.args.n_layers))
     with torch.no_grad():
         eng.model.layers[1].down.base.weight[3, 5] += 0.5  # another file's weights, in effect
     with pytest.raises(Int4Error, match=r"layers\.1\.down: the GGUF's 4-bit codes do not give the weights"):

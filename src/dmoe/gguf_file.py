@@ -86,12 +86,10 @@ def read_tensor(path: str | os.PathLike, t: TensorEntry) -> np.ndarray:
 def _walk(path: Path, keys: frozenset[str]) -> tuple[dict, dict[str, TensorEntry], int]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFFormatError(path, "not a GGUF file (it does not start with 'GGUF')")
-        f.seek(0, 2)
-        size = f.tell()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size = len(mm)
+        if mm[:4] != b"GGUF":
+            raise GGUFFormatError(path, "not a GGUF file (it does not start with 'GGUF')")
         pos = 4
 
         def take(fmt: str):

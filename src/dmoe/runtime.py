@@ -302,7 +302,7 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
         release_freed_memory()
         attach_packed_int4(engine, spec.path, required=bool(cfg.int4))
     elif cfg.int4 is None:
-        log.info("int4 off: %s", int4_off)
+        log.info("int4 (packed 4-bit weights, on by default where they apply) is off here: %s", int4_off)
     return engine, tok, spec.identity
 
 

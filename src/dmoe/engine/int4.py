@@ -137,11 +137,6 @@ def iter_int4_linears(gguf_path: Path, n_layers: int) -> Iterator[tuple[str, Int
                 yield f"layers.{i}.{group}", Int4Weight.cat(parts)
 
 
-def read_int4_linears(gguf_path: Path, n_layers: int) -> dict[str, Int4Weight]:
-    """``iter_int4_linears`` as a dict (tests; every linear decoded at once: attach ``.items()``)."""
-    return dict(iter_int4_linears(gguf_path, n_layers))
-
-
 class PackedInt4(nn.Module):
     """``x @ W.T`` from packed 4-bit codes (torch's CPU int4 kernel), for steps of at most
     ``max_rows`` rows; the owner runs its dense weight for larger ones."""
