@@ -75,3 +75,39 @@ def test_a_local_gguf_path_is_a_base(tmp_path):
     assert spec.kind == "gguf" and spec.identity.name == "my-model"
     assert spec.identity.sha256 == emb.identity.sha256  # identity is the content
     assert hf_dir(spec) == hf_dir(emb)  # the cached conversion is shared by content
+
+
+def test_a_gguf_tokenizer_and_config_come_without_its_weights_until_they_are_needed(tiny_gguf_base, tmp_path, monkeypatch):
+    """The llama.cpp engine needs a GGUF's tokenizer and config, not a dequantised copy: they are
+    converted alone (no safetensors) and equal the full conversion's; once the full one exists,
+    it is used."""
+    import json
+
+    from dmoe.base import hf_meta_dir, load_tokenizer
+
+    monkeypatch.setenv("DMOE_HOME", str(tmp_path / "home"))
+    meta = hf_meta_dir(tiny_gguf_base)
+    assert meta.name.endswith("-meta") and not list(meta.glob("*.safetensors"))
+    assert not (tmp_path / "home" / "bases" / meta.name.removesuffix("-meta")).exists()
+    tok = load_tokenizer(tiny_gguf_base)
+    full = hf_dir(tiny_gguf_base)
+    assert (full / "model.safetensors").is_file() and hf_meta_dir(tiny_gguf_base) == full
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (meta / name).read_bytes() == (full / name).read_bytes()
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+    a, b = json.loads((meta / "config.json").read_text()), json.loads((full / "config.json").read_text())
+    assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+    again = load_tokenizer(tiny_gguf_base)  # now from the full conversion: the same tokenizer
+    msgs = [{"role": "user", "content": "hello there"}]
+    assert type(again) is type(tok) and again.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+
+
+def test_the_tokenizer_class_is_the_one_autotokenizer_picks(tiny_base):
+    from transformers import AutoTokenizer
+
+    from dmoe.base import load_tokenizer
+
+    for spec in (resolve_base(None), resolve_base(tiny_base)):
+        ours, auto = load_tokenizer(spec), AutoTokenizer.from_pretrained(str(hf_dir(spec)))
+        assert type(ours) is type(auto) and ours("a b c").input_ids == auto("a b c").input_ids

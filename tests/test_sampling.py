@@ -4,10 +4,12 @@ equal the slow reference, and a grammar's mask holds for its own row of a mixed 
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
-from dmoe.engine.grammar import gbnf_grammar, json_schema_grammar, new_matcher, response_format_grammar
+from dmoe.engine import sampling_numpy
+from dmoe.engine.grammar import allowed_tokens, gbnf_grammar, json_schema_grammar, new_matcher, response_format_grammar
 from dmoe.engine.protocol import run_until_done
 from dmoe.engine.request import Request, SamplingParams, append_token
 from dmoe.engine.sampling import sample_batch, sample_batch_reference
@@ -47,6 +49,54 @@ def test_fast_path_equals_reference_row_by_row_in_one_mixed_batch():
             assert len(f.logprobs) == len(s.logprobs)
             for (a, ta), (b, tb) in zip(f.logprobs, s.logprobs):
                 assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in ta] == [t for t, _ in tb]
+
+
+def test_numpy_sampler_equals_the_reference_on_every_deterministic_rule():
+    """The llama.cpp engine's numpy sampler: the same tokens as the reference wherever no random
+    draw decides (greedy rows with penalties, bias, logprobs), the same logprobs, in one mixed batch."""
+    torch.manual_seed(1)
+    greedy = [p for p in ROWS if p.greedy]
+    assert len(greedy) >= 5
+    for trial in range(6):  # bounded
+        logits = torch.randn(len(greedy), V) * 3
+        outs = [[int(x) for x in torch.randint(0, V, (trial * 3,))] for _ in greedy]
+        fast = [_req(p, out=o) for p, o in zip(greedy, outs)]
+        slow = [_req(p, out=o) for p, o in zip(greedy, outs)]
+        rows = logits.numpy().copy()
+        assert sampling_numpy.sample_batch(rows, fast) == sample_batch_reference(logits.clone(), slow)
+        assert np.array_equal(rows, logits.numpy())  # the engine's logits are not changed
+        for f, s in zip(fast, slow):
+            assert len(f.logprobs) == len(s.logprobs)
+            for (a, ta), (b, tb) in zip(f.logprobs, s.logprobs):
+                assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in ta] == [t for t, _ in tb]
+
+
+def test_numpy_sampler_draws_are_seeded_and_keep_top_k_and_top_p():
+    row = np.linspace(0.0, 4.0, V, dtype=np.float32)[None]  # token V-1 the likeliest, then V-2, ...
+
+    def draws(params, n=40):
+        r = Request([1], [], params)
+        r.generator = sampling_numpy.new_generator(params.seed) if params.seed is not None else None
+        return [sampling_numpy.sample_batch(row, [r])[0] for _ in range(n)]
+
+    a = draws(SamplingParams(temperature=2.0, seed=5))
+    assert a == draws(SamplingParams(temperature=2.0, seed=5)) and a != draws(SamplingParams(temperature=2.0, seed=6))
+    assert len(set(a)) > 3  # a real draw at a high temperature, not greedy
+    assert set(draws(SamplingParams(temperature=5.0, top_k=3, seed=1))) <= {V - 1, V - 2, V - 3}
+    probs = np.exp(row[0] - row[0].max()) / np.exp(row[0] - row[0].max()).sum()
+    keep = int(np.searchsorted(np.cumsum(probs[::-1]), 0.5)) + 1  # the smallest set reaching 0.5
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.5, seed=2), 200)) <= set(range(V - keep, V))
+    assert draws(SamplingParams(temperature=0.0), 3) == [V - 1] * 3
+
+
+def test_the_grammar_mask_reads_llguidance_bits_low_first():
+    class Words:
+        def compute_bitmask(self):
+            return np.array([0b1011, 1 << 31], dtype="<u4").tobytes()
+
+    got = allowed_tokens(Words(), 64)
+    assert np.flatnonzero(got).tolist() == [0, 1, 3, 63] and got.dtype == bool and got.shape == (64,)
+    assert np.flatnonzero(allowed_tokens(Words(), 40)).tolist() == [0, 1, 3]  # words past the vocabulary: cut
 
 
 def test_each_rule_does_what_it_says():

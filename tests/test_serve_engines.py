@@ -246,3 +246,49 @@ def test_compile_with_the_llamacpp_engine_is_refused_before_anything_loads(tiny_
 
     with pytest.raises(ConfigError, match="--compile applies to the torch engine"):
         build_engine(ServeConfig.make(base=str(tiny_gguf_base.path), engine="llamacpp", compile=True))
+
+
+NO_TORCH_SERVER = r"""
+import json, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from dmoe.runtime import ServeConfig, build_state
+from dmoe.serve.app import create_app
+
+st = build_state(ServeConfig(base=sys.argv[1], experts_dir=Path(sys.argv[2]), engine="llamacpp", use_router=False,
+                             max_batch=4, max_seq=128))
+with TestClient(create_app(st), base_url="http://127.0.0.1") as client:
+    replies = [client.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "a json object please"}], "max_tokens": 12,
+        "temperature": 0.9, "seed": 4, "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,
+        "response_format": {"type": "json_object"}}) for model in ("base", "alpha", "beta")]
+print(json.dumps({"status": [r.status_code for r in replies], "torch": "torch" in sys.modules, "bodies": [r.text[:300] for r in replies],
+                  "texts": [r.json()["choices"][0]["message"]["content"] for r in replies if r.status_code == 200]}))
+"""
+
+
+def test_the_llamacpp_engine_serves_without_importing_torch(tiny_gguf_base, tiny_gguf_experts, dmoe_home, tmp_path):
+    """torch alone is about 210 MB of a server's RSS: a llama.cpp server (--no-router) never
+    imports it, seeded sampling, logprobs, penalties and an output grammar included. The adapters'
+    one-time conversion (which reads PEFT's tensors with torch) is made first, as a server's
+    first start would."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dmoe.base import hf_meta_dir
+    from dmoe.experts import load_expert
+    from dmoe.lora_gguf import cached_adapter_gguf
+
+    hf_meta_dir(tiny_gguf_base)
+    for name in ("alpha", "beta", "gamma"):
+        cached_adapter_gguf(load_expert(tiny_gguf_experts / name), tiny_gguf_base)
+    script = tmp_path / "serve_no_torch.py"
+    script.write_text(NO_TORCH_SERVER)
+    out = subprocess.run([sys.executable, str(script), str(tiny_gguf_base.path), str(tiny_gguf_experts)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "DMOE_HOME": str(dmoe_home)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["status"] == [200, 200, 200] and got["torch"] is False, got
+    assert all(t.startswith("{") for t in got["texts"]), got["texts"]

@@ -220,8 +220,28 @@ def hf_dir(base: BaseSpec) -> Path:
     """An HF directory for ``base``: the directory itself, or the cached conversion of a GGUF."""
     if not base.is_gguf:
         return base.path
+    return _cached_conversion(base, _gguf_target(base), _convert_gguf)
+
+
+def hf_meta_dir(base: BaseSpec) -> Path:
+    """An HF directory with ``base``'s config and tokenizer, for what needs no weights (the
+    llama.cpp engine's tokenizer, an adapter's shapes): the directory itself, a GGUF's full
+    conversion when it is cached, else a conversion of the GGUF's metadata alone (no
+    dequantised weights: a first ``--engine llamacpp`` start peaked at 1.2 GB converting them)."""
+    if not base.is_gguf:
+        return base.path
+    full = _gguf_target(base)
+    if (full / "config.json").is_file():
+        return hf_dir(base)
+    return _cached_conversion(base, full.with_name(full.name + "-meta"), _convert_gguf_meta)
+
+
+def _gguf_target(base: BaseSpec) -> Path:
     # Keyed by content, so a copy of the same GGUF elsewhere reuses the conversion.
-    target = dmoe_home() / "bases" / f"gguf-{base.identity.sha256[:16]}"
+    return dmoe_home() / "bases" / f"gguf-{base.identity.sha256[:16]}"
+
+
+def _cached_conversion(base: BaseSpec, target: Path, convert) -> Path:
     # One conversion at a time (two servers starting on a new base wait for one copy); a copy
     # whose files no longer match their manifest (cut, or changed by hand) is made again.
     with file_lock(target.parent / f".{target.name}.lock"):
@@ -231,7 +251,7 @@ def hf_dir(base: BaseSpec) -> Path:
                 return target
             except BaseModelError as exc:
                 log.warning("converting again: %s", exc)
-        _convert_gguf(base.path, target)
+        convert(base.path, target)
     return target
 
 
@@ -266,11 +286,31 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.is_quantized = False  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.config._name_or_path = gguf_path.stem
-        if not getattr(tok, "chat_template", None) and model.config.model_type in ("gemma3", "gemma3_text"):
-            tok.chat_template = GEMMA_CHAT_TEMPLATE  # the GGUF has none: Gemma's turn format
+        _fill_chat_template(tok, model.config.model_type)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+
+def _convert_gguf_meta(gguf_path: Path, target: Path) -> None:
+    """A GGUF's config and tokenizer as an HF directory (no weights), written atomically."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    _quiet_transformers()
+    log.info("reading the config and tokenizer of %s once into %s", gguf_path.name, target)
+    with atomic_dir(target, replace=True, manifest=True) as tmp:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        config._name_or_path = gguf_path.stem
+        _fill_chat_template(tok, config.model_type)
+        config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+
+def _fill_chat_template(tok, model_type: str) -> None:
+    if not getattr(tok, "chat_template", None) and model_type in ("gemma3", "gemma3_text"):
+        tok.chat_template = GEMMA_CHAT_TEMPLATE  # the GGUF has none: Gemma's turn format
 
 
 END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
@@ -292,10 +332,21 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 def load_tokenizer(base: BaseSpec):
-    """The base's tokenizer, with a pad token set (left as EOS when the model has none)."""
-    from transformers import AutoTokenizer
+    """The base's tokenizer, with a pad token set (left as EOS when the model has none). The
+    class its ``tokenizer_config.json`` names is loaded directly where transformers exports it:
+    ``AutoTokenizer`` imports torch (through transformers' config classes), and the llama.cpp
+    engine's server runs without torch."""
+    import transformers
 
-    tok = AutoTokenizer.from_pretrained(str(hf_dir(base)))
+    directory = hf_meta_dir(base)
+    try:
+        named = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    cls = getattr(transformers, named, None) if isinstance(named, str) and named.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        cls = transformers.AutoTokenizer
+    tok = cls.from_pretrained(str(directory))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -18,16 +18,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from dmoe.base import BaseIdentity
 from dmoe.config import ConfigError, ExpertCard, load_expert_card
 from dmoe.errors import AdapterError, ExpertError, ExpertNotFoundError, OutsideRootsError
 from dmoe.io import atomic_write_text, read_json_file, verify_manifest
+
+if TYPE_CHECKING:  # torch is imported where an adapter's tensors are read: the llama.cpp engine serves without it
+    import torch
 
 CARD_FILE = "expert.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,6 +163,10 @@ def read_peft_adapter(expert: Expert) -> tuple[dict[str, tuple[torch.Tensor, tor
         raise AdapterError(f"expert '{expert.name}': adapter_config.json 'lora_alpha' must be a finite number, got {alpha!r}")
     alpha = float(alpha)
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         weights = load_file(str(expert.path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:

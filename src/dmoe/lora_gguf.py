@@ -26,15 +26,18 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
-import torch
 
-from dmoe.base import BaseSpec, hf_dir
+from dmoe.base import BaseSpec, hf_meta_dir
 from dmoe.errors import AdapterError, DmoeError
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, read_peft_adapter
 from dmoe.io import clean_stale, content_hash, dmoe_home, file_lock, stamp_matches, write_stamp
+
+if TYPE_CHECKING:  # converting an adapter reads it with torch; a cached one is served without torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def add_tensor(writer, name: str, t: torch.Tensor, outtype: str, report: ExportR
     """Add one tensor at ``outtype``; 1-D tensors stay f32, and q8_0/q4_0/q4_1 need rows that
     are multiples of 32 (the block size): other shapes fall back to f16, recorded in the report."""
     g = gguf
-    arr = t.detach().to(torch.float32).contiguous().numpy()
+    arr = t.detach().float().contiguous().numpy()
     if arr.ndim == 1:
         outtype = "f32"
     if outtype in ("q8_0", "q4_0", "q4_1") and arr.shape[-1] % 32:
@@ -124,7 +127,7 @@ def write_gguf(out: Path, arch: str, fill) -> None:
 
 
 def hf_config(base: BaseSpec) -> dict:
-    return json.loads((hf_dir(base) / "config.json").read_text())
+    return json.loads((hf_meta_dir(base) / "config.json").read_text())
 
 
 def gguf_arch(config: dict) -> str:

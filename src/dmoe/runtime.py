@@ -14,22 +14,25 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dmoe.base import BaseIdentity, load_base, load_tokenizer, resolve_base
 from dmoe.config import ConfigError, format_validation_error
 from dmoe.engine.protocol import Engine
 from dmoe.engine.runner import EngineRunner
-from dmoe.engine.torch_engine import TorchEngine
 from dmoe.experts import Expert, check_base, find_experts_in
 from dmoe.io import cpu_has_bf16, release_freed_memory, release_openmp_pool, serial_openmp
 from dmoe.metrics import Metrics
 from dmoe.route.decision import NONE
 from dmoe.route.router import ROUTER_DIR
 from dmoe.route.select import refit_router, startup_router
+
+if TYPE_CHECKING:  # torch is imported only where the torch engine is built: the llama.cpp engine runs without it
+    import torch
+
+    from dmoe.engine.torch_engine import TorchEngine
 
 log = logging.getLogger("dmoe.runtime")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -266,6 +269,8 @@ def serve_dtype(choice: str, device: str) -> torch.dtype:
     """The torch engine's dtype. ``auto``: bf16 on CUDA, and on CPUs that multiply bf16 natively
     (AVX512-BF16 or AMX), where it is about 1.5-1.8x fp32's decode speed and keeps the bundled
     experts' hit rates (docs/benchmarks.md); fp32 on other CPUs, where bf16 is emulated and slower."""
+    import torch
+
     if choice != "auto":
         return getattr(torch, choice)
     if str(device).startswith("cuda") or cpu_has_bf16():
@@ -287,6 +292,14 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
         spec = resolve_base(cfg.base)
         tok = load_tokenizer(spec)
         return LlamaCppEngine(spec, tok, max_batch=cfg.max_batch, max_seq=cfg.max_seq), tok, spec.identity
+    return build_torch_engine(cfg)
+
+
+def build_torch_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
+    import torch
+
+    from dmoe.engine.torch_engine import TorchEngine
+
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = serve_dtype(cfg.dtype, device)
     int4_off = int4_refusal(cfg, device, dtype) if cfg.int4 is not False else "--no-int4"
@@ -333,6 +346,8 @@ def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> in
 def int4_refusal(cfg: ServeConfig, device: str, dtype: torch.dtype) -> str | None:
     """Why packed 4-bit weights cannot serve this setup (None: they can): a GGUF base, on CPU,
     in bf16 or fp16 (torch's int4 kernel), not compiled. Checked before anything loads."""
+    import torch
+
     if cfg.compile:
         return ("--int4 and --compile together are not supported yet; choose one (--int4 is the faster "
                 "on a small CPU, docs/benchmarks.md)")
@@ -391,7 +406,10 @@ def build_state(cfg: ServeConfig) -> ServeState:
         st.router_note = "--no-router: model=auto serves the base model"
     st.initial_router_status()
     release_freed_memory()  # what loading freed (the HF model the engine was built from) leaves the RSS
-    if isinstance(engine, TorchEngine) and engine.compiled:
+    if cfg.compile:  # the torch engine's (the llama.cpp engine refused --compile above)
+        from dmoe.engine.torch_engine import TorchEngine
+
+        assert isinstance(engine, TorchEngine)
         t0 = time.perf_counter()
         engine.warm_up()
         log.info("compiled the decoder blocks and warmed up in %.1f s", time.perf_counter() - t0)

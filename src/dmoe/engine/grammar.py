@@ -17,7 +17,7 @@ import json
 import weakref
 from typing import Any
 
-import torch
+import numpy as np
 
 from dmoe.errors import RequestError
 
@@ -117,10 +117,8 @@ def token_bytes(tokenizer: Any, n_vocab: int, tok: int) -> bytes:
     return _ll_tokenizer(tokenizer, n_vocab).decode_bytes([tok])
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
-def allowed_tokens(matcher: Any, n_vocab: int) -> torch.Tensor:
-    """(n_vocab,) bool: the tokens the grammar allows next (from llguidance's 32-bit mask words)."""
-    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-    return ((words.unsqueeze(1) >> _BITS) & 1).flatten()[:n_vocab].bool()
+def allowed_tokens(matcher: Any, n_vocab: int) -> np.ndarray:
+    """(n_vocab,) bool: the tokens the grammar allows next. llguidance's mask is 32-bit words,
+    token ``32 * w + j`` at bit ``j`` of word ``w``: little-endian words, so byte by byte, low bit first."""
+    words = np.frombuffer(bytes(matcher.compute_bitmask()), dtype="<u4")
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:n_vocab].astype(bool)

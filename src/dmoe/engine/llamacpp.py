@@ -26,10 +26,9 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from dmoe.base import BaseSpec, stop_token_ids
 from dmoe.engine.grammar import new_matcher
@@ -42,7 +41,7 @@ from dmoe.engine.request import (
     check_prompt,
     check_scale,
 )
-from dmoe.engine.sampling import sample_batch
+from dmoe.engine.sampling_numpy import new_generator, sample_batch
 from dmoe.errors import (
     AdapterError,
     AdapterInUseError,
@@ -53,6 +52,9 @@ from dmoe.errors import (
 )
 from dmoe.experts import Expert
 from dmoe.lora_gguf import ExportError, cached_adapter_gguf, check_adapter_fits
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LlamaCppError(EngineError):
@@ -134,7 +136,7 @@ class LlamaCppEngine:
         self._active: tuple = ()  # the adapter set now on the context
         self._turn = 0
         self._slice_left = 0
-        self.queue = RequestQueue("cpu")
+        self.queue = RequestQueue(new_generator)  # numpy: this engine runs without torch
         self.free_seqs = list(range(max_batch))
         self.lock = threading.RLock()
         # KV bytes per token: K and V, every layer, f16 cells (llama.cpp's default cache type)
@@ -320,8 +322,8 @@ class LlamaCppEngine:
                     queue.waiting.appendleft(r)
                 raise LlamaCppError(f"llama_decode returned {rc} for {n} tokens")
             queue.running += admitted
-            logits = torch.from_numpy(np.stack([
-                np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)) for _, i in out_index]))
+            logits = np.stack([np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+                               for _, i in out_index])
             reqs = [r for r, _ in out_index]
             for r, tok in zip(reqs, sample_batch(logits, reqs)):
                 append_token(r, tok, self.eos_ids, self.tokenizer)
@@ -333,6 +335,8 @@ class LlamaCppEngine:
     def logits(self, ids: list[int], adapters: list[tuple[str, float]]) -> torch.Tensor:
         """(len(ids), V) logits of one sequence under an adapter set, every position
         (teacher forcing, for parity checks). Waits for the step boundary; uses a free sequence."""
+        import torch  # parity checks only: serving never imports torch here
+
         lc = _llama_cpp()
         key = tuple(self._resolve(adapters))
         if len(ids) > self._batch_cap:

@@ -3,7 +3,7 @@ here), the request itself, the queue it waits in, and the end-of-request rule
 (sampling itself is ``sampling.py``).
 
     params = SamplingParams(max_tokens=32, temperature=0.7, seed=1)   # a bad value raises RequestError
-    queue = RequestQueue(device)
+    queue = RequestQueue(new_generator)   # new_generator(seed): the engine's seeded random source
     req = queue.add(prompt_ids, lora, params)
 """
 
@@ -12,11 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from dmoe.errors import RequestError, UnknownExpertError
 
@@ -105,7 +103,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" (| the runner's "error"/"shutdown")
     kv_slot: int = -1
-    generator: torch.Generator | None = None
+    generator: Any = None  # the engine's seeded random source (torch.Generator; numpy's Generator for llama.cpp)
     matcher: Any = None  # the grammar's llguidance matcher (params.grammar), made at submit
     # params.logprobs: per output token, (its log-probability, [(token id, log-probability)] of the k most likely)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -118,8 +116,8 @@ class Request:
 class RequestQueue:
     """The waiting and running requests of one engine, and their ids (callers hold the engine lock)."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, new_generator: Callable[[int], Any]):
+        self.new_generator = new_generator  # seed -> the engine's random source, for a request with a seed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count(1)
@@ -128,7 +126,7 @@ class RequestQueue:
             matcher: Any = None) -> Request:
         req = Request(list(prompt_ids), lora, params, id=next(self._ids), matcher=matcher)
         if params.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            req.generator = self.new_generator(params.seed)
         self.waiting.append(req)
         return req
 

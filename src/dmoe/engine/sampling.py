@@ -71,7 +71,7 @@ def sample_batch(logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
             r = reqs[i]
             _penalize_(logits[i], r)
             if r.matcher is not None:
-                logits[i].masked_fill_(~allowed_tokens(r.matcher, logits.shape[-1]).to(logits.device), float("-inf"))
+                logits[i].masked_fill_(~torch.from_numpy(allowed_tokens(r.matcher, logits.shape[-1])).to(logits.device), float("-inf"))
     tokens = torch.argmax(logits, dim=-1)  # (B,) greedy rows are done here
     for i, r in enumerate(reqs):
         if not r.params.greedy:

