@@ -161,8 +161,11 @@ def test_int4_is_the_default_where_it_applies_and_off_elsewhere(tiny_q4_base, ti
     dense, without an error."""
     from dmoe.runtime import ServeConfig, build_engine
 
+    said = []
+
     def packed(**kw) -> bool:
         engine = build_engine(ServeConfig.make(max_batch=2, max_seq=64, max_loras=2, max_rank=8, **kw))[0]
+        said.append(engine.describe())  # the start-up banner's line
         return all(getattr(layer, g).int4 is not None for layer in engine.model.layers for g in ("qkv", "o", "gate_up", "down"))
 
     q4 = str(tiny_q4_base.path)
@@ -170,6 +173,10 @@ def test_int4_is_the_default_where_it_applies_and_off_elsewhere(tiny_q4_base, ti
     assert not packed(base=q4, dtype="bfloat16", int4=False)
     assert not packed(base=q4, dtype="float32")
     assert not packed(base=str(tiny_base), dtype="bfloat16")
+    assert said[0] == "torch engine on cpu in bfloat16, packed int4 weights in decode steps (8 of 8 linears)"
+    assert said[1] == "torch engine on cpu in bfloat16, dense weights"  # --no-int4: the user's own choice
+    assert said[2].startswith("torch engine on cpu in float32, dense weights (int4 off: --int4 needs --dtype bfloat16")
+    assert "dense weights (int4 off: --int4 reads a GGUF base's own 4-bit weights" in said[3]
 
 
 def test_auto_int4_on_weights_that_differ_stays_dense(tiny_q4_base, caplog):
@@ -183,6 +190,7 @@ def test_auto_int4_on_weights_that_differ_stays_dense(tiny_q4_base, caplog):
     with caplog.at_level("WARNING", logger="dmoe.runtime"):
         assert attach_packed_int4(eng, tiny_q4_base.path, required=False) == 0
     assert "int4 off" in caplog.text and "layers.0.o" in caplog.text
+    assert "dense weights (int4 off: layers.0.o" in eng.describe()
     assert all(getattr(layer, g).int4 is None for layer in eng.model.layers for g in ("qkv", "o", "gate_up", "down"))
     with pytest.raises(Int4Error, match=r"layers\.0\.o"):
         attach_packed_int4(eng, tiny_q4_base.path, required=True)

@@ -67,6 +67,7 @@ def test_greedy_equals_the_torch_engine(tiny_torch_engine, tiny_llama_engine, ad
 
 
 def test_adapters_change_the_output(tiny_llama_engine):
+    assert tiny_llama_engine.describe() == f"llama.cpp engine on cpu, {tiny_llama_engine.n_threads} threads, the GGUF's own weights (tiny-f32.gguf)"
     base = tiny_llama_engine.generate(PROMPTS[:1], [[]], GREEDY)
     alpha = tiny_llama_engine.generate(PROMPTS[:1], [[("alpha", 1.0)]], GREEDY)
     assert base != alpha

@@ -316,6 +316,7 @@ def build_torch_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
         attach_packed_int4(engine, spec.path, required=bool(cfg.int4))
     elif cfg.int4 is None:
         log.info("int4 (packed 4-bit weights, on by default where they apply) is off here: %s", int4_off)
+        engine.weights_note = int4_off
     return engine, tok, spec.identity
 
 
@@ -331,6 +332,7 @@ def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> in
         if required:
             raise
         log.warning("int4 off, decode steps use the dense weights: %s", exc)
+        engine.weights_note = str(exc)
         return 0
     if packed == 0:
         if required:

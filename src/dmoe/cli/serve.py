@@ -116,6 +116,7 @@ def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_
     url = f"http://{host}:{sock.getsockname()[1]}"
     console.print(f"serving base {st.base.short()} with experts {', '.join(sorted(st.engine.resident)) or 'none'} "
                   f"on {url}" + (f"; web UI: {url}/ui/" if ui else ""))
+    console.print(f"  {st.engine.describe()}")
     level = logging.getLevelName(logging.getLogger("dmoe").getEffectiveLevel()).lower()
     mount = None
     if ui is not None:

@@ -123,7 +123,7 @@ class LlamaCppEngine:
         # (bench/serve_memory.py, llamacpp-no-router), for no speed a 2-core CPU can use
         cp.n_ubatch = min(cp.n_batch, 512)
         threads = n_threads or os.cpu_count() or 1
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads = cp.n_threads_batch = self.n_threads = threads
         self._ctx: Any = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise LlamaCppError("llama.cpp could not create a context")
@@ -365,6 +365,9 @@ class LlamaCppEngine:
         with self.lock:
             self.queue.drop(req)
             self._release(req)
+
+    def describe(self) -> str:
+        return f"llama.cpp engine on cpu, {self.n_threads} threads, the GGUF's own weights ({self.base.path.name})"
 
     def stats(self) -> EngineStats:
         with self.lock:

@@ -87,6 +87,10 @@ class Engine(Protocol):
     def stats(self) -> EngineStats:
         ...
 
+    def describe(self) -> str:
+        """What runs the steps, for the start-up banner (engine, device, dtype, weights' format)."""
+        ...
+
     def close(self) -> None:
         """Free what the engine holds outside Python's garbage collector."""
         ...

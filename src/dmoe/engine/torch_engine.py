@@ -78,6 +78,7 @@ class TorchEngine:
         self.lock = threading.RLock()  # guards slots and queues between steps
         self.eos_ids = stop_token_ids(tokenizer)
         self.compiled = compile
+        self.weights_note = ""  # why packed int4 weights are off, when the default chose dense (runtime.build_engine)
         if compile:
             compile_blocks(model)
 
@@ -205,6 +206,14 @@ class TorchEngine:
             self.generate([short, long], [choice, choice], params)  # several rows
         if len(by_slot) > 1:
             self.generate([short, long], [choices[1], choices[2]], params)  # a mixed batch
+
+    def describe(self) -> str:
+        linears = [lin for layer in self.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        packed = sum(getattr(lin, "int4", None) is not None for lin in linears)
+        weights = (f"packed int4 weights in decode steps ({packed} of {len(linears)} linears)" if packed
+                   else "dense weights" + (f" (int4 off: {self.weights_note})" if self.weights_note else ""))
+        return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}"
+                + (", compiled blocks" if self.compiled else ""))
 
     def stats(self) -> EngineStats:
         kv = self.model.k_cache
