@@ -133,7 +133,7 @@ def child(name: str, prefills: int) -> dict:
         held["kv_cache"] = round(s.kv_bytes_total / 2**20, 1)
         held["gguf_file"] = round(os.path.getsize(base_path(cfg)) / 2**20, 1)
     del ServeState
-    return {"config": {**CONFIGS[name]}, "stages": stages, "held_mb": held}
+    return {"config": {**CONFIGS[name]}, "stages": stages, "held_mb": held, "torch_imported": "torch" in sys.modules}
 
 
 def base_path(cfg) -> str:
