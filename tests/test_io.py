@@ -212,3 +212,11 @@ print(torch.get_num_threads(), n1 - n0, freed, n1 - n2, grew[0], again[0])
     assert started == threads - 1 and freed == "True" and gone == started  # the loading thread's workers are gone
     assert side == 0  # a side thread's torch work started no team
     assert engine == threads - 1  # a thread that does not opt out still gets its full team (the engine's)
+
+
+def test_cpu_has_bf16_reads_the_flags_torch_reads():
+    import torch
+
+    from dmoe.io import cpu_has_bf16
+
+    assert cpu_has_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

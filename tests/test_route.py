@@ -216,6 +216,59 @@ def test_minilm_on_transformers_equals_sentence_transformers(tmp_path):
         MiniLMEncoder(other)
 
 
+def test_numpy_minilm_is_the_same_encoder_without_torch():
+    """The llama.cpp server's encoder: MiniLM in numpy, the same id as MiniLMEncoder. fp32: the
+    same vectors; bf16: the same to bf16 rounding order (as torch's own bf16 kernels differ
+    between CPUs); its bf16 rounding and its erf held to torch's and math's."""
+    import math
+    import subprocess
+    import sys
+
+    import torch
+
+    from dmoe.route.encoders import MiniLMEncoder, NumpyMiniLMEncoder, _bf16, _erf
+
+    texts = ["how do I bleed my brakes?", "pasta " * 400, "", "火星への探査機", "def f(x): return x"]
+    for dtype in ("float32", "bfloat16"):
+        ours, ref = NumpyMiniLMEncoder(dtype=dtype), MiniLMEncoder(dtype=dtype)
+        got, want = ours.encode(texts), ref.encode(texts)
+        assert ours.id == ref.id and got.shape == want.shape == (5, 384) and got.dtype == np.float32
+        if dtype == "float32":
+            assert np.abs(got - want).max() < 1e-5
+        else:
+            assert (got * want).sum(1).min() > 0.9995 and np.abs(got - want).max() < 5e-3, np.abs(got - want).max()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 20, 20000))).astype(np.float32)
+    assert np.array_equal(_bf16(x), torch.from_numpy(x).bfloat16().float().numpy())
+    grid = np.linspace(-6, 6, 4001, dtype=np.float32)
+    assert max(abs(float(e) - math.erf(float(v))) for e, v in zip(_erf(grid), grid)) < 5e-7
+    code = ("import sys; from dmoe.route.encoders import make_encoder; e = make_encoder('minilm', backend='numpy'); "
+            "e.encode(['hi']); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    with pytest.raises(RouteError, match="runs on torch only"):
+        from dmoe.route.encoders import make_encoder
+
+        make_encoder("base", backend="numpy")
+
+
+def test_the_bundled_router_decides_the_same_on_either_encoder_backend(minilm):
+    """The bundled router (trained on torch's bf16 MiniLM) loaded on the numpy encoder: the same
+    decisions on the held-out questions but for ones within rounding of a tie, and the router's
+    goal (>= 95%) kept."""
+    from dmoe.route.evaluate import evaluate, read_labelled
+
+    experts = find_experts(REPO / "examples" / "experts")
+    questions = read_labelled(REPO / "examples" / "data" / "heldout.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_router = load_router(REPO / "examples" / "experts" / ROUTER_DIR, experts)
+        numpy_router = load_router(REPO / "examples" / "experts" / ROUTER_DIR, experts, backend="numpy")
+    assert type(numpy_router.encoder).__name__ == "NumpyMiniLMEncoder"
+    same = sum(torch_router.route(q).experts == numpy_router.route(q).experts for q, *_ in questions)
+    assert same >= 0.99 * len(questions), (same, len(questions))
+    assert evaluate(numpy_router, questions)["accuracy"] >= 0.95
+
+
 @pytest.mark.slow
 def test_bundled_router_accuracy_on_heldout(minilm):
     """The router's goal: >= 95% on held-out questions, off-domain ones counted."""

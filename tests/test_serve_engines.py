@@ -292,3 +292,49 @@ def test_the_llamacpp_engine_serves_without_importing_torch(tiny_gguf_base, tiny
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["status"] == [200, 200, 200] and got["torch"] is False, got
     assert all(t.startswith("{") for t in got["texts"]), got["texts"]
+
+
+NO_TORCH_ROUTED = r"""
+import json, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from dmoe.runtime import ServeConfig, build_state
+from dmoe.serve.app import create_app
+
+st = build_state(ServeConfig(experts_dir=Path(sys.argv[1]), engine="llamacpp", max_batch=2, max_seq=256))
+with TestClient(create_app(st), base_url="http://127.0.0.1") as client:
+    r = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "How long should I knead bread dough before the first rise?"}]})
+print(json.dumps({"status": r.status_code, "route": r.json().get("dmoe", {}).get("route"), "torch": "torch" in sys.modules,
+                  "encoder": type(st.router.encoder).__name__}))
+"""
+
+
+@pytest.mark.slow
+def test_the_default_llamacpp_server_routes_without_importing_torch(dmoe_home, tmp_path):
+    """`dmoe serve --engine llamacpp` as it starts by default (the bundled experts and their
+    router): model=auto routes on the numpy MiniLM (the router's own encoder id), and the process
+    never imports torch. The one-time conversions are made first, as a first start would."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from dmoe.base import hf_meta_dir, resolve_base
+    from dmoe.experts import find_experts
+    from dmoe.lora_gguf import cached_adapter_gguf
+
+    experts = REPO / "examples" / "experts"
+    base = resolve_base(None)
+    hf_meta_dir(base)
+    for e in find_experts(experts):
+        cached_adapter_gguf(e, base)
+    script = tmp_path / "routed_no_torch.py"
+    script.write_text(NO_TORCH_ROUTED)
+    out = subprocess.run([sys.executable, str(script), str(experts)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DMOE_HOME": str(dmoe_home)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["status"] == 200 and got["torch"] is False and got["encoder"] == "NumpyMiniLMEncoder", got
+    assert [e["name"] for e in got["route"]["experts"]] == ["cooking"], got

@@ -167,6 +167,7 @@ class ApiState:
     refit_on_change: bool = False  # a hot load/unload refits the embedding router in the background
     router_cache: Path | None = None  # cached prompt embeddings (<experts>/router/cache)
     route_encoder: Any = None  # the encoder of a refit when there is no router yet (None: MiniLM)
+    route_backend: str = "torch"  # what a new MiniLM encoder runs on (numpy beside the llama.cpp engine)
     router_status: dict = field(default_factory=dict)  # what /v1/experts and load responses report
     allowed_hosts: list[str] | None = field(default_factory=lambda: list(LOOPBACK_HOSTS))
     max_body_bytes: int = 4 * 1024 * 1024
@@ -220,7 +221,8 @@ class ApiState:
     def _refit(self, gen: int, experts: list[Expert]) -> None:
         serial_openmp()  # side work: never a second OpenMP team beside the engine's (io.py)
         try:
-            router, accuracy, warnings = refit_router(experts, self.router, cache=self.router_cache, encoder=self.route_encoder)
+            router, accuracy, warnings = refit_router(experts, self.router, cache=self.router_cache, encoder=self.route_encoder,
+                                                     backend=self.route_backend)
         except Exception as exc:  # any failure keeps the old router: serving goes on
             log.warning("the router refit failed (%s); model=auto keeps the previous router", exc)
             with self._router_lock:
@@ -378,6 +380,12 @@ def base_from_cards(experts: list[Expert]) -> str | None:
     return None
 
 
+def router_backend(cfg: ServeConfig) -> str:
+    """What the router's encoder runs on: numpy beside the llama.cpp engine (its process then
+    never imports torch, about 380 MB of RSS with transformers' BERT), torch beside the torch engine."""
+    return "numpy" if cfg.engine == "llamacpp" else "torch"
+
+
 def build_state(cfg: ServeConfig) -> ServeState:
     """The engine with every expert of ``cfg.experts_dir`` (and ``more_experts``) loaded, and the router.
     With no ``base`` given, the experts' cards name it when they all share a named base."""
@@ -399,7 +407,12 @@ def build_state(cfg: ServeConfig) -> ServeState:
         engine.load_expert(expert)
         st.register(expert.name, expert)
     if cfg.use_router and experts_dir is not None:
-        st.router, st.router_note = startup_router(experts_dir, experts, cfg.keywords)
+        st.route_backend = router_backend(cfg)
+        if st.route_backend == "numpy":  # numpy's BLAS on one thread: the engine's threads keep the cores (io.py)
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(1, user_api="blas")
+        st.router, st.router_note = startup_router(experts_dir, experts, cfg.keywords, backend=st.route_backend)
     elif cfg.keywords is not None:  # no embedding router (--no-router): the keyword rules when given
         from dmoe.route.keyword import KeywordRouter
 

@@ -165,9 +165,11 @@ def _read_arrays(f: Path, meta: RouterMeta, dim: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder | None = None) -> EmbeddingRouter:
+def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder | None = None,
+                backend: str = "torch") -> EmbeddingRouter:
     """Load a router and check it was trained for exactly these experts (and adapters). A
-    damaged file is a RouteError that says to retrain, never a wrong route."""
+    damaged file is a RouteError that says to retrain, never a wrong route. Without an
+    ``encoder``, the one its ``router.json`` names is made on ``backend`` (torch or numpy)."""
     d = Path(directory)
     if not (d / ROUTER_JSON).is_file():
         raise RouteError(f"no router in {d}: train one with `dmoe route train --experts {d.parent}`")
@@ -187,7 +189,7 @@ def load_router(directory: str | Path, experts: list[Expert], encoder: Encoder |
         from dmoe.route.encoders import make_encoder
 
         kind, *rest = meta.encoder.split(":")
-        encoder = make_encoder(kind, dtype=rest[-1] if kind == "minilm" and len(rest) > 1 else None)
+        encoder = make_encoder(kind, dtype=rest[-1] if kind == "minilm" and len(rest) > 1 else None, backend=backend)
     if encoder.id != meta.encoder:
         raise RouteError(f"the router in {d} was trained with encoder {meta.encoder}, not {encoder.id}: retrain it")
     if sorted(meta.classes) != sorted([*have, NONE]):

@@ -18,12 +18,14 @@ from dmoe.route.text import RouteError
 log = logging.getLogger("dmoe.route")
 
 
-def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | None = None, encoder=None):
-    """(router or None, note). Warns when it falls back."""
+def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | None = None, encoder=None,
+                   backend: str = "torch"):
+    """(router or None, note). Warns when it falls back. ``backend``: what the encoder runs on
+    (numpy: no torch in the process; the same encoder id)."""
     d = Path(experts_dir) / ROUTER_DIR
     if (d / ROUTER_JSON).is_file():
         try:
-            return load_router(d, experts, encoder), ""
+            return load_router(d, experts, encoder, backend), ""
         except RouteError as exc:
             note = str(exc)
     else:
@@ -37,7 +39,8 @@ def startup_router(experts_dir: Path, experts: list[Expert], keywords: Path | No
     return None, note
 
 
-def refit_router(experts: list[Expert], current, *, cache: Path | None = None, data_dirs=(), encoder=None):
+def refit_router(experts: list[Expert], current, *, cache: Path | None = None, data_dirs=(), encoder=None,
+                 backend: str = "torch"):
     """A new embedding router for ``experts`` (the loaded set after a hot load or unload),
     with the current router's encoder when it has one (cached embeddings: only a new expert's
     prompts are encoded). Returns (router or None, validation accuracy, warnings). An expert
@@ -61,7 +64,7 @@ def refit_router(experts: list[Expert], current, *, cache: Path | None = None, d
         else:
             from dmoe.route.encoders import make_encoder
 
-            encoder = make_encoder("minilm")
+            encoder = make_encoder("minilm", backend=backend)
     router = train_router(routable, encoder, data_dirs=data_dirs, cache=cache)
     trials = router.report["classifier_trials"][router.report["chosen"]]
     return router, trials["val_accuracy"], warnings + list(router.report.get("notes", []))
