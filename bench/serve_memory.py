@@ -97,14 +97,17 @@ def child(name: str, prefills: int) -> dict:
     held: dict[str, float] = {}
     if cfg.use_router:
         from dmoe.route.select import startup_router
+        from dmoe.runtime import router_backend
 
-        router, _ = startup_router(EXPERTS, experts)
+        router, _ = startup_router(EXPERTS, experts, backend=router_backend(cfg))  # as build_state: numpy beside llama.cpp
         router.route("How do I change the brake pads on my car?")  # loads the encoder
         stages["router"] = mem()
         enc = getattr(router, "encoder", None)
         model = getattr(enc, "model", None)
         if model is not None and hasattr(model, "parameters"):
             held["router_encoder_weights"] = tensor_mb(model.parameters())
+        elif isinstance(getattr(enc, "w", None), dict):  # the numpy MiniLM
+            held["router_encoder_weights"] = round(sum(a.nbytes for a in enc.w.values()) / 2**20, 1)
     from dmoe.engine.request import SamplingParams
 
     names = sorted(engine.resident)
