@@ -173,7 +173,7 @@ def test_int4_is_the_default_where_it_applies_and_off_elsewhere(tiny_q4_base, ti
     assert not packed(base=q4, dtype="bfloat16", int4=False)
     assert not packed(base=q4, dtype="float32")
     assert not packed(base=str(tiny_base), dtype="bfloat16")
-    assert said[0] == "torch engine on cpu in bfloat16, packed int4 weights in decode steps (8 of 8 linears)"
+    assert said[0] == "torch engine on cpu in bfloat16, packed int4 weights in decode steps (8 of 8 linears), float32 LoRA ops"
     assert said[1] == "torch engine on cpu in bfloat16, dense weights"  # --no-int4: the user's own choice
     assert said[2].startswith("torch engine on cpu in float32, dense weights (int4 off: --int4 needs --dtype bfloat16")
     assert "dense weights (int4 off: --int4 reads a GGUF base's own 4-bit weights" in said[3]
@@ -201,3 +201,29 @@ def test_a_damaged_gguf_is_an_int4_error(tiny_q4_base, tmp_path):
     cut.write_bytes(tiny_q4_base.path.read_bytes()[:300])
     with pytest.raises(Int4Error, match="damaged or cut short.*without --int4"):
         next(iter_int4_linears(cut, 2))
+
+
+def test_fp32_adapter_slots_keep_loaded_adapters_and_serve_them(tiny_q4_base, tiny_experts):
+    """Under packed int4 the adapter slots are fp32 (AdapterSlots.use_dtype): converting slots
+    that hold adapters keeps them (the same replies as slots that were fp32 before the load),
+    a later load lands in fp32, and the replies differ from the bare base's."""
+    from dmoe.engine.request import SamplingParams
+    from dmoe.experts import load_expert
+
+    params = SamplingParams(max_tokens=6)
+    converted, fresh = _engine(tiny_q4_base), _engine(tiny_q4_base)
+    for eng in (converted, fresh):
+        attach_int4(eng.model, iter_int4_linears(tiny_q4_base.path, eng.model.args.n_layers))
+    fresh.slots.use_dtype(torch.float32)
+    for eng in (converted, fresh):
+        eng.load_expert(load_expert(tiny_experts / "alpha"))
+    before = converted.slots.linears[0].A.clone()
+    converted.slots.use_dtype(torch.float32)
+    assert converted.slots.linears[0].A.dtype == torch.float32 and torch.equal(converted.slots.linears[0].A, before.float())
+    converted.load_expert(load_expert(tiny_experts / "beta"))
+    fresh.load_expert(load_expert(tiny_experts / "beta"))
+    prompts = [[1, 5, 9, 14], [1, 7, 3]]
+    for sets in ([[("alpha", 1.0)]] * 2, [[("alpha", 1.0)], [("beta", 0.5)]]):
+        assert converted.generate(prompts, sets, params) == fresh.generate(prompts, sets, params)
+    assert fresh.generate(prompts, [[("alpha", 1.0)]] * 2, params) != fresh.generate(prompts, [[]] * 2, params)
+    assert all(lin.A.dtype == lin.B.dtype == torch.float32 for lin in fresh.slots.linears)

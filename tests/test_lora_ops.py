@@ -46,6 +46,25 @@ def test_dense_kernel_over_the_used_slot_range_equals_reference(n, t, d_in, d_ou
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,t,d_in,d_out,r,s,k", SHAPES)
+def test_fp32_slots_over_a_bf16_model_compute_in_fp32_and_round_once(n, t, d_in, d_out, r, s, k):
+    """AdapterSlots.use_dtype(fp32) under packed int4: x (bf16) is cast up, the delta made in
+    fp32 and added into the bf16 output: every kernel then equals the fp32 reference on the
+    same bf16 inputs to one bf16 rounding of the sum."""
+    x, A, B, idx, scale = _case(n, t, d_in, d_out, r, s, k)
+    xb = x.bfloat16()
+    want = lora_delta_loop(xb.float(), A, B, idx, scale)
+    used = idx[idx >= 0]
+    lo, hi = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
+    w = dense_weights(idx, scale, lo, hi)
+    torch.testing.assert_close(lora_delta_dense(xb, A[lo:hi], B[lo:hi], w), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lora_delta_gather(xb, A, B, idx, scale), want, rtol=1e-4, atol=1e-4)
+    y = torch.randn(n, t, d_out).bfloat16()
+    expect = (y.float() + want).bfloat16()
+    assert lora_add_dense_(y, xb, A[lo:hi], B[lo:hi], w) is y and y.dtype == torch.bfloat16
+    assert (y.float() - expect.float()).abs().max() <= 2 * 2 ** -8 * expect.float().abs().max() + 1e-6
+
+
 def test_a_row_naming_one_slot_twice_gets_both_weights():
     idx, scale = torch.tensor([[2, 2]]), torch.tensor([[0.25, 0.5]])
     assert dense_weights(idx, scale, 1, 3).tolist() == [[0.0, 0.75]]

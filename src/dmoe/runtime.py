@@ -9,6 +9,7 @@ them imports another's module to get an engine.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -322,6 +323,9 @@ def build_torch_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     return engine, tok, spec.identity
 
 
+LORA_FP32 = os.environ.get("DMOE_LORA_FP32", "1") != "0"  # 0: bf16 adapter slots under int4 too (the benchmarks' baseline)
+
+
 def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> int:
     """The GGUF's packed 4-bit weights for the engine's decode steps. ``required`` (--int4): a
     base without them, or whose codes do not match the loaded weights, is an error; otherwise
@@ -344,6 +348,10 @@ def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> in
     else:
         log.info("int4: %d of %d layer linears read packed from %s (decode steps of up to %d rows; --no-int4: dense)",
                  packed, 4 * engine.model.args.n_layers, gguf.name, PackedInt4.max_rows)
+        if LORA_FP32:  # oneDNN's small bf16 ops pay more after the int4 kernel than MKL's sgemm (adapters.use_dtype)
+            import torch
+
+            engine.slots.use_dtype(torch.float32)
     return packed
 
 

@@ -36,8 +36,10 @@ def use_dense(n_slots: int, k: int) -> bool:
 def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x: (N, T, d_in), A: (S, r, d_in), B: (S, r, d_out), w: (N, S) -> (N, T, d_out).
 
-    ``A`` and ``B`` must be contiguous (a slice of slots of the stacked buffers is).
+    ``A`` and ``B`` must be contiguous (a slice of slots of the stacked buffers is). Slots in
+    another dtype than ``x`` (fp32 slots over a bf16 model) compute in the slots' dtype.
     """
+    x = x.to(A.dtype)
     n, t, _ = x.shape
     s, r, _ = A.shape
     xa = x @ A.reshape(s * r, -1).T  # (N, T, S*r)
@@ -47,17 +49,23 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch
 
 def lora_add_dense_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``y += lora_delta_dense(x, A, B, w)`` in place, the B product written straight into
-    ``y`` (one ``addmm_``: no delta tensor, no separate add). ``y`` (N, T, d_out) contiguous."""
+    ``y`` (one ``addmm_``: no delta tensor, no separate add). ``y`` (N, T, d_out) contiguous.
+    fp32 slots over a bf16 ``y`` (``AdapterSlots.use_dtype``): x is cast up, the delta made in
+    fp32 and added into ``y`` (one rounding)."""
     n, t, _ = x.shape
     s, r, _ = A.shape
-    xa = torch.nn.functional.linear(x, A.reshape(s * r, -1))  # (N, T, S*r)
+    xa = torch.nn.functional.linear(x.to(A.dtype), A.reshape(s * r, -1))  # (N, T, S*r)
     xa = (xa.view(n, t, s, r) * w[:, None, :, None]).view(n * t, s * r)
-    y.view(n * t, -1).addmm_(xa, B.reshape(s * r, -1))
+    if y.dtype == B.dtype:
+        y.view(n * t, -1).addmm_(xa, B.reshape(s * r, -1))
+    else:
+        y.view(n * t, -1).add_(xa @ B.reshape(s * r, -1))
     return y
 
 
 def lora_delta_gather(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: (N, T, d_in), A: (S, r, d_in), B: (S, r, d_out), idx/scale: (N, K) -> (N, T, d_out)."""
+    x = x.to(A.dtype)
     safe = idx.clamp(min=0)
     wk = torch.where(idx >= 0, scale, torch.zeros_like(scale)).to(x.dtype)  # (N, K)
     a = A[safe]  # (N, K, r, d_in)

@@ -212,7 +212,8 @@ class TorchEngine:
         packed = sum(getattr(lin, "int4", None) is not None for lin in linears)
         weights = (f"packed int4 weights in decode steps ({packed} of {len(linears)} linears)" if packed
                    else "dense weights" + (f" (int4 off: {self.weights_note})" if self.weights_note else ""))
-        return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}"
+        lora = "" if self.slots.dtype == self.dtype else f", {str(self.slots.dtype).removeprefix('torch.')} LoRA ops"
+        return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}{lora}"
                 + (", compiled blocks" if self.compiled else ""))
 
     def stats(self) -> EngineStats:
