@@ -267,31 +267,42 @@ print(json.dumps({"status": [r.status_code for r in replies], "torch": "torch" i
 """
 
 
-def test_the_llamacpp_engine_serves_without_importing_torch(tiny_gguf_base, tiny_gguf_experts, dmoe_home, tmp_path):
+def test_the_llamacpp_engine_serves_without_importing_torch(tiny_gguf_base, tiny_gguf_experts, tmp_path):
     """torch alone is about 210 MB of a server's RSS: a llama.cpp server (--no-router) never
-    imports it, seeded sampling, logprobs, penalties and an output grammar included. The adapters'
-    one-time conversion (which reads PEFT's tensors with torch) is made first, as a server's
-    first start would."""
+    imports it, seeded sampling, logprobs, penalties and an output grammar included, and not on
+    a first start either (a fresh DMOE_HOME): the GGUF's tokenizer and the adapters' conversion
+    to GGUF, which need torch, run in child interpreters."""
     import json
     import os
     import subprocess
     import sys
 
-    from dmoe.base import hf_meta_dir
-    from dmoe.experts import load_expert
-    from dmoe.lora_gguf import cached_adapter_gguf
-
-    hf_meta_dir(tiny_gguf_base)
-    for name in ("alpha", "beta", "gamma"):
-        cached_adapter_gguf(load_expert(tiny_gguf_experts / name), tiny_gguf_base)
     script = tmp_path / "serve_no_torch.py"
     script.write_text(NO_TORCH_SERVER)
+    home = tmp_path / "fresh-home"
     out = subprocess.run([sys.executable, str(script), str(tiny_gguf_base.path), str(tiny_gguf_experts)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "DMOE_HOME": str(dmoe_home)})
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "DMOE_HOME": str(home)})
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["status"] == [200, 200, 200] and got["torch"] is False, got
     assert all(t.startswith("{") for t in got["texts"]), got["texts"]
+    assert len(list((home / "gguf-adapters").glob("*.gguf"))) == 3 and list((home / "bases").glob("*-meta"))
+
+
+def test_a_conversion_in_a_child_interpreter_says_what_went_wrong(tiny_experts, tmp_path):
+    """An adapter for another base, converted from a process without torch: the child's
+    AdapterError comes back with its message, not a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dmoe.io import without_torch_here\nfrom dmoe.errors import AdapterError\n"
+            "try:\n    without_torch_here('dmoe.lora_gguf:_write_cached', sys.argv[1], sys.argv[2], 'embedded', error=AdapterError)\n"
+            "except AdapterError as exc:\n    print('refused:', exc, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_experts / "alpha"), str(tmp_path / "x.gguf")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused: expert 'alpha'") and "another base" in out.stdout, out.stdout
+    assert out.stdout.strip().endswith("False") and not (tmp_path / "x.gguf").exists()
 
 
 NO_TORCH_ROUTED = r"""

@@ -31,6 +31,7 @@ from dmoe.io import (
     file_lock,
     stamp_matches,
     verify_manifest,
+    without_torch_here,
     write_stamp,
 )
 
@@ -233,7 +234,12 @@ def hf_meta_dir(base: BaseSpec) -> Path:
     full = _gguf_target(base)
     if (full / "config.json").is_file():
         return hf_dir(base)
-    return _cached_conversion(base, full.with_name(full.name + "-meta"), _convert_gguf_meta)
+    return _cached_conversion(base, full.with_name(full.name + "-meta"), _convert_gguf_meta_here)
+
+
+def _convert_gguf_meta_here(gguf_path: Path, target: Path) -> None:
+    # transformers' GGUF tokenizer reader imports torch: a child interpreter where this process has none
+    without_torch_here("dmoe.base:_convert_gguf_meta", str(gguf_path), str(target), error=BaseModelError)
 
 
 def _gguf_target(base: BaseSpec) -> Path:
@@ -292,10 +298,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         (tmp / "dmoe_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
 
 
-def _convert_gguf_meta(gguf_path: Path, target: Path) -> None:
+def _convert_gguf_meta(gguf_path: str | Path, target: str | Path) -> None:
     """A GGUF's config and tokenizer as an HF directory (no weights), written atomically."""
     from transformers import AutoConfig, AutoTokenizer
 
+    gguf_path, target = Path(gguf_path), Path(target)
     _quiet_transformers()
     log.info("reading the config and tokenizer of %s once into %s", gguf_path.name, target)
     with atomic_dir(target, replace=True, manifest=True) as tmp:

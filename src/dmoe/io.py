@@ -479,3 +479,40 @@ def serially(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` after ``serial_openmp()``: for ``asyncio.to_thread`` side work."""
     serial_openmp()
     return fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- work kept out of a lean process
+ISOLATED_ERROR = "dmoe-isolated-error: "
+
+
+def without_torch_here(target: str, *args: str, error: type[DmoeError]) -> None:
+    """Run ``"module:function"(*args)`` in a child interpreter when this process has not imported
+    torch, else here. For one-time conversions that need torch (reading PEFT's tensors,
+    transformers' GGUF tokenizer reader) inside a process that otherwise runs without it (the
+    llama.cpp engine's server): torch would stay in its RSS, about 210 MB, until a restart. A
+    DmoeError the function raises comes back as ``error`` with its message."""
+    import importlib
+    import subprocess
+    import sys
+
+    module, func = target.split(":")
+    if "torch" in sys.modules:
+        getattr(importlib.import_module(module), func)(*args)
+        return
+    code = ("import sys\nfrom dmoe.io import _isolated_main\n_isolated_main(sys.argv[1], sys.argv[2:])")
+    r = subprocess.run([sys.executable, "-c", code, target, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        said = [line.removeprefix(ISOLATED_ERROR) for line in r.stderr.splitlines() if line.startswith(ISOLATED_ERROR)]
+        raise error(said[-1] if said else f"{func} failed in a child process: {r.stderr.strip()[-800:]}")
+
+
+def _isolated_main(target: str, args: list[str]) -> None:
+    import importlib
+    import sys
+
+    module, func = target.split(":")
+    try:
+        getattr(importlib.import_module(module), func)(*args)
+    except DmoeError as exc:
+        print(ISOLATED_ERROR + str(exc).replace("\n", " "), file=sys.stderr)
+        sys.exit(3)

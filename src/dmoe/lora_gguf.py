@@ -34,7 +34,7 @@ import numpy as np
 from dmoe.base import BaseSpec, hf_meta_dir
 from dmoe.errors import AdapterError, DmoeError
 from dmoe.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Expert, read_peft_adapter
-from dmoe.io import clean_stale, content_hash, dmoe_home, file_lock, stamp_matches, write_stamp
+from dmoe.io import clean_stale, content_hash, dmoe_home, file_lock, stamp_matches, without_torch_here, write_stamp
 
 if TYPE_CHECKING:  # converting an adapter reads it with torch; a cached one is served without torch
     import torch
@@ -255,6 +255,16 @@ def check_adapter_fits(adapter: str | os.PathLike, base: str | os.PathLike) -> G
     return a
 
 
+def _write_cached(expert_dir: str, out: str, base_path: str) -> None:
+    from dmoe.base import resolve_base
+    from dmoe.experts import load_expert
+
+    try:
+        write_adapter_gguf(load_expert(expert_dir), out, resolve_base(base_path), "f32")
+    except ExportError as exc:
+        raise AdapterError(str(exc)) from None
+
+
 def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
     """The expert as a GGUF adapter (f32, so the only difference from torch is the base's
     quantisation), converted once and cached under ``$DMOE_HOME/gguf-adapters`` by the
@@ -269,9 +279,7 @@ def cached_adapter_gguf(expert: Expert, base: BaseSpec) -> Path:
             return path
         if path.exists():
             log.warning("rebuilding %s: it does not match the digest written with it", path)
-        try:
-            write_adapter_gguf(expert, path, base, "f32")
-        except ExportError as exc:
-            raise AdapterError(str(exc)) from None
+        # a child interpreter where this process has no torch (the llama.cpp engine's server)
+        without_torch_here("dmoe.lora_gguf:_write_cached", str(expert.path), str(path), str(base.path), error=AdapterError)
         write_stamp(path, digest)
     return path
