@@ -1,13 +1,12 @@
-"""The LoRA ops in fp32 (the default under int4) against bf16 over the packed int4 base, in one process, interleaved.
+"""The LoRA ops in fp32 (--lora-dtype float32) against bf16 over the packed int4 base, in one process, interleaved.
 
     .venv/bin/python bench/lora_dtype.py [--rows 8] [--new 64] [--reps 3]
 
 After torch's int4 kernel, each oneDNN bf16 LoRA op of a decode step pays tens of
 microseconds more than alone (docs/benchmarks.md, issue 20's fifth step). Two engines from the
 same loaded base (bf16, the embedded GGUF's packed 4-bit weights, the three bundled experts):
-one with bf16 adapter slots (``DMOE_LORA_FP32=0``), one with fp32 slots
-(``AdapterSlots.use_dtype``: x cast up, MKL's sgemm, the delta added into the bf16 output),
-which ``dmoe serve`` uses over packed int4 weights. ``--rows`` prompts decoded together, greedy,
+one with bf16 adapter slots (the default), one with fp32 slots (``dmoe serve --lora-dtype
+float32``, ``AdapterSlots.use_dtype``: x cast up, MKL's sgemm, the delta added into the bf16 output). ``--rows`` prompts decoded together, greedy,
 ``ignore_eos``: the bare base, every row on one expert, rows round-robin over the three.
 Median tokens/s of ``--reps`` timed repetitions (one untimed first). Prints one JSON object.
 """
@@ -44,7 +43,7 @@ def main() -> None:
         attach_int4(eng.model, iter_int4_linears(embedded_gguf_path(), eng.model.args.n_layers))
         for n in NAMES:
             eng.load_expert(load_expert(examples_dir() / "experts" / n))
-        eng.slots.use_dtype(torch.float32 if c == "fp32" else torch.bfloat16)  # what dmoe serve does under int4: fp32
+        eng.slots.use_dtype(torch.float32 if c == "fp32" else torch.bfloat16)
         engines[c] = eng
     rows = args.rows
     prompts = [tok.encode(f"Question {i}: how do I fix my car's brakes, and then cook pasta?") for i in range(rows)]

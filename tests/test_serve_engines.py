@@ -240,6 +240,16 @@ def test_no_router_routes_auto_by_the_keyword_rules_or_to_the_base(make_state, l
     assert inspect.signature(serve).parameters["router"].default.default is True
 
 
+def test_lora_dtype_with_the_llamacpp_engine_is_refused_and_a_bad_one_named(tiny_gguf_base):
+    from dmoe.config import ConfigError
+    from dmoe.runtime import ServeConfig, build_engine
+
+    with pytest.raises(ConfigError, match="--lora-dtype applies to the torch engine"):
+        build_engine(ServeConfig.make(base=str(tiny_gguf_base.path), engine="llamacpp", lora_dtype="float32"))
+    with pytest.raises(ConfigError, match="lora_dtype"):
+        ServeConfig.make(lora_dtype="float64")
+
+
 def test_compile_with_the_llamacpp_engine_is_refused_before_anything_loads(tiny_gguf_base):
     from dmoe.config import ConfigError
     from dmoe.runtime import ServeConfig, build_engine

@@ -9,7 +9,6 @@ them imports another's module to get an engine.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +63,9 @@ class ServeConfig(BaseModel):
     int4: bool | None = Field(default=None, description="torch engine over a 4-bit GGUF base (Q4_0/Q4_1/Q4_K): decode "
                               "steps read the file's packed 4-bit weights (CPU, bf16/fp16); see engine/int4.py. None "
                               "(auto): on wherever it applies, else off; True: refuse a setup where it cannot apply")
+    lora_dtype: Literal["auto", "float32"] = Field(default="auto", description="the adapter slots' dtype (torch engine): "
+                                                   "auto = the model's; float32 = the LoRA ops on MKL's sgemm (faster at one "
+                                                   "or two rows per step over packed int4 weights, slower for mixed batches)")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = Field(default=True, description="load the trained embedding router (False: --keywords rules "
@@ -284,6 +286,9 @@ def serve_dtype(choice: str, device: str) -> torch.dtype:
 def build_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     """Load the base once and build the chosen engine; (engine, tokenizer, base identity)."""
     if cfg.engine == "llamacpp":
+        if cfg.lora_dtype != "auto":
+            raise ConfigError("--lora-dtype applies to the torch engine (llama.cpp applies its adapters itself); "
+                              "drop --lora-dtype or use --engine torch")
         if cfg.compile:
             raise ConfigError("--compile applies to the torch engine (llama.cpp runs compiled code already); "
                               "drop --compile or use --engine torch")
@@ -320,10 +325,9 @@ def build_torch_engine(cfg: ServeConfig) -> tuple[Engine, Any, BaseIdentity]:
     elif cfg.int4 is None:
         log.info("int4 (packed 4-bit weights, on by default where they apply) is off here: %s", int4_off)
         engine.weights_note = int4_off
+    if cfg.lora_dtype == "float32":  # before any expert loads (adapters.AdapterSlots.use_dtype)
+        engine.slots.use_dtype(torch.float32)
     return engine, tok, spec.identity
-
-
-LORA_FP32 = os.environ.get("DMOE_LORA_FP32", "1") != "0"  # 0: bf16 adapter slots under int4 too (the benchmarks' baseline)
 
 
 def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> int:
@@ -348,10 +352,6 @@ def attach_packed_int4(engine: TorchEngine, gguf: Path, *, required: bool) -> in
     else:
         log.info("int4: %d of %d layer linears read packed from %s (decode steps of up to %d rows; --no-int4: dense)",
                  packed, 4 * engine.model.args.n_layers, gguf.name, PackedInt4.max_rows)
-        if LORA_FP32:  # oneDNN's small bf16 ops pay more after the int4 kernel than MKL's sgemm (adapters.use_dtype)
-            import torch
-
-            engine.slots.use_dtype(torch.float32)
     return packed
 
 

@@ -70,8 +70,12 @@ def serve(
                                         "base, +5-15% with experts, the bundled experts' hit rates unchanged "
                                         "(docs/benchmarks.md). Prefills keep the dense weights: about 60 MB more RSS. "
                                         "--int4 refuses a setup where it cannot apply; --no-int4: dense only"),
+    lora_dtype: str = typer.Option("auto", "--lora-dtype", help="the adapter slots' dtype (torch engine): auto (the "
+                                   "model's) or float32: the LoRA ops on MKL's sgemm, over the packed int4 weights "
+                                   "about +25% with an expert at one request at a time, but 10-25% slower for mixed "
+                                   "batches of 8, and twice the slots' memory (docs/benchmarks.md)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
-                                "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, 120 MB to llama.cpp's); --no-router: model=auto uses the "
+                                "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, about 90 MB to llama.cpp's, where it runs in numpy without torch); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),
     webui: bool = typer.Option(False, "--webui", help="also serve the web UI (/ui/) on this port: dmoe webui"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="web UI: where datasets are uploaded and "
@@ -90,7 +94,7 @@ def serve(
 def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_loras, max_lora_rank, max_queue, dtype,
            drain, keywords, route_mode, device, engine, lenient, allowed_hosts, max_body_mb, client_timeout,
            max_connections, refit_router, webui, data_dir, max_upload_mb, train_threads, router=True, compile=False,
-           int4=None) -> None:
+           int4=None, lora_dtype="auto") -> None:
     from dmoe.runtime import ServeConfig, build_state  # torch, FastAPI: only when serving
     from dmoe.serve.http import bind, run_server
 
@@ -98,7 +102,7 @@ def _serve(*, experts, root, base, host, port, api_key, max_batch, max_seq, max_
     cfg = ServeConfig.make(base=base, experts_dir=folders[0], more_experts=folders[1:], roots=root, api_key=api_key, max_batch=max_batch, max_seq=max_seq,
                            max_loras=max_loras, max_rank=max_lora_rank, max_queue=max_queue, dtype=dtype, device=device,
                            keywords=keywords, route_mode=route_mode, engine=engine, lenient=lenient,
-                           refit_router=refit_router, use_router=router, compile=compile, int4=int4, allowed_hosts=hosts_to_allow(host, allowed_hosts),
+                           refit_router=refit_router, use_router=router, compile=compile, int4=int4, lora_dtype=lora_dtype, allowed_hosts=hosts_to_allow(host, allowed_hosts),
                            max_body_bytes=int(max_body_mb * 1024 * 1024), client_timeout_s=client_timeout,
                            max_connections=max_connections)
     if exposure := exposure_warning(host, api_key):

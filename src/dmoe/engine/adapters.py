@@ -76,8 +76,9 @@ class AdapterSlots:
 
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Keep the slots in ``dtype`` from now on (loaded adapters are converted). fp32 slots
-        over a bf16 model run the LoRA ops on MKL's sgemm: over the packed int4 base, +26% one
-        expert at one row per step, neutral at eight, for twice the slots' memory (docs/benchmarks.md)."""
+        over a bf16 model (``--lora-dtype float32``) run the LoRA ops on MKL's sgemm: over the
+        packed int4 base about +25% one expert at one row per step, 10-25% slower for mixed
+        batches of eight, for twice the slots' memory (docs/benchmarks.md)."""
         if dtype == self.dtype:
             return
         self.dtype = dtype
