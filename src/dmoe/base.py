@@ -338,22 +338,29 @@ def stop_token_ids(tokenizer) -> set[int]:
     return ids
 
 
+def tokenizer_class(directory: Path):
+    """The tokenizer class ``directory``'s ``tokenizer_config.json`` names, where transformers
+    exports it (the class ``AutoTokenizer`` picks, without the torch import its config classes
+    bring); else ``AutoTokenizer``."""
+    import transformers
+
+    try:
+        named = json.loads((Path(directory) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    cls = getattr(transformers, named, None) if isinstance(named, str) and named.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls
+    return transformers.AutoTokenizer
+
+
 def load_tokenizer(base: BaseSpec):
     """The base's tokenizer, with a pad token set (left as EOS when the model has none). The
     class its ``tokenizer_config.json`` names is loaded directly where transformers exports it:
     ``AutoTokenizer`` imports torch (through transformers' config classes), and the llama.cpp
     engine's server runs without torch."""
-    import transformers
-
     directory = hf_meta_dir(base)
-    try:
-        named = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        named = None
-    cls = getattr(transformers, named, None) if isinstance(named, str) and named.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
-        cls = transformers.AutoTokenizer
-    tok = cls.from_pretrained(str(directory))
+    tok = tokenizer_class(directory).from_pretrained(str(directory))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -483,6 +483,7 @@ def serially(fn, *args, **kwargs):
 
 # ---------------------------------------------------------------------- work kept out of a lean process
 ISOLATED_ERROR = "dmoe-isolated-error: "
+ISOLATED_TIMEOUT_S = 1800  # a conversion takes seconds to a minute; a hung child never blocks a start for good
 
 
 def without_torch_here(target: str, *args: str, error: type[DmoeError]) -> None:
@@ -500,7 +501,10 @@ def without_torch_here(target: str, *args: str, error: type[DmoeError]) -> None:
         getattr(importlib.import_module(module), func)(*args)
         return
     code = ("import sys\nfrom dmoe.io import _isolated_main\n_isolated_main(sys.argv[1], sys.argv[2:])")
-    r = subprocess.run([sys.executable, "-c", code, target, *args], capture_output=True, text=True)
+    try:
+        r = subprocess.run([sys.executable, "-c", code, target, *args], capture_output=True, text=True, timeout=ISOLATED_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise error(f"{func} did not finish in {ISOLATED_TIMEOUT_S} s in a child process") from None
     if r.returncode != 0:
         said = [line.removeprefix(ISOLATED_ERROR) for line in r.stderr.splitlines() if line.startswith(ISOLATED_ERROR)]
         raise error(said[-1] if said else f"{func} failed in a child process: {r.stderr.strip()[-800:]}")

@@ -132,9 +132,9 @@ class NumpyMiniLMEncoder:
     def __init__(self, path: str | Path | None = None, dtype: str | None = None):
         import json
 
-        import transformers
         from safetensors import safe_open
 
+        from dmoe.base import tokenizer_class
         from dmoe.io import cpu_has_bf16
 
         self.path = Path(path) if path else minilm_dir()
@@ -158,8 +158,7 @@ class NumpyMiniLMEncoder:
         self.n_layers, self.n_heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
         self.dim = int(config["hidden_size"])
-        named = json.loads((self.path / "tokenizer_config.json").read_text()).get("tokenizer_class") or "BertTokenizer"
-        self.tokenizer = getattr(transformers, named).from_pretrained(str(self.path), local_files_only=True)
+        self.tokenizer = tokenizer_class(self.path).from_pretrained(str(self.path), local_files_only=True)
         st_config = json.loads((self.path / "sentence_bert_config.json").read_text())
         self.max_seq_length = int(st_config.get("max_seq_length") or 256)
         self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"  # MiniLMEncoder's id
