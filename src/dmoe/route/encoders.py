@@ -63,6 +63,23 @@ def minilm_dir() -> Path:
     raise RouteError(f"{MINILM_PACKAGE} is installed but holds no model/modules.json")
 
 
+def _minilm_folder(path: str | Path | None, dtype: str | None) -> tuple[Path, str, int, str]:
+    """(folder, dtype, max_seq_length, encoder id) of a MiniLM folder, checked: a mean-pooled
+    sentence-transformers stack, dtype float32 or bfloat16 (None: the CPU's best)."""
+    import json
+
+    from dmoe.io import cpu_has_bf16
+
+    folder = Path(path) if path else minilm_dir()
+    check_mean_pooled(folder)
+    dtype = dtype or ("bfloat16" if cpu_has_bf16() else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise RouteError(f"MiniLM dtype must be float32 or bfloat16, not {dtype!r}")
+    st_config = json.loads((folder / "sentence_bert_config.json").read_text())
+    # the id names the function (kind + weights + dtype): both backends compute the same one
+    return folder, dtype, int(st_config.get("max_seq_length") or 256), f"minilm:{content_hash([folder / 'model.safetensors'])[:16]}:{dtype}"
+
+
 class MiniLMEncoder:
     """all-MiniLM-L6-v2 (384-d), offline. ``dtype`` None: bf16 where the CPU multiplies it
     natively (about half the latency of fp32, the same routing accuracy here), else fp32.
@@ -75,24 +92,13 @@ class MiniLMEncoder:
     is tested equal to."""
 
     def __init__(self, path: str | Path | None = None, dtype: str | None = None):
-        import json
-
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from dmoe.io import cpu_has_bf16
-
-        self.path = Path(path) if path else minilm_dir()
-        check_mean_pooled(self.path)
-        dtype = dtype or ("bfloat16" if cpu_has_bf16() else "float32")
-        if dtype not in ("float32", "bfloat16"):
-            raise RouteError(f"MiniLM dtype must be float32 or bfloat16, not {dtype!r}")
+        self.path, dtype, self.max_seq_length, self.id = _minilm_folder(path, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True, dtype=getattr(torch, dtype)).eval()
-        st_config = json.loads((self.path / "sentence_bert_config.json").read_text())
-        self.max_seq_length = int(st_config.get("max_seq_length") or 256)
         self.dim = int(self.model.config.hidden_size)
-        self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"  # the same function as before: same id
 
     @_inference
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -135,13 +141,8 @@ class NumpyMiniLMEncoder:
         from safetensors import safe_open
 
         from dmoe.base import tokenizer_class
-        from dmoe.io import cpu_has_bf16
 
-        self.path = Path(path) if path else minilm_dir()
-        check_mean_pooled(self.path)
-        dtype = dtype or ("bfloat16" if cpu_has_bf16() else "float32")
-        if dtype not in ("float32", "bfloat16"):
-            raise RouteError(f"MiniLM dtype must be float32 or bfloat16, not {dtype!r}")
+        self.path, dtype, self.max_seq_length, self.id = _minilm_folder(path, dtype)  # MiniLMEncoder's id
         config = json.loads((self.path / "config.json").read_text())
         if config.get("model_type") != "bert" or config.get("hidden_act") != "gelu" or \
                 config.get("position_embedding_type", "absolute") != "absolute":
@@ -159,9 +160,6 @@ class NumpyMiniLMEncoder:
         self.eps = float(config.get("layer_norm_eps", 1e-12))
         self.dim = int(config["hidden_size"])
         self.tokenizer = tokenizer_class(self.path).from_pretrained(str(self.path), local_files_only=True)
-        st_config = json.loads((self.path / "sentence_bert_config.json").read_text())
-        self.max_seq_length = int(st_config.get("max_seq_length") or 256)
-        self.id = f"minilm:{content_hash([self.path / 'model.safetensors'])[:16]}:{dtype}"  # MiniLMEncoder's id
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         mu = x.mean(-1, keepdims=True)
