@@ -50,7 +50,7 @@ class AdapterSlots:
         self.modules = lora_modules(model)
         self.linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
         self.rank = 0  # the buffers' rank: the largest rank loaded so far
-        self.dtype = next(model.parameters()).dtype  # the slots' dtype (use_dtype: fp32 under packed int4)
+        self.dtype = next(model.parameters()).dtype  # the slots' dtype (use_dtype: fp32 with --lora-dtype float32)
         self.resident: dict[str, Resident] = {}
 
     def _grow(self, rank: int) -> None:

@@ -23,6 +23,9 @@ def new_generator(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
+_UNSEEDED = np.random.default_rng()  # requests without a seed (the engine samples on its one step thread)
+
+
 def _log_softmax(row: np.ndarray) -> np.ndarray:
     x = row.astype(np.float64) - row.max()
     return (x - np.log(np.exp(x).sum())).astype(np.float32)
@@ -56,13 +59,14 @@ def _draw(row: np.ndarray, p: SamplingParams, gen: np.random.Generator | None) -
         cut = np.cumsum(sorted_p) - sorted_p > p.top_p  # keep the smallest set reaching top_p
         probs = np.zeros_like(probs)
         probs[order] = np.where(cut, 0.0, sorted_p)
-    q = (gen or np.random.default_rng()).exponential(1.0, probs.size)
+    q = (gen or _UNSEEDED).exponential(1.0, probs.size)
     return int(np.argmax(probs / q))
 
 
 def _record_logprobs(r: Request, logp: np.ndarray, tok: int) -> None:
     k = r.params.logprobs or 0
-    top = np.argsort(-logp, kind="stable")[:k] if k else np.empty(0, dtype=np.int64)
+    top = np.argpartition(-logp, k - 1)[:k] if k else np.empty(0, dtype=np.int64)  # the k best, not a sort of V
+    top = top[np.argsort(-logp[top], kind="stable")]
     r.logprobs.append((float(logp[tok]), [(int(t), float(logp[t])) for t in top]))
 
 

@@ -208,7 +208,7 @@ class TorchEngine:
             self.generate([short, long], [choices[1], choices[2]], params)  # a mixed batch
 
     def describe(self) -> str:
-        linears = [lin for layer in self.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears = self.slots.linears
         packed = sum(getattr(lin, "int4", None) is not None for lin in linears)
         weights = (f"packed int4 weights in decode steps ({packed} of {len(linears)} linears)" if packed
                    else "dense weights" + (f" (int4 off: {self.weights_note})" if self.weights_note else ""))
