@@ -441,18 +441,26 @@ def _libgomp() -> Any | None:
     is another library with its own threads), or None."""
     if _GOMP:
         return _GOMP[0]
+    path = torch_libgomp_path()
+    if path is None:
+        return None
+    try:
+        _GOMP.append(ctypes.CDLL(path))
+    except OSError:
+        return None
+    return _GOMP[0]
+
+
+def torch_libgomp_path() -> str | None:
+    """The file of the libgomp torch loaded in this process, or None (torch not loaded, or
+    built without OpenMP)."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libgomp" in line and "/" in line}
     except OSError:
         return None
-    for path in sorted(p for p in paths if "/torch/lib/" in p):
-        try:
-            _GOMP.append(ctypes.CDLL(path))
-            return _GOMP[0]
-        except OSError:
-            continue
-    return None
+    found = sorted(p for p in paths if "/torch/lib/" in p)
+    return found[0] if found else None
 
 
 def release_openmp_pool() -> bool:

@@ -66,7 +66,7 @@ class AdapterSlots:
             if lin.A is not None and lin.B is not None:
                 A[:, :, :self.rank].copy_(lin.A)
                 B[:, :, :self.rank].copy_(lin.B)
-            lin.A, lin.B = A, B
+            lin.set_slots(A, B)
             start = 0
             for j, part in enumerate(lin.parts):
                 part.A = A[:, j]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmoe.engine.lora_native import MAX_ROWS, NativeLoRA, Site
 from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
 from dmoe.errors import DmoeError
 
@@ -118,6 +119,8 @@ class LoRABatch:
 
     def __init__(self):
         self.from_zero = False  # slot ranges start at slot 0 (compiled blocks: the range is a tensor size, not a constant)
+        self.native: NativeLoRA | None = None  # the C kernel for small CPU steps (``use_native``); None: torch ops only
+        self.w32: torch.Tensor | None = None  # (N, hi - lo) fp32 contiguous: the native kernel's form of ``w``
         self.active = False
         self.dense = True
         self.lo = self.hi = 0
@@ -140,7 +143,14 @@ class LoRABatch:
         self.lo, self.hi = 0 if self.from_zero else min(used), max(used) + 1
         self.dense = use_dense(self.hi - self.lo, k)
         self.idx, self.scale = idx.to(device), scale.to(device=device, dtype=dtype)
-        self.w = dense_weights(idx, scale, self.lo, self.hi).to(device=device, dtype=dtype) if self.dense else None
+        w32 = dense_weights(idx, scale, self.lo, self.hi) if self.dense or self.native is not None else None
+        self.w = w32.to(device=device, dtype=dtype) if self.dense and w32 is not None else None
+        self.w32 = w32 if self.native is not None else None
+
+    def use_native(self, kernel: "NativeLoRA | None") -> None:
+        """Run steps of up to ``lora_native.MAX_ROWS`` rows on ``kernel`` (CPU models only;
+        the torch ops stay for wider steps, and are the reference the kernel is tested against)."""
+        self.native = kernel
 
     def clear(self) -> None:
         self.active = False
@@ -242,6 +252,17 @@ class LoRALinear(nn.Module):
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
         self.int4: PackedInt4 | None = None  # the GGUF's packed 4-bit weight (``int4.attach_int4``), for small steps
+        offs = [0]
+        for p in parts:
+            offs.append(offs[-1] + p.out_features)
+        self.part_off = torch.tensor(offs[:-1], dtype=torch.int64, device="cpu")  # each part's first output column (the native kernel)
+        self.part_len = torch.tensor([p.out_features for p in parts], dtype=torch.int64, device="cpu")
+        self.sites: dict[tuple[int, int], Site] = {}  # (lo, width) -> the native kernel's checked view of A, B
+
+    def set_slots(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """New slot buffers (AdapterSlots): the native kernel's cached addresses are dropped."""
+        self.A, self.B = A, B
+        self.sites.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] * x.shape[1] <= self.int4.max_rows:
@@ -251,6 +272,14 @@ class LoRALinear(nn.Module):
         b = self.batch
         if not b.active:
             return y
+        if (b.native is not None and b.w32 is not None and self.A is not None and self.B is not None
+                and x.shape[0] * x.shape[1] <= MAX_ROWS):  # a small CPU step: the C kernel
+            s = b.w32.shape[1]
+            site = self.sites.get((b.lo, s))
+            if site is None:  # once per slot range, until the buffers change (set_slots)
+                site = self.sites[(b.lo, s)] = b.native.site(self.A[b.lo:b.lo + s], self.B[b.lo:b.lo + s],
+                                                             self.part_off, self.part_len)
+            return b.native.run_(site, y, x.contiguous(), b.w32)
         if b.dense and self.fused and self.A is not None and self.B is not None:
             assert b.w is not None
             s, n_parts, r = b.w.shape[1], self.A.shape[1], self.A.shape[2]  # s = hi - lo, read from a size (compile: symbolic)
@@ -425,6 +454,7 @@ def compile_blocks(model: Transformer) -> None:
     # Slot ranges start at 0 and their width is read from a tensor's size, so a new set of
     # adapters is not a new constant to specialise on (a recompile stalls serving for seconds).
     model.lora.from_zero = True
+    model.lora.use_native(None)  # a ctypes call would break the graphs: compiled blocks keep the torch ops
     for layer in model.layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 

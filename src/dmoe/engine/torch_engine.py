@@ -28,6 +28,7 @@ import torch
 from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
+from dmoe.engine.lora_native import MAX_ROWS, native_kernel
 from dmoe.engine.model import StepInput, Transformer, compile_blocks, from_hf
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
@@ -81,6 +82,8 @@ class TorchEngine:
         self.weights_note = ""  # why packed int4 weights are off, when the default chose dense (runtime.build_engine)
         if compile:
             compile_blocks(model)
+        elif self.device.type == "cpu":
+            model.lora.use_native(native_kernel())  # small steps' LoRA in C (None: no compiler, the torch ops)
 
     @classmethod
     def from_base(cls, hf_model, tokenizer, dtype: torch.dtype | None = None, **kw) -> "TorchEngine":
@@ -213,6 +216,10 @@ class TorchEngine:
         weights = (f"packed int4 weights in decode steps ({packed} of {len(linears)} linears)" if packed
                    else "dense weights" + (f" (int4 off: {self.weights_note})" if self.weights_note else ""))
         lora = "" if self.slots.dtype == self.dtype else f", {str(self.slots.dtype).removeprefix('torch.')} LoRA ops"
+        if self.model.lora.native is not None:
+            lora += f", LoRA in dmoe's C kernel for steps of up to {MAX_ROWS} rows"
+        elif self.device.type == "cpu" and not self.compiled:
+            lora += ", LoRA on torch ops (the C kernel is off or could not be built: see the log)"
         return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}{lora}"
                 + (", compiled blocks" if self.compiled else ""))
 

@@ -1,0 +1,192 @@
+"""The multi-LoRA kernel for small CPU steps (``lora_cpu.c``), built once and called through ctypes.
+
+    kernel = native_kernel()        # None where it cannot be built: the torch path runs instead
+    kernel.add_(y, x, A, B, w, off, len)
+
+A decode step of 8 rows runs a LoRA at 120 sites (30 layers x q|k|v, o, gate|up, down).
+Through torch each site is two oneDNN matmuls and a multiply, about 85 us on this CPU, most
+of it per-call overhead and weight packing for a few hundred thousand multiply-adds; the C
+kernel does a site in one call and reads only the columns each part owns (the fused B is
+block-diagonal). ``lora_ops.lora_add_dense_`` stays the reference it is tested against, and
+the path for prefills, CUDA and compiled blocks.
+
+The source is compiled with the system C compiler (``$CC``, else ``cc``) at ``-O3
+-march=native`` on first use and cached under ``$DMOE_HOME/native``, keyed by the source,
+the compiler and this CPU's flags, and written atomically. No compiler, or a failed build,
+logs one warning and leaves the torch path. ``DMOE_NATIVE_LORA=0`` turns the kernel off
+(the baseline in benchmarks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from dmoe.io import dmoe_home, torch_libgomp_path
+
+log = logging.getLogger("dmoe.engine.lora_native")
+
+SOURCE = Path(__file__).with_name("lora_cpu.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+MAX_ROWS = 32  # rows (tokens) per step up to which the kernel runs; wider steps (prefills) use oneDNN's GEMM
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc)
+
+
+def openmp_flags() -> list[str]:
+    """Link the kernel's OpenMP team to the libgomp torch itself loaded, so the kernel runs on
+    torch's own worker threads (a second OpenMP runtime would bring a second pool, the two
+    spinning against each other on the same cores). No such libgomp: a serial build."""
+    gomp = torch_libgomp_path()
+    if gomp is None:
+        return []
+    d = os.path.dirname(gomp)
+    return ["-fopenmp", f"-L{d}", f"-l:{os.path.basename(gomp)}", f"-Wl,-rpath,{d}"]
+
+
+def library_path(cc: str) -> Path:
+    """Where the build for this source, compiler, OpenMP runtime and CPU lives."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    parts = [SOURCE.read_text(), cc, version, " ".join(FLAGS + openmp_flags()), _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return dmoe_home() / "native" / f"lora_cpu-{key}.so"
+
+
+def build(cc: str, target: Path) -> None:
+    """Compile ``lora_cpu.c`` into ``target`` atomically (a temporary file, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *openmp_flags()], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise OSError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+Site = tuple  # (A ptr, B ptr, slots bf16, n_slots, n_parts, r, off ptr, len ptr, d_in, d_out): ``NativeLoRA.site``
+
+
+class NativeLoRA:
+    """ctypes binding of ``dmoe_lora_add``. ``site`` checks a layer's slot buffers once and keeps
+    their addresses; ``run_`` is the per-step call (a few microseconds of Python); ``add_`` is
+    both, for one-off calls and tests."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = path
+        self.threads = threads  # the kernel's OpenMP team; None: torch's thread count at each call
+        lib = ctypes.CDLL(str(path))
+        fn = lib.dmoe_lora_add
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_PTR, _PTR, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64,
+                       _I64, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int]
+        self._fn = fn
+
+    @staticmethod
+    def site(A: torch.Tensor, B: torch.Tensor, off: torch.Tensor, lens: torch.Tensor) -> Site:
+        """A slot range's buffers, checked: A (S, P, r, d_in) and B (S, P, r, d_out) contiguous CPU
+        tensors of one dtype (bf16 or fp32); off, lens (P,) int64: each part's output columns.
+        The caller keeps the tensors alive while the site is used."""
+        ok = (torch.bfloat16, torch.float32)
+        if (A.dim() != 4 or B.dim() != 4 or A.shape[:3] != B.shape[:3] or A.dtype not in ok or B.dtype != A.dtype
+                or A.device.type != "cpu" or B.device.type != "cpu" or not A.is_contiguous() or not B.is_contiguous()):
+            raise ValueError(f"native LoRA: slots A{tuple(A.shape)} {A.dtype} B{tuple(B.shape)} {B.dtype} must be "
+                             "contiguous CPU (S, P, r, d) buffers of one dtype, bf16 or fp32")
+        s, p, r = A.shape[:3]
+        for t in (off, lens):
+            if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != (p,):
+                raise ValueError(f"native LoRA: part offsets and lengths must be ({p},) int64 CPU tensors")
+        if int((off + lens).max()) > B.shape[-1] or int(off.min()) < 0 or int(lens.min()) < 0:
+            raise ValueError(f"native LoRA: part columns {off.tolist()} + {lens.tolist()} fall outside d_out {B.shape[-1]}")
+        return (A.data_ptr(), B.data_ptr(), A.dtype == torch.bfloat16, s, p, r, off.data_ptr(), lens.data_ptr(),
+                A.shape[-1], B.shape[-1])
+
+    def run_(self, site: Site, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``y`` (N, T, d_out) += the deltas of ``x`` (N, T, d_in), both contiguous, in the model's
+        dtype; w (N, S) fp32 contiguous: one row per sequence. Checked by the caller (LoRALinear)."""
+        n, t = x.shape[0], x.shape[1]
+        rc = self._fn(*site, n * t, x.data_ptr(), site[8], x.dtype == torch.bfloat16,
+                      y.data_ptr(), site[9], y.dtype == torch.bfloat16, w.data_ptr(), t, self.threads or torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("native LoRA: no memory for the kernel's scratch buffers")
+        return y
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w: torch.Tensor,
+             off: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """``y`` (N, T, d_out) += each row's deltas in place, every input checked (see ``site``)."""
+        site = self.site(A, B, off, lens)
+        ok = (torch.bfloat16, torch.float32)
+        if (x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2] or x.shape[2] != site[8] or y.shape[2] != site[9]
+                or x.dtype not in ok or y.dtype not in ok or not x.is_contiguous() or not y.is_contiguous()
+                or x.device.type != "cpu" or y.device.type != "cpu"):
+            raise ValueError(f"native LoRA: x{tuple(x.shape)} y{tuple(y.shape)} must be contiguous CPU (N, T, d) "
+                             f"tensors, bf16 or fp32, with d_in {site[8]} and d_out {site[9]}")
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (x.shape[0], site[3]):
+            raise ValueError(f"native LoRA: w{tuple(w.shape)} {w.dtype} must be ({x.shape[0]}, {site[3]}) fp32, contiguous")
+        return self.run_(site, y, x, w)
+
+
+_lock = threading.Lock()
+_kernel: NativeLoRA | None = None
+_tried = False
+
+
+def native_kernel() -> NativeLoRA | None:
+    """The built kernel, or None (off by ``DMOE_NATIVE_LORA=0``, no compiler, a failed build:
+    logged once, the torch path runs)."""
+    global _kernel, _tried
+    if os.environ.get("DMOE_NATIVE_LORA", "1") == "0":
+        return None
+    with _lock:
+        if _tried:
+            return _kernel
+        _tried = True
+        cc = _compiler()
+        if cc is None:
+            log.warning("no C compiler (%s) found: LoRA runs on the torch path, slower at small steps; "
+                        "install gcc or set CC to build dmoe's native LoRA kernel", os.environ.get("CC", "cc"))
+            return None
+        try:
+            path = library_path(cc)
+            if not path.exists():
+                log.info("building the native LoRA kernel with %s -> %s", cc, path)
+                build(cc, path)
+            _kernel = NativeLoRA(path)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("the native LoRA kernel could not be built (%s): LoRA runs on the torch path", e)
+            _kernel = None
+        return _kernel
+
+
+def reset_for_tests() -> None:
+    """Forget the kernel, so the next ``native_kernel()`` looks again (environment changes in tests)."""
+    global _kernel, _tried
+    with _lock:
+        _kernel, _tried = None, False
