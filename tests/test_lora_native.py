@@ -218,6 +218,7 @@ def test_the_engine_gives_the_torch_ops_logits_with_the_kernel(tiny_engine, tiny
     assert all(not lin.sites for lin in engine.slots.linears)
     torch.testing.assert_close(logits(kernel, rows, [[5], [6], [7], [8]]), logits(None, rows, [[5], [6], [7], [8]]),
                                rtol=1e-5, atol=1e-5)
+    assert "LoRA on torch ops (the C kernel is off or could not be built" in engine.describe()  # the banner says so
     engine.model.lora.use_native(kernel)
 
 
