@@ -9,8 +9,10 @@ from the same loaded base; each repetition runs every configuration in turn (the
 untimed), so slow phases of a noisy machine fall on all of them alike. Median tokens/s.
 
 Configurations: ``sdpa`` (dense weights, SDPA in decode steps too: the baseline),
-``dense`` (the default: batched-matmul decode attention), ``int4`` (``dmoe serve --int4``:
-the GGUF's packed 4-bit weights in decode steps). Prints one JSON object.
+``dense`` (batched-matmul decode attention), ``int4`` (``dmoe serve --int4``: the GGUF's
+packed 4-bit weights in decode steps); these three run the LoRA on torch ops. ``default``
+is what ``dmoe serve`` runs: int4 weights and the LoRA of small steps in dmoe's C kernel
+(``engine/lora_cpu.c``). Prints one JSON object.
 
 Two micro-measurements come first, on the same loaded model: the 30 layers' four fused
 matmuls at 1-32 rows, dense bf16 against the packed int4 weights (every layer in turn, so
@@ -60,6 +62,30 @@ def matmuls(model) -> dict:
     return out
 
 
+def lora_sites(model, kernel, slot: int) -> dict:
+    """us per LoRA site (one fused layer's deltas, every layer in turn as in a decode step) at 1
+    and 8 rows, one expert's slot: the torch ops (two oneDNN matmuls and a multiply) against the
+    C kernel, on the same loaded slots."""
+    lins = [getattr(layer, g) for layer in model.layers for g in ("qkv", "o", "gate_up", "down")]
+    return {str(m): _lora_sites_at(lins, kernel, slot, m) for m in (1, 8)}
+
+
+def _lora_sites_at(lins, kernel, slot: int, m: int) -> dict:
+    from dmoe.engine.lora_ops import lora_add_dense_
+
+    dtype = lins[0].A.dtype
+    xs = {lin: torch.randn(m, 1, lin.base.in_features, dtype=dtype) for lin in lins}
+    ys = {lin: torch.zeros(m, 1, lin.base.out_features, dtype=dtype) for lin in lins}
+    w32 = torch.ones(m, 1)
+    w = w32.to(dtype)
+    views = {lin: (lin.A[slot:slot + 1].view(1, -1, lin.A.shape[-1]), lin.B[slot:slot + 1].view(1, -1, lin.B.shape[-1]))
+             for lin in lins}
+    sites = {lin: kernel.site(lin.A[slot:slot + 1], lin.B[slot:slot + 1], lin.part_off, lin.part_len) for lin in lins}
+    per = 1e3 / len(lins)  # ms per pass -> us per site
+    return {"torch_ops_us": round(time_ms(lambda: [lora_add_dense_(ys[lin], xs[lin], *views[lin], w) for lin in lins], 10) * per, 1),
+            "c_kernel_us": round(time_ms(lambda: [kernel.run_(sites[lin], ys[lin], xs[lin], w32) for lin in lins], 10) * per, 1)}
+
+
 def attention(a) -> dict:
     """ms for one layer's decode attention (8 rows, one query token each) at several spans."""
     import torch.nn.functional as F
@@ -84,21 +110,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--configs", default="sdpa,dense,int4")
+    p.add_argument("--configs", default="sdpa,dense,int4,default")
     args = p.parse_args()
     configs = args.configs.split(",")
     hf, tok, _ = load_base(None, dtype=torch.bfloat16)
     engines = {}
     for c in configs:
         eng = TorchEngine.from_base(hf, tok, max_seq=512)
-        if c == "int4":
+        if c in ("int4", "default"):
             attach_int4(eng.model, iter_int4_linears(embedded_gguf_path(), eng.model.args.n_layers))
+        if c != "default":
+            eng.model.lora.use_native(None)  # the torch ops
+        elif eng.model.lora.native is None:
+            raise SystemExit("the native LoRA kernel could not be built (see the log): no 'default' configuration")
         for n in NAMES:
             eng.load_expert(load_expert(examples_dir() / "experts" / n))
         engines[c] = eng
     micro = {}
     if "int4" in engines:
         micro["matmuls_30_layers"] = matmuls(engines["int4"].model)
+    if "default" in engines:
+        eng = engines["default"]
+        micro["lora_site_us"] = lora_sites(eng.model, eng.model.lora.native, eng.resident["cooking"].slot)
     micro["decode_attention_one_layer"] = attention(next(iter(engines.values())).model.args)
     prompts = [tok.encode(f"Question {i}: how do I fix my car's brakes, and then cook pasta?") for i in range(8)]
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)

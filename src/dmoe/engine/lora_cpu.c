@@ -1,6 +1,6 @@
 /* Multi-LoRA for small CPU steps: every row's adapter deltas added into its output, in one call.
  *
- * Built at first use by dmoe/engine/lora_native.py (the system C compiler, -O3 -march=native,
+ * Built at first use by dmoe/engine/native.py (the system C compiler, -O3 -march=native,
  * cached under $DMOE_HOME/native) and called through ctypes. The torch path in lora_ops.py is
  * the reference it is tested against; this file only makes small steps cheap. A decode step of
  * 8 rows runs 120 LoRA sites; there, each site's two oneDNN matmuls and a multiply cost about

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmoe.engine.lora_native import MAX_ROWS, NativeLoRA, Site
 from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
+from dmoe.engine.native import MAX_ROWS, NativeLoRA, Site
 from dmoe.errors import DmoeError
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class LoRABatch:
         self.w32 = w32 if self.native is not None else None
 
     def use_native(self, kernel: "NativeLoRA | None") -> None:
-        """Run steps of up to ``lora_native.MAX_ROWS`` rows on ``kernel`` (CPU models only;
+        """Run steps of up to ``native.MAX_ROWS`` rows on ``kernel`` (CPU models only;
         the torch ops stay for wider steps, and are the reference the kernel is tested against)."""
         self.native = kernel
 

@@ -28,8 +28,8 @@ import torch
 from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
-from dmoe.engine.lora_native import MAX_ROWS, native_kernel
 from dmoe.engine.model import StepInput, Transformer, compile_blocks, from_hf
+from dmoe.engine.native import MAX_ROWS, native_kernel
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
     Request,

@@ -33,7 +33,7 @@ import torch
 
 from dmoe.io import dmoe_home, torch_libgomp_path
 
-log = logging.getLogger("dmoe.engine.lora_native")
+log = logging.getLogger("dmoe.engine.native")
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]

@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from dmoe.engine import lora_native
-from dmoe.engine.lora_native import MAX_ROWS, native_kernel
+from dmoe.engine import native as native_mod
 from dmoe.engine.lora_ops import lora_add_dense_
 from dmoe.engine.model import LoRABatch
+from dmoe.engine.native import MAX_ROWS, native_kernel
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="no C compiler: the native LoRA kernel cannot be built")
 
@@ -135,20 +135,20 @@ def test_bad_layouts_are_refused_before_the_kernel_runs(bad, needle):
 def fresh(monkeypatch, tmp_path):
     """A kernel looked up again, over an empty DMOE_HOME; the process's kernel is restored after."""
     monkeypatch.setenv("DMOE_HOME", str(tmp_path / "home"))
-    saved = (lora_native._kernel, lora_native._tried)
-    lora_native.reset_for_tests()
+    saved = (native_mod._kernel, native_mod._tried)
+    native_mod.reset_for_tests()
     yield tmp_path
-    lora_native._kernel, lora_native._tried = saved
+    native_mod._kernel, native_mod._tried = saved
 
 
 def test_built_once_into_dmoe_home_and_reused(fresh, caplog):
-    with caplog.at_level(logging.INFO, logger="dmoe.engine.lora_native"):
+    with caplog.at_level(logging.INFO, logger="dmoe.engine.native"):
         k = native_kernel()
     assert k is not None and k.path.parent == fresh / "home" / "native" and k.path.exists()
     assert "building the native LoRA kernel" in caplog.text
-    lora_native.reset_for_tests()
+    native_mod.reset_for_tests()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dmoe.engine.lora_native"):
+    with caplog.at_level(logging.INFO, logger="dmoe.engine.native"):
         again = native_kernel()
     assert again is not None and again.path == k.path and "building" not in caplog.text
     assert [p.name for p in k.path.parent.iterdir()] == [k.path.name], "no temporary files left behind"
@@ -156,14 +156,14 @@ def test_built_once_into_dmoe_home_and_reused(fresh, caplog):
 
 def test_no_compiler_leaves_the_torch_path_with_a_warning(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", "dmoe-no-such-compiler")
-    with caplog.at_level(logging.WARNING, logger="dmoe.engine.lora_native"):
+    with caplog.at_level(logging.WARNING, logger="dmoe.engine.native"):
         assert native_kernel() is None
     assert "no C compiler (dmoe-no-such-compiler)" in caplog.text and "set CC" in caplog.text
 
 
 def test_a_failed_build_leaves_the_torch_path_and_no_file(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with caplog.at_level(logging.WARNING, logger="dmoe.engine.lora_native"):
+    with caplog.at_level(logging.WARNING, logger="dmoe.engine.native"):
         assert native_kernel() is None
     assert "could not be built" in caplog.text
     assert not list((fresh / "home" / "native").glob("*")), "a failed build leaves nothing to load next time"
