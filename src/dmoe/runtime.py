@@ -64,8 +64,9 @@ class ServeConfig(BaseModel):
                               "steps read the file's packed 4-bit weights (CPU, bf16/fp16); see engine/int4.py. None "
                               "(auto): on wherever it applies, else off; True: refuse a setup where it cannot apply")
     lora_dtype: Literal["auto", "float32"] = Field(default="auto", description="the adapter slots' dtype (torch engine): "
-                                                   "auto = the model's; float32 = the LoRA ops on MKL's sgemm (faster at one "
-                                                   "or two rows per step over packed int4 weights, slower for mixed batches)")
+                                                   "auto = the model's; float32 = the adapters' weights unrounded, twice the "
+                                                   "slots' memory (small CPU steps run the C kernel either way; wider ones "
+                                                   "then run the LoRA ops on MKL's sgemm)")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"
     use_router: bool = Field(default=True, description="load the trained embedding router (False: --keywords rules "

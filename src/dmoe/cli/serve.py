@@ -71,9 +71,9 @@ def serve(
                                         "(docs/benchmarks.md). Prefills keep the dense weights: about 60 MB more RSS. "
                                         "--int4 refuses a setup where it cannot apply; --no-int4: dense only"),
     lora_dtype: str = typer.Option("auto", "--lora-dtype", help="the adapter slots' dtype (torch engine): auto (the "
-                                   "model's) or float32: the LoRA ops on MKL's sgemm, over the packed int4 weights "
-                                   "about +25% with an expert at one request at a time, but 10-25% slower for mixed "
-                                   "batches of 8, and twice the slots' memory (docs/benchmarks.md)"),
+                                   "model's) or float32: the adapters' weights kept unrounded, for twice the slots' "
+                                   "memory. Small CPU steps run dmoe's C LoRA kernel either way (fp32 sums); wider "
+                                   "steps then run the LoRA ops on MKL's sgemm (docs/benchmarks.md)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, about 90 MB to llama.cpp's, where it runs in numpy without torch); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),

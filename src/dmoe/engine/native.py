@@ -65,7 +65,8 @@ def openmp_flags() -> list[str]:
     if gomp is None:
         return []
     d = os.path.dirname(gomp)
-    return ["-fopenmp", f"-L{d}", f"-l:{os.path.basename(gomp)}", f"-Wl,-rpath,{d}"]
+    # --as-needed drops the driver's own -lgomp, which torch's file already satisfies
+    return ["-fopenmp", f"-L{d}", "-Wl,--as-needed", f"-l:{os.path.basename(gomp)}", f"-Wl,-rpath,{d}"]
 
 
 def library_path(cc: str) -> Path:
