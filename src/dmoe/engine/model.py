@@ -113,8 +113,10 @@ class LoRABatch:
     ``active`` is False when no row of the step has an adapter. Otherwise the step's
     rows use slots in [lo, hi); ``w`` (N, hi - lo) is the dense form and ``idx``,
     ``scale`` (N, K) the sparse form of their choice (see ``lora_ops``); ``dense``
-    says which kernel runs. Built on the host from the rows' Python (slot, scale)
-    lists and copied to the device once: nothing here reads a device tensor back.
+    says which torch kernel runs. With the C kernel (``use_native``, CPU), ``w32`` is the
+    dense form in fp32 on the host, and steps of up to ``native.MAX_ROWS`` rows run it.
+    Built on the host from the rows' Python (slot, scale) lists and copied to the device
+    once: nothing here reads a device tensor back.
     """
 
     def __init__(self):
