@@ -9,7 +9,7 @@ import torch
 from dmoe.engine import native as native_mod
 from dmoe.engine.lora_ops import lora_add_dense_
 from dmoe.engine.model import LoRABatch
-from dmoe.engine.native import MAX_ROWS, native_kernel
+from dmoe.engine.native import native_kernel
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="no C compiler: the native LoRA kernel cannot be built")
 
@@ -51,7 +51,7 @@ CASES = [  # n, t, d_in, outs, r, S, threads
     (8, 1, 48, [200, 200], 16, 3, 2),
     (5, 1, 130, [70], 3, 2, 1),
     (2, 6, 32, [40, 24], 8, 2, 2),  # a prefill: 6 tokens per sequence share its weights
-    (MAX_ROWS, 1, 24, [24, 8, 8], 4, 4, 2),
+    (32, 1, 24, [24, 8, 8], 4, 4, 2),
 ]
 
 
@@ -232,3 +232,48 @@ def test_compiled_blocks_keep_the_torch_ops(tiny_base):
     m.lora.use_native(native_kernel())
     compile_blocks(m)
     assert m.lora.native is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_delta_never_depends_on_its_batch_mates(dtype):
+    """Bit for bit: a row's output is the same alone and inside batches of 2-8 rows, at any position,
+    whatever slots its batch-mates use (a greedy reply must not change with the load: the cluster's
+    failover test compares replies under load with single-request references)."""
+    g = torch.Generator().manual_seed(11)
+    A, B, off, lens = _fused(3, [96, 32, 32], 8, 100, torch.float32, g)  # d_in 100: a tail past the lanes
+    A, B = A.to(dtype), B.to(dtype)
+    kernel = native_kernel()
+    x_row, y_row = torch.randn(1, 1, 100, generator=g).to(dtype), torch.randn(1, 1, 160, generator=g).to(dtype)
+    w_row = torch.tensor([[0.0, 1.0, 0.0]])
+    alone = kernel.add_(y_row.clone(), x_row, A, B, w_row, off, lens)
+    for n in range(2, 9):
+        for at in (0, n // 2, n - 1):
+            x = torch.randn(n, 1, 100, generator=g).to(dtype)
+            y = torch.randn(n, 1, 160, generator=g).to(dtype)
+            w = torch.zeros(n, 3)
+            same = torch.rand(n, generator=g) < 0.7  # most batch-mates share its slot: blocks of four rows form
+            w[torch.arange(n), torch.where(same, 1, torch.randint(0, 3, (n,), generator=g))] = 1.0
+            x[at], y[at], w[at] = x_row[0], y_row[0], w_row[0]
+            got = kernel.add_(y, x, A, B, w, off, lens)
+            assert torch.equal(got[at], alone[0]), f"row {at} of {n} differs from the same row alone"
+
+
+def test_only_decode_steps_take_the_kernel_whatever_their_rows(tiny_engine, monkeypatch):
+    """A prefill's rows are its batch's tokens: were the path chosen by row count, the same request's
+    prefill would run the kernel alone and the torch ops beside others, and a greedy reply would
+    change with the load. Prefills never take the kernel; decode steps always do."""
+    from dmoe.engine.model import StepInput
+
+    engine = tiny_engine
+    kernel = engine.model.lora.native
+    calls = []
+    monkeypatch.setattr(type(kernel), "run_", lambda self, site, y, x, w: calls.append(tuple(x.shape)) or y)
+    slot = engine.resident["alpha"].slot
+    for tokens in ([[5, 6]], [[5] * 16], [[5]] * 8, [[5]]):
+        calls.clear()
+        n, t = len(tokens), len(tokens[0])
+        step = StepInput.build(tokens, [list(range(t))] * n, list(range(n)), torch.device("cpu"))
+        engine.model.lora.set([[(slot, 1.0)]] * n, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            engine.model.forward(step)
+        assert bool(calls) == (t == 1), f"{n} rows x {t} tokens: kernel calls {len(calls)}"

@@ -65,7 +65,7 @@ class ServeConfig(BaseModel):
                               "(auto): on wherever it applies, else off; True: refuse a setup where it cannot apply")
     lora_dtype: Literal["auto", "float32"] = Field(default="auto", description="the adapter slots' dtype (torch engine): "
                                                    "auto = the model's; float32 = the adapters' weights unrounded, twice the "
-                                                   "slots' memory (small CPU steps run the C kernel either way; wider ones "
+                                                   "slots' memory (CPU decode steps run the C kernel either way; prefills "
                                                    "then run the LoRA ops on MKL's sgemm)")
     keywords: Path | None = Field(default=None, description="keyword rules when no trained router matches")
     route_mode: Literal["threshold", "top1", "topk"] = "threshold"

@@ -72,8 +72,8 @@ def serve(
                                         "--int4 refuses a setup where it cannot apply; --no-int4: dense only"),
     lora_dtype: str = typer.Option("auto", "--lora-dtype", help="the adapter slots' dtype (torch engine): auto (the "
                                    "model's) or float32: the adapters' weights kept unrounded, for twice the slots' "
-                                   "memory. Small CPU steps run dmoe's C LoRA kernel either way (fp32 sums); wider "
-                                   "steps then run the LoRA ops on MKL's sgemm (docs/benchmarks.md)"),
+                                   "memory. CPU decode steps run dmoe's C LoRA kernel either way (fp32 sums); "
+                                   "prefills then run the LoRA ops on MKL's sgemm (docs/benchmarks.md)"),
     router: bool = typer.Option(True, "--router/--no-router", help="load the trained embedding router for model=auto "
                                 "(its MiniLM encoder adds about 60 MB of RSS to the torch engine, about 90 MB to llama.cpp's, where it runs in numpy without torch); --no-router: model=auto uses the "
                                 "--keywords rules, or serves the base"),

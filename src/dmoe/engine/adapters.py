@@ -77,8 +77,8 @@ class AdapterSlots:
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Keep the slots in ``dtype`` from now on (loaded adapters are converted). fp32 slots
         over a bf16 model (``--lora-dtype float32``) keep the adapters' weights unrounded, for
-        twice the slots' memory. Small CPU steps run the C kernel either way (fp32 sums); wider
-        steps run the LoRA ops on MKL's sgemm (measured on the torch ops, before the kernel:
+        twice the slots' memory. CPU decode steps run the C kernel either way (fp32 sums);
+        prefills run the LoRA ops on MKL's sgemm (measured on the torch ops, before the kernel:
         docs/benchmarks.md)."""
         if dtype == self.dtype:
             return

@@ -1,8 +1,8 @@
-/* Multi-LoRA for small CPU steps: every row's adapter deltas added into its output, in one call.
+/* Multi-LoRA for CPU decode steps: every row's adapter deltas added into its output, in one call.
  *
  * Built at first use by dmoe/engine/native.py (the system C compiler, -O3 -march=native,
  * cached under $DMOE_HOME/native) and called through ctypes. The torch path in lora_ops.py is
- * the reference it is tested against; this file only makes small steps cheap. A decode step of
+ * the reference it is tested against; this file only makes decode steps cheap. A decode step of
  * 8 rows runs 120 LoRA sites; there, each site's two oneDNN matmuls and a multiply cost about
  * 85 us, mostly call overhead and packing, for a few hundred thousand multiply-adds. Here a site
  * is one call with fp32 accumulation throughout, on an OpenMP team of torch's own libgomp (the
@@ -54,33 +54,58 @@ static void load_row(float *restrict dst, const void *restrict src, int64_t n, i
     }
 }
 
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+/* Dot products in one fixed order, whatever the batch: LANES running sums (lane l takes elements
+ * l, l + LANES, ...), then the lanes added in order. A row's sum never depends on how many rows
+ * share its slot or where it sits (no reassociating reduction: the compiler vectorises across the
+ * independent lanes only), so a reply never depends on its batch-mates. */
+#define LANES 16
+
+static inline float lanes_sum(const float *acc) {
     float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++)
-        s += a[i] * b[i];
+    for (int l = 0; l < LANES; l++)
+        s += acc[l];
     return s;
+}
+
+static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] += a[c + l] * b[c + l];
+    for (int l = 0; c + l < n; l++)
+        acc[l] += a[c + l] * b[c + l];
+    return lanes_sum(acc);
 }
 
 /* xa[t, k] = w[row t] * (A row k . x[row t]) for every row t of one slot, from A row k in fp32 */
 static void shrink_row(float *restrict xa, int64_t pr, int64_t k, const float *restrict a, const float *restrict xf,
                        int64_t d_in, const int64_t *rows, const float *wt, int64_t nr) {
     int64_t t = 0;
-    for (; t + 4 <= nr; t += 4) {  /* four rows at once: four independent sums */
+    for (; t + 4 <= nr; t += 4) {  /* four rows at once (A's row read once), each summed as dot() does */
         const float *x0 = xf + rows[t] * d_in, *x1 = xf + rows[t + 1] * d_in;
         const float *x2 = xf + rows[t + 2] * d_in, *x3 = xf + rows[t + 3] * d_in;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t c = 0; c < d_in; c++) {
-            s0 += a[c] * x0[c];
-            s1 += a[c] * x1[c];
-            s2 += a[c] * x2[c];
-            s3 += a[c] * x3[c];
+        float s0[LANES] = {0}, s1[LANES] = {0}, s2[LANES] = {0}, s3[LANES] = {0};
+        int64_t c = 0;
+        for (; c + LANES <= d_in; c += LANES)
+            for (int l = 0; l < LANES; l++) {
+                const float av = a[c + l];
+                s0[l] += av * x0[c + l];
+                s1[l] += av * x1[c + l];
+                s2[l] += av * x2[c + l];
+                s3[l] += av * x3[c + l];
+            }
+        for (int l = 0; c + l < d_in; l++) {
+            const float av = a[c + l];
+            s0[l] += av * x0[c + l];
+            s1[l] += av * x1[c + l];
+            s2[l] += av * x2[c + l];
+            s3[l] += av * x3[c + l];
         }
-        xa[t * pr + k] = wt[t] * s0;
-        xa[(t + 1) * pr + k] = wt[t + 1] * s1;
-        xa[(t + 2) * pr + k] = wt[t + 2] * s2;
-        xa[(t + 3) * pr + k] = wt[t + 3] * s3;
+        xa[t * pr + k] = wt[t] * lanes_sum(s0);
+        xa[(t + 1) * pr + k] = wt[t + 1] * lanes_sum(s1);
+        xa[(t + 2) * pr + k] = wt[t + 2] * lanes_sum(s2);
+        xa[(t + 3) * pr + k] = wt[t + 3] * lanes_sum(s3);
     }
     for (; t < nr; t++)
         xa[t * pr + k] = wt[t] * dot(a, xf + rows[t] * d_in, d_in);

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
-from dmoe.engine.native import MAX_ROWS, NativeLoRA, Site
+from dmoe.engine.native import NativeLoRA, Site
 from dmoe.errors import DmoeError
 
 if TYPE_CHECKING:
@@ -114,14 +114,14 @@ class LoRABatch:
     rows use slots in [lo, hi); ``w`` (N, hi - lo) is the dense form and ``idx``,
     ``scale`` (N, K) the sparse form of their choice (see ``lora_ops``); ``dense``
     says which torch kernel runs. With the C kernel (``use_native``, CPU), ``w32`` is the
-    dense form in fp32 on the host, and steps of up to ``native.MAX_ROWS`` rows run it.
+    dense form in fp32 on the host, and decode steps (one token per row) run it.
     Built on the host from the rows' Python (slot, scale) lists and copied to the device
     once: nothing here reads a device tensor back.
     """
 
     def __init__(self):
         self.from_zero = False  # slot ranges start at slot 0 (compiled blocks: the range is a tensor size, not a constant)
-        self.native: NativeLoRA | None = None  # the C kernel for small CPU steps (``use_native``); None: torch ops only
+        self.native: NativeLoRA | None = None  # the C kernel for decode steps (``use_native``); None: torch ops only
         self.w32: torch.Tensor | None = None  # (N, hi - lo) fp32 contiguous: the native kernel's form of ``w``
         self.active = False
         self.dense = True
@@ -150,7 +150,7 @@ class LoRABatch:
         self.w32 = w32 if self.native is not None else None
 
     def use_native(self, kernel: "NativeLoRA | None") -> None:
-        """Run steps of up to ``native.MAX_ROWS`` rows on ``kernel`` (CPU models only;
+        """Run the LoRA of decode steps on ``kernel`` (CPU models only;
         the torch ops stay for wider steps, and are the reference the kernel is tested against)."""
         self.native = kernel
 
@@ -275,7 +275,10 @@ class LoRALinear(nn.Module):
         if not b.active:
             return y
         if (b.native is not None and b.w32 is not None and self.A is not None and self.B is not None
-                and x.shape[0] * x.shape[1] <= MAX_ROWS):  # a small CPU step: the C kernel
+                and x.shape[1] == 1):  # a decode step: the C kernel
+            # Decode steps only, whatever their rows, and prefills never: a request's path then
+            # never depends on its batch-mates (a prefill's rows are its batch's tokens), so a
+            # greedy reply is the same alone and under load.
             s = b.w32.shape[1]
             site = self.sites.get((b.lo, s))
             if site is None:  # once per slot range, until the buffers change (set_slots)

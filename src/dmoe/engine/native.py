@@ -1,4 +1,4 @@
-"""The multi-LoRA kernel for small CPU steps (``lora_cpu.c``), built once and called through ctypes.
+"""The multi-LoRA kernel for CPU decode steps (``lora_cpu.c``), built once and called through ctypes.
 
     kernel = native_kernel()        # None where it cannot be built: the torch path runs instead
     kernel.add_(y, x, A, B, w, off, len)
@@ -8,7 +8,10 @@ Through torch each site is two oneDNN matmuls and a multiply, about 85 us on thi
 of it per-call overhead and weight packing for a few hundred thousand multiply-adds; the C
 kernel does a site in one call and reads only the columns each part owns (the fused B is
 block-diagonal). ``lora_ops.lora_add_dense_`` stays the reference it is tested against, and
-the path for prefills, CUDA and compiled blocks.
+the path for prefills, CUDA and compiled blocks. Decode steps only, whatever their rows: a
+prefill's rows are its whole batch's tokens, so a row-count rule would send the same request's
+prefill down one path alone and the other under load, and greedy replies would change with the
+load (tests/test_native.py; the cluster's failover test caught it).
 
 The source is compiled with the system C compiler (``$CC``, else ``cc``) at ``-O3
 -march=native`` on first use and cached under ``$DMOE_HOME/native``, keyed by the source,
@@ -37,7 +40,6 @@ log = logging.getLogger("dmoe.engine.native")
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
-MAX_ROWS = 32  # rows (tokens) per step up to which the kernel runs; wider steps (prefills) use oneDNN's GEMM
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
@@ -171,7 +173,7 @@ def native_kernel() -> NativeLoRA | None:
         _tried = True
         cc = _compiler()
         if cc is None:
-            log.warning("no C compiler (%s) found: LoRA runs on the torch path, slower at small steps; "
+            log.warning("no C compiler (%s) found: LoRA runs on the torch path, slower in decode steps; "
                         "install gcc or set CC to build dmoe's native LoRA kernel", os.environ.get("CC", "cc"))
             return None
         try:

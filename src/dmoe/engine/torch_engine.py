@@ -29,7 +29,7 @@ from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
 from dmoe.engine.model import StepInput, Transformer, compile_blocks, from_hf
-from dmoe.engine.native import MAX_ROWS, native_kernel
+from dmoe.engine.native import native_kernel
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
     Request,
@@ -217,7 +217,7 @@ class TorchEngine:
                    else "dense weights" + (f" (int4 off: {self.weights_note})" if self.weights_note else ""))
         lora = "" if self.slots.dtype == self.dtype else f", {str(self.slots.dtype).removeprefix('torch.')} LoRA ops"
         if self.model.lora.native is not None:
-            lora += f", LoRA in dmoe's C kernel for steps of up to {MAX_ROWS} rows"
+            lora += ", LoRA of decode steps in dmoe's C kernel"
         elif self.device.type == "cpu" and not self.compiled:
             lora += ", LoRA on torch ops (the C kernel is off or could not be built: see the log)"
         return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}{lora}"
