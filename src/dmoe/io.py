@@ -387,15 +387,20 @@ def parse_jsonl(text: str, p: Path, error: type[DmoeError] = DmoeError, *,
     return rows
 
 
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags from /proc/cpuinfo, or None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
 def cpu_has_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up.
     Read from /proc/cpuinfo's flags where there is one (a llama.cpp server runs without torch),
     else asked of torch (tests/test_io.py holds the two to the same answer)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = cpu_flags()
     if flags is not None:
         return bool(flags & {"avx512_bf16", "amx_tile"})
     import torch  # heavy: only where the kernel gives no flags

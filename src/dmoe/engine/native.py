@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dmoe.io import dmoe_home, torch_libgomp_path
+from dmoe.io import cpu_flags, dmoe_home, torch_libgomp_path
 
 log = logging.getLogger("dmoe.engine.native")
 
@@ -42,16 +42,6 @@ SOURCE = Path(__file__).with_name("lora_cpu.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 def _compiler() -> str | None:
@@ -74,7 +64,7 @@ def openmp_flags() -> list[str]:
 def library_path(cc: str) -> Path:
     """Where the build for this source, compiler, OpenMP runtime and CPU lives."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    parts = [SOURCE.read_text(), cc, version, " ".join(FLAGS + openmp_flags()), _cpu_flags()]
+    parts = [SOURCE.read_text(), cc, version, " ".join(FLAGS + openmp_flags()), " ".join(sorted(cpu_flags() or ())) or os.uname().machine]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return dmoe_home() / "native" / f"lora_cpu-{key}.so"
 
