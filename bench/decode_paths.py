@@ -10,9 +10,10 @@ untimed), so slow phases of a noisy machine fall on all of them alike. Median to
 
 Configurations: ``sdpa`` (dense weights, SDPA in decode steps too: the baseline),
 ``dense`` (batched-matmul decode attention), ``int4`` (``dmoe serve --int4``: the GGUF's
-packed 4-bit weights in decode steps); these three run the LoRA on torch ops. ``default``
-is what ``dmoe serve`` runs: int4 weights and the LoRA of small steps in dmoe's C kernel
-(``engine/lora_cpu.c``). Prints one JSON object.
+packed 4-bit weights in decode steps); these three run the LoRA on torch ops. ``lora_c`` adds
+the LoRA of decode steps in dmoe's C kernel (``engine/lora_cpu.c``). ``default`` is what ``dmoe
+serve`` runs: that, and the work between a decode step's matmuls in C too (``engine/decode_cpu.c``).
+Prints one JSON object.
 
 Two micro-measurements come first, on the same loaded model: the 30 layers' four fused
 matmuls at 1-32 rows, dense bf16 against the packed int4 weights (every layer in turn, so
@@ -110,19 +111,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--configs", default="sdpa,dense,int4,default")
+    p.add_argument("--configs", default="sdpa,dense,int4,lora_c,default")
     args = p.parse_args()
     configs = args.configs.split(",")
     hf, tok, _ = load_base(None, dtype=torch.bfloat16)
     engines = {}
     for c in configs:
         eng = TorchEngine.from_base(hf, tok, max_seq=512)
-        if c in ("int4", "default"):
+        if c in ("int4", "lora_c", "default"):
             attach_int4(eng.model, iter_int4_linears(embedded_gguf_path(), eng.model.args.n_layers))
-        if c != "default":
+        if c not in ("lora_c", "default"):
             eng.model.lora.use_native(None)  # the torch ops
         elif eng.model.lora.native is None:
-            raise SystemExit("the native LoRA kernel could not be built (see the log): no 'default' configuration")
+            raise SystemExit(f"the native kernels could not be built (see the log): no {c!r} configuration")
+        if c != "default":
+            eng.model.use_native_decode(None)  # the torch path between the matmuls
         for n in NAMES:
             eng.load_expert(load_expert(examples_dir() / "experts" / n))
         engines[c] = eng

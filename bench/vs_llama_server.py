@@ -26,6 +26,8 @@ Servers (``--servers``, comma-separated; each started, measured, stopped in turn
   (``DMOE_LORA_FUSED=0``): the fused layer delta's baseline, in the same run;
 * a ``-torchlora`` suffix on a torch server runs every LoRA on torch ops (``DMOE_NATIVE_LORA=0``):
   the C kernel's baseline, in the same run;
+* a ``-torchglue`` suffix on a torch server runs the work between a decode step's matmuls on
+  torch ops (``DMOE_NATIVE_DECODE=0``): engine/decode_cpu.c's baseline, in the same run;
 * a ``-sdpa`` suffix on a torch server attends with SDPA in decode steps too
   (``DMOE_DECODE_SDPA=1``): the batched-matmul decode attention's baseline.
   Suffixes combine (``dmoe-int4-no-router``).
@@ -178,7 +180,8 @@ def start(server: str, port: int, work: Path, binary: Path | None) -> subprocess
     env = {**os.environ, "DMOE_HOME": str(work / "home")}
     extra: list[str] = []
     flags = {"-compile": ["--compile"], "-no-router": ["--no-router"], "-int4": ["--int4"], "-dense": ["--no-int4"]}
-    envs = {"-unfused": ("DMOE_LORA_FUSED", "0"), "-sdpa": ("DMOE_DECODE_SDPA", "1"), "-torchlora": ("DMOE_NATIVE_LORA", "0")}
+    envs = {"-unfused": ("DMOE_LORA_FUSED", "0"), "-sdpa": ("DMOE_DECODE_SDPA", "1"), "-torchlora": ("DMOE_NATIVE_LORA", "0"),
+            "-torchglue": ("DMOE_NATIVE_DECODE", "0")}
     while suffix := next((s for s in (*flags, *envs) if server.endswith(s)), None):  # suffixes combine, in any order
         server = server.removesuffix(suffix)
         if suffix in flags:

@@ -173,7 +173,7 @@ def test_int4_is_the_default_where_it_applies_and_off_elsewhere(tiny_q4_base, ti
     assert not packed(base=q4, dtype="bfloat16", int4=False)
     assert not packed(base=q4, dtype="float32")
     assert not packed(base=str(tiny_base), dtype="bfloat16")
-    kernel = ", LoRA of decode steps in dmoe's C kernel"
+    kernel = ", LoRA of decode steps in dmoe's C kernel, decode steps' norms and attention in C"
     assert said[0] == "torch engine on cpu in bfloat16, packed int4 weights in decode steps (8 of 8 linears)" + kernel
     assert said[1] == "torch engine on cpu in bfloat16, dense weights" + kernel  # --no-int4: the user's own choice
     assert said[2].startswith("torch engine on cpu in float32, dense weights (int4 off: --int4 needs --dtype bfloat16")

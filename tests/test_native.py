@@ -135,17 +135,19 @@ def test_bad_layouts_are_refused_before_the_kernel_runs(bad, needle):
 def fresh(monkeypatch, tmp_path):
     """A kernel looked up again, over an empty DMOE_HOME; the process's kernel is restored after."""
     monkeypatch.setenv("DMOE_HOME", str(tmp_path / "home"))
-    saved = (native_mod._kernel, native_mod._tried)
+    names = ("_path", "_tried", "_kernel", "_decode")
+    saved = {n: getattr(native_mod, n) for n in names}
     native_mod.reset_for_tests()
     yield tmp_path
-    native_mod._kernel, native_mod._tried = saved
+    for n, v in saved.items():
+        setattr(native_mod, n, v)
 
 
 def test_built_once_into_dmoe_home_and_reused(fresh, caplog):
     with caplog.at_level(logging.INFO, logger="dmoe.engine.native"):
         k = native_kernel()
     assert k is not None and k.path.parent == fresh / "home" / "native" and k.path.exists()
-    assert "building the native LoRA kernel" in caplog.text
+    assert "building the native CPU kernels" in caplog.text
     native_mod.reset_for_tests()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dmoe.engine.native"):

@@ -26,115 +26,90 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHUNK 128  /* output columns per block: CHUNK fp32 sums stay in registers */
+#include "cpu_common.h"
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static void load_row(float *restrict dst, const void *restrict src, int64_t n, int bf16) {
-    if (bf16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = bf16_to_f32(s[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
-/* Dot products in one fixed order, whatever the batch: LANES running sums (lane l takes elements
- * l, l + LANES, ...), then the lanes added in order. A row's sum never depends on how many rows
- * share its slot or where it sits (no reassociating reduction: the compiler vectorises across the
- * independent lanes only), so a reply never depends on its batch-mates. */
-#define LANES 16
-
-static inline float lanes_sum(const float *acc) {
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++)
-        s += acc[l];
-    return s;
-}
-
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t c = 0;
-    for (; c + LANES <= n; c += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] += a[c + l] * b[c + l];
-    for (int l = 0; c + l < n; l++)
-        acc[l] += a[c + l] * b[c + l];
-    return lanes_sum(acc);
-}
+#define CHUNK 128  /* output columns per block: CHUNK fp32 sums stay in registers (8 vectors: expand_chunk) */
 
 /* xa[t, k] = w[row t] * (A row k . x[row t]) for every row t of one slot, from A row k in fp32 */
 static void shrink_row(float *restrict xa, int64_t pr, int64_t k, const float *restrict a, const float *restrict xf,
                        int64_t d_in, const int64_t *rows, const float *wt, int64_t nr) {
+    float tmp[LANES];
     int64_t t = 0;
     for (; t + 4 <= nr; t += 4) {  /* four rows at once (A's row read once), each summed as dot() does */
         const float *x0 = xf + rows[t] * d_in, *x1 = xf + rows[t + 1] * d_in;
         const float *x2 = xf + rows[t + 2] * d_in, *x3 = xf + rows[t + 3] * d_in;
-        float s0[LANES] = {0}, s1[LANES] = {0}, s2[LANES] = {0}, s3[LANES] = {0};
+        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         int64_t c = 0;
-        for (; c + LANES <= d_in; c += LANES)
-            for (int l = 0; l < LANES; l++) {
-                const float av = a[c + l];
-                s0[l] += av * x0[c + l];
-                s1[l] += av * x1[c + l];
-                s2[l] += av * x2[c + l];
-                s3[l] += av * x3[c + l];
-            }
-        for (int l = 0; c + l < d_in; l++) {
-            const float av = a[c + l];
-            s0[l] += av * x0[c + l];
-            s1[l] += av * x1[c + l];
-            s2[l] += av * x2[c + l];
-            s3[l] += av * x3[c + l];
+        for (; c + LANES <= d_in; c += LANES) {
+            const v16 av = ld16(a + c);
+            s0 += av * ld16(x0 + c);
+            s1 += av * ld16(x1 + c);
+            s2 += av * ld16(x2 + c);
+            s3 += av * ld16(x3 + c);
         }
-        xa[t * pr + k] = wt[t] * lanes_sum(s0);
-        xa[(t + 1) * pr + k] = wt[t + 1] * lanes_sum(s1);
-        xa[(t + 2) * pr + k] = wt[t + 2] * lanes_sum(s2);
-        xa[(t + 3) * pr + k] = wt[t + 3] * lanes_sum(s3);
+        const float *xs[4] = {x0, x1, x2, x3};
+        v16 sv[4] = {s0, s1, s2, s3};
+        for (int i = 0; i < 4; i++) {  /* the tail of d_in into the first lanes, as dot() does */
+            st16(tmp, sv[i]);
+            for (int l = 0; c + l < d_in; l++)
+                tmp[l] += a[c + l] * xs[i][c + l];
+            xa[(t + i) * pr + k] = wt[t + i] * lanes_sum(tmp);
+        }
     }
     for (; t < nr; t++)
         xa[t * pr + k] = wt[t] * dot(a, xf + rows[t] * d_in, d_in);
 }
 
-/* acc[row t, c0:c0+n] += xa[t, k0:k0+r] @ b[:, 0:n] for every row t; b is (r, CHUNK) fp32, zero-padded */
+/* acc[row t, c0:c0+n] += xa[t, k0:k0+r] @ b[:, 0:n] for every row t; b is (r, CHUNK) fp32, zero-padded.
+ * Each column's sum runs over k in order; the CHUNK sums stay in registers. */
 static void expand_chunk(float *restrict acc, int64_t d_out, int64_t c0, int64_t n, const float *restrict xa,
                          int64_t pr, int64_t k0, int64_t r, const float *restrict b, const int64_t *rows, int64_t nr) {
+    float sum[CHUNK];
     for (int64_t t = 0; t < nr; t++) {
-        float sum[CHUNK] = {0};
+        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
         const float *a = xa + t * pr + k0;
         for (int64_t k = 0; k < r; k++) {
             const float c = a[k];
             const float *bk = b + k * CHUNK;
-#pragma omp simd
-            for (int q = 0; q < CHUNK; q++)
-                sum[q] += c * bk[q];
+            s0 += c * ld16(bk);
+            s1 += c * ld16(bk + 16);
+            s2 += c * ld16(bk + 32);
+            s3 += c * ld16(bk + 48);
+            s4 += c * ld16(bk + 64);
+            s5 += c * ld16(bk + 80);
+            s6 += c * ld16(bk + 96);
+            s7 += c * ld16(bk + 112);
         }
+        st16(sum, s0);
+        st16(sum + 16, s1);
+        st16(sum + 32, s2);
+        st16(sum + 48, s3);
+        st16(sum + 64, s4);
+        st16(sum + 80, s5);
+        st16(sum + 96, s6);
+        st16(sum + 112, s7);
         float *o = acc + rows[t] * d_out + c0;
         for (int64_t q = 0; q < n; q++)
             o[q] += sum[q];
     }
 }
 
-int dmoe_lora_add(const void *A, const void *B, int slots_bf16, int64_t n_slots, int64_t n_parts, int64_t r,
-                  const int64_t *off, const int64_t *len, int64_t d_in, int64_t d_out,
-                  int64_t m, const void *x, int64_t x_stride, int x_bf16,
-                  void *y, int64_t y_stride, int y_bf16,
+/* A site: one layer's slot range, as NativeLoRA.site checked it (native.py's SiteArgs mirrors it).
+ * Passed by address, so a call converts nine arguments instead of nineteen. */
+struct lora_site {
+    const void *A, *B;
+    int64_t slots_bf16, n_slots, n_parts, r;
+    const int64_t *off, *len;
+    int64_t d_in, d_out;
+};
+
+int dmoe_lora_add(const struct lora_site *site, int64_t m, const void *x, int x_bf16, void *y, int y_bf16,
                   const float *w, int64_t t_per_w, int n_threads) {
+    const void *A = site->A, *B = site->B;
+    const int slots_bf16 = (int)site->slots_bf16;
+    const int64_t n_slots = site->n_slots, n_parts = site->n_parts, r = site->r, d_in = site->d_in, d_out = site->d_out;
+    const int64_t *off = site->off, *len = site->len;
+    const int64_t x_stride = d_in, y_stride = d_out;  /* contiguous rows */
     const int64_t pr = n_parts * r;
     const size_t xs = x_bf16 ? 2 : 4, ys = y_bf16 ? 2 : 4, ss = slots_bf16 ? 2 : 4;
     int64_t n_chunks = 0;  /* B's work items: CHUNK columns of one part */

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmoe.engine.lora_ops import dense_weights, lora_add_dense_, lora_delta_dense, lora_delta_gather, use_dense
-from dmoe.engine.native import NativeLoRA, Site
+from dmoe.engine.native import NativeDecode, NativeLoRA, Site
 from dmoe.errors import DmoeError
 
 if TYPE_CHECKING:
@@ -404,6 +404,16 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.glue: NativeDecode | None = None  # decode steps' norms, RoPE, attention and SwiGLU in C (``use_native_decode``)
+
+    def use_native_decode(self, glue: NativeDecode | None) -> bool:
+        """Run decode steps' work between the matmuls on ``glue`` (``decode_cpu.c``) where it applies:
+        a Llama-family model (not Gemma-3: its norms and GeGLU stay on torch ops) on CPU in bf16 or
+        fp32. Returns whether it does. The torch path stays for prefills and is the reference."""
+        p = self.embed_tokens.weight
+        ok = glue is not None and not self.args.gemma and p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float32)
+        self.glue = glue if ok else None
+        return self.glue is not None
 
     def allocate_cache(self, max_slots: int, max_seq: int, dtype, device) -> None:
         """The KV cache: (layers, slots, max_seq, n_kv, head_dim), preallocated once."""
@@ -417,6 +427,8 @@ class Transformer(nn.Module):
         """Row b attends to its slot's positions <= pos[b, t]. Returns (B, V) float logits at
         position ``step.logits_at[b]`` of each row (default: the last), on the model's device."""
         a, B = self.args, step.tokens.shape[0]
+        if self.glue is not None and step.tokens.shape[1] == 1:
+            return self._decode_native(step)
         x = self.embed_tokens(step.tokens)  # (B, T, dim)
         if a.gemma:
             x = x * torch.tensor(a.dim ** 0.5, dtype=x.dtype)  # HF rounds the scale to the weights' dtype first
@@ -439,6 +451,36 @@ class Transformer(nn.Module):
         x = x[:, -1] if step.logits_at is None else x[torch.arange(B, device=x.device), step.logits_at]  # (B, dim)
         return self.lm_head(self.norm(x)).float()
 
+    def _decode_native(self, step: StepInput) -> torch.Tensor:
+        """A decode step with the work between the matmuls in C (``decode_cpu.c``): per layer the
+        four fused linears (int4 or dense, each with its rows' LoRA) and three calls, where the
+        torch path (``Block.forward``, the reference) runs about fifty ops. The residual stream
+        ``x`` is updated in place; each norm is fused with the residual add before it."""
+        a, glue, B = self.args, self.glue, step.tokens.shape[0]
+        assert glue is not None and self.k_cache is not None and self.v_cache is not None, "allocate_cache() first"
+        if step.span > self.k_cache.shape[2] or int(step.slots.max()) >= self.k_cache.shape[1] or int(step.pos.min()) < 0:
+            raise IndexError(f"decode step outside the KV cache: span {step.span}, slots {step.slots.tolist()}")
+        x = self.embed_tokens(step.tokens).view(B, a.dim)  # (B, dim), a new contiguous tensor
+        h = torch.empty_like(x)
+        q_dim = a.n_heads * a.head_dim
+        att = torch.empty((B, q_dim), dtype=x.dtype)
+        act = torch.empty((B, a.hidden_dim), dtype=x.dtype)
+        cos, sin = rope_cos_sin(step.pos, a.head_dim, a.rope_theta, x.dtype)  # (B, 1, 1, hd), contiguous
+        pos, slots = step.pos.view(B), step.slots
+        shape, scale, max_seq = (a.n_heads, a.n_kv_heads, a.head_dim), a.attn_scale or a.head_dim ** -0.5, self.k_cache.shape[2]
+        k0, v0 = self.k_cache.data_ptr(), self.v_cache.data_ptr()
+        layer_bytes = self.k_cache[0].numel() * self.k_cache.element_size()
+        layers = self.layers
+        glue.add_rmsnorm_(x, None, layers[0].input_layernorm.weight, h, a.norm_eps)
+        for i, layer in enumerate(layers):
+            qkv = layer.qkv.forward(h.view(B, 1, a.dim))
+            glue.rope_attend(qkv, shape, cos, sin, slots, pos, k0 + i * layer_bytes, v0 + i * layer_bytes, max_seq, 0, scale, att)
+            glue.add_rmsnorm_(x, layer.o.forward(att.view(B, 1, q_dim)), layer.post_attention_layernorm.weight, h, a.norm_eps)
+            glue.silu_mul(layer.gate_up.forward(h.view(B, 1, a.dim)), act)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            glue.add_rmsnorm_(x, layer.down.forward(act.view(B, 1, a.hidden_dim)), norm.weight, h, a.norm_eps)
+        return self.lm_head(h).float()
+
 
 def compile_blocks(model: Transformer) -> None:
     """``torch.compile`` every decoder block (``dmoe serve --compile``): inductor fuses the
@@ -460,6 +502,7 @@ def compile_blocks(model: Transformer) -> None:
     # adapters is not a new constant to specialise on (a recompile stalls serving for seconds).
     model.lora.from_zero = True
     model.lora.use_native(None)  # a ctypes call would break the graphs: compiled blocks keep the torch ops
+    model.use_native_decode(None)
     for layer in model.layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 

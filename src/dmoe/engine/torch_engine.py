@@ -29,7 +29,7 @@ from dmoe.base import stop_token_ids
 from dmoe.engine.adapters import AdapterSlots
 from dmoe.engine.grammar import new_matcher
 from dmoe.engine.model import StepInput, Transformer, compile_blocks, from_hf
-from dmoe.engine.native import native_kernel
+from dmoe.engine.native import native_decode, native_kernel
 from dmoe.engine.protocol import EngineStats, Resident, generate
 from dmoe.engine.request import (
     Request,
@@ -83,7 +83,8 @@ class TorchEngine:
         if compile:
             compile_blocks(model)
         elif self.device.type == "cpu":
-            model.lora.use_native(native_kernel())  # small steps' LoRA in C (None: no compiler, the torch ops)
+            model.lora.use_native(native_kernel())  # decode steps' LoRA in C (None: no compiler, the torch ops)
+            model.use_native_decode(native_decode())  # and the work between their matmuls (Llama-family models)
 
     @classmethod
     def from_base(cls, hf_model, tokenizer, dtype: torch.dtype | None = None, **kw) -> "TorchEngine":
@@ -220,6 +221,8 @@ class TorchEngine:
             lora += ", LoRA of decode steps in dmoe's C kernel"
         elif self.device.type == "cpu" and not self.compiled:
             lora += ", LoRA on torch ops (the C kernel is off or could not be built: see the log)"
+        if self.model.glue is not None:
+            lora += ", decode steps' norms and attention in C"
         return (f"torch engine on {self.device.type} in {str(self.dtype).removeprefix('torch.')}, {weights}{lora}"
                 + (", compiled blocks" if self.compiled else ""))
 
