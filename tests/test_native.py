@@ -135,12 +135,11 @@ def test_bad_layouts_are_refused_before_the_kernel_runs(bad, needle):
 def fresh(monkeypatch, tmp_path):
     """A kernel looked up again, over an empty DMOE_HOME; the process's kernel is restored after."""
     monkeypatch.setenv("DMOE_HOME", str(tmp_path / "home"))
-    names = ("_path", "_tried", "_kernel", "_decode")
-    saved = {n: getattr(native_mod, n) for n in names}
+    saved = native_mod._path, native_mod._tried, dict(native_mod._bindings)
     native_mod.reset_for_tests()
     yield tmp_path
-    for n, v in saved.items():
-        setattr(native_mod, n, v)
+    native_mod._path, native_mod._tried = saved[0], saved[1]
+    native_mod._bindings.update(saved[2])
 
 
 def test_built_once_into_dmoe_home_and_reused(fresh, caplog):

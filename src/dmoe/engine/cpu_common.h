@@ -45,14 +45,19 @@ static inline float lanes_sum(const float *acc) {
     return s;
 }
 
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc[LANES] = {0};
+/* acc[l] += the products of lane l (elements l, l + LANES, ...) */
+static inline void dot_acc(float *restrict acc, const float *restrict a, const float *restrict b, int64_t n) {
     int64_t c = 0;
     for (; c + LANES <= n; c += LANES)
         for (int l = 0; l < LANES; l++)
             acc[l] += a[c + l] * b[c + l];
     for (int l = 0; c + l < n; l++)
         acc[l] += a[c + l] * b[c + l];
+}
+
+static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[LANES] = {0};
+    dot_acc(acc, a, b, n);
     return lanes_sum(acc);
 }
 

@@ -41,15 +41,6 @@ static inline float tree16(const float *acc) {
     return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
-static inline void dot_acc(float *restrict acc, const float *restrict a, const float *restrict b, int64_t n) {
-    int64_t c = 0;
-    for (; c + LANES <= n; c += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] += a[c + l] * b[c + l];
-    for (int l = 0; c + l < n; l++)
-        acc[l] += a[c + l] * b[c + l];
-}
-
 /* s[j] = round(q . k_j) * scale for n keys (rows of kf, hd apart), four at a time (independent
  * sums in flight); each sum in the same order whatever n is. */
 static void scores(float *restrict s, const float *restrict q, const float *restrict kf, int64_t n, int64_t hd,

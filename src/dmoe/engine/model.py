@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -470,7 +470,7 @@ class Transformer(nn.Module):
         shape, scale, max_seq = (a.n_heads, a.n_kv_heads, a.head_dim), a.attn_scale or a.head_dim ** -0.5, self.k_cache.shape[2]
         k0, v0 = self.k_cache.data_ptr(), self.v_cache.data_ptr()
         layer_bytes = self.k_cache[0].numel() * self.k_cache.element_size()
-        layers = self.layers
+        layers = cast("list[Block]", list(self.layers))
         glue.add_rmsnorm_(x, None, layers[0].input_layernorm.weight, h, a.norm_eps)
         for i, layer in enumerate(layers):
             qkv = layer.qkv.forward(h.view(B, 1, a.dim))

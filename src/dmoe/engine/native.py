@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -160,8 +161,9 @@ class NativeLoRA:
 
 class NativeDecode:
     """ctypes binding of ``decode_cpu.c``: the work between a Llama-family decode step's matmuls.
-    Arguments are the callers' contiguous CPU tensors' addresses (``model.Transformer`` checks
-    them once a step: ``Transformer._native_ok``); every call returns 0 or raises MemoryError."""
+    Arguments are the callers' contiguous CPU tensors, passed by address and not checked here:
+    ``model.Transformer._decode_native`` builds them and checks each step's positions and slots
+    against the cache first. Every call returns None or raises MemoryError."""
 
     def __init__(self, path: Path, threads: int | None = None):
         self.path = path
@@ -206,8 +208,8 @@ class NativeDecode:
 _lock = threading.Lock()
 _path: Path | None = None
 _tried = False
-_kernel: NativeLoRA | None = None
-_decode: NativeDecode | None = None
+_bindings: dict[type, "NativeLoRA | NativeDecode"] = {}  # one binding of each class to the library
+_B = TypeVar("_B", NativeLoRA, NativeDecode)
 
 
 def native_library() -> Path | None:
@@ -235,36 +237,34 @@ def native_library() -> Path | None:
         return _path
 
 
-def native_kernel() -> NativeLoRA | None:
-    """The multi-LoRA kernel, or None (off by ``DMOE_NATIVE_LORA=0``, or no library)."""
-    global _kernel
-    if os.environ.get("DMOE_NATIVE_LORA", "1") == "0":
+def _binding(cls: type[_B], switch: str) -> _B | None:
+    """``cls`` bound to the library, once; None when ``switch`` is "0" or there is no library."""
+    if os.environ.get(switch, "1") == "0":
         return None
     path = native_library()
     if path is None:
         return None
     with _lock:
-        if _kernel is None or _kernel.path != path:
-            _kernel = NativeLoRA(path)
-        return _kernel
+        bound = _bindings.get(cls)
+        if not isinstance(bound, cls) or bound.path != path:
+            bound = cls(path)
+            _bindings[cls] = bound
+        return bound
+
+
+def native_kernel() -> NativeLoRA | None:
+    """The multi-LoRA kernel, or None (off by ``DMOE_NATIVE_LORA=0``, or no library)."""
+    return _binding(NativeLoRA, "DMOE_NATIVE_LORA")
 
 
 def native_decode() -> NativeDecode | None:
     """The decode-step glue, or None (off by ``DMOE_NATIVE_DECODE=0``, or no library)."""
-    global _decode
-    if os.environ.get("DMOE_NATIVE_DECODE", "1") == "0":
-        return None
-    path = native_library()
-    if path is None:
-        return None
-    with _lock:
-        if _decode is None or _decode.path != path:
-            _decode = NativeDecode(path)
-        return _decode
+    return _binding(NativeDecode, "DMOE_NATIVE_DECODE")
 
 
 def reset_for_tests() -> None:
     """Forget the library and its bindings, so the next lookup builds or finds it again (environment changes in tests)."""
-    global _path, _tried, _kernel, _decode
+    global _path, _tried
     with _lock:
-        _path, _tried, _kernel, _decode = None, False, None, None
+        _path, _tried = None, False
+        _bindings.clear()
