@@ -94,7 +94,7 @@ static void expand_chunk(float *restrict acc, int64_t d_out, int64_t c0, int64_t
     }
 }
 
-/* A site: one layer's slot range, as NativeLoRA.site checked it (native.py's SiteArgs mirrors it).
+/* A site: one layer's slot range, as NativeLoRA.site checked it (native.py's Site mirrors it).
  * Passed by address, so a call converts nine arguments instead of nineteen. */
 struct lora_site {
     const void *A, *B;
